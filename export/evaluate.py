@@ -1,0 +1,106 @@
+"""Hit rate and NDCG on the fixed test split, scored through the server's own pipeline.
+
+HR@k: fraction of test (user, movie) pairs whose movie is in that user's top-k list.
+NDCG@10: per user, DCG of the test movies in the top 10 over the ideal DCG, averaged
+over users with test movies. Every list excludes the movies the user rated in train.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from export.data import MovieLens, split_ratings
+from server.backend import Backend, InProcessBackend
+from server.catalog import CatalogStore
+from server.pipeline import MAX_BATCH_USERS, Pipeline, Query
+
+LIST_LENGTH = 100
+
+
+def ranking_metrics(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -> dict[str, float]:
+    hits10 = hits100 = pairs = 0
+    ndcgs = []
+    for user, movies in held_out.items():
+        ranked = lists.get(user, [])
+        pairs += len(movies)
+        hits10 += len(movies.intersection(ranked[:10]))
+        hits100 += len(movies.intersection(ranked[:100]))
+        dcg = sum(1.0 / np.log2(position + 2) for position, item in enumerate(ranked[:10]) if item in movies)
+        ideal = sum(1.0 / np.log2(position + 2) for position in range(min(len(movies), 10)))
+        ndcgs.append(dcg / ideal)
+    return {"hr@10": hits10 / pairs, "hr@100": hits100 / pairs, "ndcg@10": float(np.mean(ndcgs))}
+
+
+def popularity_lists(train: np.ndarray, users: list[str]) -> dict[str, list[str]]:
+    items, counts = np.unique(train[:, 1], return_counts=True)
+    popular = [str(item) for item in items[np.lexsort((items, -counts))]]
+    rated = defaultdict(set)
+    for user, item in train[:, :2].tolist():
+        rated[str(user)].add(str(item))
+    lists = {}
+    for user in users:
+        seen = rated[user]
+        lists[user] = [item for item in popular if item not in seen][:LIST_LENGTH]
+    return lists
+
+
+def held_out_by_user(test: np.ndarray) -> dict[str, set[str]]:
+    held_out = defaultdict(set)
+    for user, item in test[:, :2].tolist():
+        held_out[str(user)].add(str(item))
+    return dict(held_out)
+
+
+def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) -> dict:
+    train, test = split_ratings(data.ratings)
+    held_out = held_out_by_user(test)
+    users = sorted(held_out, key=int)
+    pipeline = Pipeline(backend, catalogs)
+    retrieval_lists, two_stage_lists = {}, {}
+    model_version = ""
+    for start in range(0, len(users), MAX_BATCH_USERS):
+        batch = users[start:start + MAX_BATCH_USERS]
+        candidates = backend.retrieve(batch, include_rated=False)
+        model_version = candidates.model_version
+        for user, row in zip(batch, candidates.item_ids):
+            retrieval_lists[user] = row[:LIST_LENGTH].tolist()
+        for user, items in zip(batch, pipeline.recommend([Query(user, k=LIST_LENGTH) for user in batch])):
+            two_stage_lists[user] = [item.item_id for item in items]
+    test_users = test[:, 0].astype(str).tolist()
+    test_items = test[:, 1].astype(str).tolist()
+    predicted = backend.rank(test_users, test_items, model_version).predicted_rating
+    rmse = float(np.sqrt(np.mean((predicted - test[:, 2]) ** 2)))
+    return {
+        "model_version": model_version,
+        "popularity": ranking_metrics(popularity_lists(train, users), held_out),
+        "retrieval": ranking_metrics(retrieval_lists, held_out),
+        "two_stage": ranking_metrics(two_stage_lists, held_out),
+        "ranking": {"rmse": rmse},
+    }
+
+
+def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
+    """Metrics of the newest complete version in models_dir, with the baselines."""
+    backend = InProcessBackend(models_dir)
+    metrics = evaluate_backend(backend, CatalogStore(models_dir), data)
+    metrics["preset"] = CatalogStore(models_dir).get(metrics["model_version"]).preset.get("name", "")
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    lines = [f"model version {metrics['model_version']} (preset {metrics.get('preset', '?')}), "
+             "test split, movies rated in train excluded",
+             f"{'system':<12} {'HR@10':>7} {'HR@100':>7} {'NDCG@10':>8} {'RMSE':>7}"]
+    for system in ("popularity", "retrieval", "two_stage"):
+        row = metrics[system]
+        rmse = f"{metrics['ranking']['rmse']:.4f}" if system == "two_stage" else "-"
+        lines.append(f"{system:<12} {row['hr@10']:>7.4f} {row['hr@100']:>7.4f} {row['ndcg@10']:>8.4f} {rmse:>7}")
+    return "\n".join(lines)
+
+
+def write_json(metrics: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")

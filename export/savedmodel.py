@@ -1,0 +1,173 @@
+"""Write one trained pair as TF Serving SavedModels plus the metadata the server needs.
+
+Layout (one integer version names one pair):
+    DIR/retrieval/<v>/   SavedModel, signatures `serving_default`, `include_rated`
+    DIR/ranking/<v>/     SavedModel, signature `serving_default`
+    DIR/metadata/<v>.json  titles, genres, popularity, known users, rated movies, preset
+    DIR/models.config    ModelServerConfig for `tensorflow_model_server --model_config_file`
+Each SavedModel has assets.extra/tf_serving_warmup_requests for --enable_model_warmup.
+Metadata and ranking are written before retrieval: a version is complete once retrieval/<v> exists.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+from google.protobuf import text_format
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+RETRIEVAL_MODEL = "retrieval"
+RANKING_MODEL = "ranking"
+DEFAULT_SIGNATURE = "serving_default"
+INCLUDE_RATED_SIGNATURE = "include_rated"
+WARMUP_FILE = "tf_serving_warmup_requests"
+METADATA_DIR = "metadata"
+
+
+class RetrievalServing(tf.Module):
+    """User id -> top `candidate_count` movie ids and scores from a BruteForce index.
+
+    Movies the user rated in training are baked in as a ragged table and excluded by
+    `serving_default`; `include_rated` skips that filter. Identifiers inside the index
+    are integer catalog positions so the exclusion compares ints, not strings.
+    """
+
+    def __init__(self, user_model: tf.keras.Model, item_embeddings: tf.Tensor, item_ids: list[str],
+                 rated_by_user: dict[str, list[str]], candidate_count: int):
+        super().__init__()
+        position = {item_id: index for index, item_id in enumerate(item_ids)}
+        users = sorted(rated_by_user)
+        rated_positions = [[position[item] for item in rated_by_user[user]] for user in users]
+        max_rated = max((len(row) for row in rated_positions), default=0)
+        if candidate_count + max_rated > len(item_ids):
+            raise ValueError(
+                f"candidate_count {candidate_count} + most movies rated by one user {max_rated} "
+                f"exceeds the catalog ({len(item_ids)} movies)"
+            )
+        self.candidate_count = candidate_count
+        self.max_rated = max_rated
+        self.item_ids = tf.Variable(item_ids, dtype=tf.string, trainable=False, name="item_ids")
+        self.index = tfrs.layers.factorized_top_k.BruteForce(user_model, k=candidate_count)
+        self.index.index(tf.convert_to_tensor(item_embeddings), identifiers=tf.range(len(item_ids)))
+        # Row 0 is for users the table does not know: nothing to exclude.
+        self.user_lookup = tf.keras.layers.StringLookup(vocabulary=users, mask_token=None)
+        lengths = [0] + [len(row) for row in rated_positions]
+        self.rated_values = tf.Variable(
+            np.asarray([p for row in rated_positions for p in row], dtype=np.int32), trainable=False, name="rated_values")
+        self.rated_row_splits = tf.Variable(np.cumsum([0] + lengths).astype(np.int64), trainable=False, name="rated_row_splits")
+
+    def _result(self, scores: tf.Tensor, positions: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
+    def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits)
+        exclusions = tf.gather(rated, self.user_lookup(user_id)).to_tensor(
+            default_value=-1, shape=[None, self.max_rated])
+        scores, positions = self.index.query_with_exclusions(user_id, exclusions, k=self.candidate_count)
+        return self._result(scores, positions)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
+    def retrieve_including_rated(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores, positions = self.index(user_id, k=self.candidate_count)
+        return self._result(scores, positions)
+
+
+class RankingServing(tf.Module):
+    """(user id, movie id) pairs -> predicted stars and the score the service orders by."""
+
+    def __init__(self, ranking_model: tf.keras.Model):
+        super().__init__()
+        self.model = ranking_model
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id"),
+                                  tf.TensorSpec([None], tf.string, name="item_id")])
+    def rank(self, user_id: tf.Tensor, item_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        predicted_rating = self.model({"user_id": user_id, "item_id": item_id})[:, 0]
+        return {"predicted_rating": predicted_rating, "score": tf.identity(predicted_rating)}
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def next_version(out_dir: Path) -> int:
+    """The next integer version unused by any model or metadata in out_dir."""
+    used = list_versions(out_dir / RETRIEVAL_MODEL) + list_versions(out_dir / RANKING_MODEL)
+    metadata_dir = out_dir / METADATA_DIR
+    if metadata_dir.is_dir():
+        used += [int(p.stem) for p in metadata_dir.glob("*.json") if p.stem.isdigit()]
+    return max(used, default=0) + 1
+
+
+def warmup_requests(model_name: str, signature_name: str, inputs: list[dict[str, list[str]]]) -> list[bytes]:
+    records = []
+    for request_inputs in inputs:
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature_name))
+        for key, values in request_inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(values, dtype=tf.string))
+        log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+        records.append(log.SerializeToString())
+    return records
+
+
+def _save(module: tf.Module, signatures: dict, target: Path, warmup: list[bytes]) -> None:
+    """Save into a hidden sibling, then rename: TF Serving never sees a half-written version."""
+    staging = target.parent / f".staging-{target.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tf.saved_model.save(module, str(staging), signatures=signatures)
+    extra = staging / "assets.extra"
+    extra.mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
+        for record in warmup:
+            writer.write(record)
+    staging.rename(target)
+
+
+def write_models_config(out_dir: Path) -> Path:
+    config = model_server_config_pb2.ModelServerConfig()
+    for name in (RETRIEVAL_MODEL, RANKING_MODEL):
+        entry = config.model_config_list.config.add()
+        entry.name = name
+        entry.base_path = str((out_dir / name).resolve())
+        entry.model_platform = "tensorflow"
+        # Keep two versions so a client pinned to the previous pair still resolves during a rollout.
+        entry.model_version_policy.latest.num_versions = 2
+    path = out_dir / "models.config"
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def write_export(out_dir: Path, retrieval: RetrievalServing, ranking: RankingServing, metadata: dict,
+                 warmup_user_ids: list[str]) -> int:
+    """Write retrieval, ranking and metadata under the next free version; return it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (RETRIEVAL_MODEL, RANKING_MODEL, METADATA_DIR):
+        (out_dir / name).mkdir(exist_ok=True)
+    version = next_version(out_dir)
+    sample_items = metadata["popular_item_ids"][:8]
+    retrieval_warmup = warmup_requests(RETRIEVAL_MODEL, DEFAULT_SIGNATURE,
+                                       [{"user_id": [user]} for user in warmup_user_ids]
+                                       + [{"user_id": warmup_user_ids}])
+    retrieval_warmup += warmup_requests(RETRIEVAL_MODEL, INCLUDE_RATED_SIGNATURE, [{"user_id": warmup_user_ids[:1]}])
+    ranking_warmup = warmup_requests(RANKING_MODEL, DEFAULT_SIGNATURE,
+                                     [{"user_id": [user] * len(sample_items), "item_id": sample_items}
+                                      for user in warmup_user_ids])
+    # Metadata, then ranking, then retrieval: whoever sees retrieval/<v> finds the rest of the pair.
+    metadata = {**metadata, "model_version": version}
+    staging = out_dir / METADATA_DIR / f".{version}.json.tmp"
+    staging.write_text(json.dumps(metadata))
+    staging.rename(out_dir / METADATA_DIR / f"{version}.json")
+    _save(ranking, {DEFAULT_SIGNATURE: ranking.rank}, out_dir / RANKING_MODEL / str(version), ranking_warmup)
+    _save(retrieval, {DEFAULT_SIGNATURE: retrieval.retrieve, INCLUDE_RATED_SIGNATURE: retrieval.retrieve_including_rated},
+          out_dir / RETRIEVAL_MODEL / str(version), retrieval_warmup)
+    write_models_config(out_dir)
+    return version

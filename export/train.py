@@ -1,0 +1,108 @@
+"""Train both stages on the train split and write them as one export version."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from export.data import MovieLens, split_ratings
+from export.models import RankingModel, RetrievalModel, make_optimizer
+from export.presets import Preset
+from export.savedmodel import RankingServing, RetrievalServing, write_export
+
+
+class EpochLine(tf.keras.callbacks.Callback):
+    """One concise progress line per epoch."""
+
+    def __init__(self, stage: str, epochs: int, every: int = 1):
+        super().__init__()
+        self.stage, self.epochs, self.every = stage, epochs, every
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
+            return
+        metrics = " ".join(f"{key}={value:.4f}" for key, value in (logs or {}).items()
+                           if key in ("loss", "total_loss", "rmse", "root_mean_squared_error"))
+        print(f"  [{self.stage}] epoch {epoch + 1}/{self.epochs} {metrics} "
+              f"({time.perf_counter() - self.started:.1f}s)", flush=True)
+
+
+def as_features(rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "user_id": rows[:, 0].astype(str),
+        "item_id": rows[:, 1].astype(str),
+        "rating": rows[:, 2].astype(np.float32),
+    }
+
+
+def dataset(rows: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    return (tf.data.Dataset.from_tensor_slices(as_features(rows))
+            .shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def train_retrieval(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset) -> RetrievalModel:
+    model = RetrievalModel(user_ids, item_ids, preset)
+    model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
+    model.fit(dataset(train, preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
+              verbose=0, callbacks=[EpochLine("retrieval", preset.retrieval_epochs)])
+    return model
+
+
+def train_ranking(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset) -> RankingModel:
+    model = RankingModel(user_ids, item_ids, preset)
+    model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
+    every = max(1, preset.ranking_epochs // 10)
+    model.fit(dataset(train, preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,
+              verbose=0, callbacks=[EpochLine("ranking", preset.ranking_epochs, every)])
+    return model
+
+
+def build_metadata(data: MovieLens, train: np.ndarray, preset: Preset) -> dict:
+    """What the server needs beside the graphs: display data, popularity, who rated what."""
+    counts = Counter(train[:, 1].tolist())
+    # Most rated first; ties broken by movie id so the order is reproducible.
+    popular = sorted(data.items, key=lambda item_id: (-counts.get(int(item_id), 0), int(item_id)))
+    rated: dict[str, list[str]] = {}
+    for user, item in train[:, :2].tolist():
+        rated.setdefault(str(user), []).append(str(item))
+    return {
+        "preset": preset.to_dict(),
+        "candidate_count": preset.candidate_count,
+        "items": {item_id: {"title": item.title, "genres": list(item.genres)} for item_id, item in data.items.items()},
+        "popular_item_ids": popular,
+        "rated_item_ids": rated,
+        "data_source": str(data.source),
+    }
+
+
+def train_and_export(data: MovieLens, preset: Preset, out_dir: Path) -> int:
+    """Train retrieval then ranking on the fixed train split; return the written version."""
+    tf.keras.utils.set_random_seed(preset.seed)
+    train, _ = split_ratings(data.ratings)
+    user_ids = sorted({str(u) for u in train[:, 0]}, key=int)
+    item_ids = sorted(data.items, key=int)
+    started = time.perf_counter()
+    retrieval = train_retrieval(train, user_ids, item_ids, preset)
+    retrieval_seconds = time.perf_counter() - started
+    print(f"retrieval trained in {retrieval_seconds:.1f}s", flush=True)
+    started = time.perf_counter()
+    ranking = train_ranking(train, user_ids, item_ids, preset)
+    ranking_seconds = time.perf_counter() - started
+    print(f"ranking trained in {ranking_seconds:.1f}s", flush=True)
+
+    started = time.perf_counter()
+    metadata = build_metadata(data, train, preset)
+    item_embeddings = retrieval.item_model(tf.constant(item_ids))
+    retrieval_serving = RetrievalServing(retrieval.user_model, item_embeddings, item_ids,
+                                         metadata["rated_item_ids"], preset.candidate_count)
+    metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
+    version = write_export(out_dir, retrieval_serving, RankingServing(ranking), metadata,
+                           warmup_user_ids=user_ids[:4])
+    print(f"exported version {version} to {out_dir} in {time.perf_counter() - started:.1f}s", flush=True)
+    return version

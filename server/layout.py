@@ -1,0 +1,30 @@
+"""The models directory layout, shared by the exporter (writes it) and the server (reads it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+RETRIEVAL_MODEL = "retrieval"
+RANKING_MODEL = "ranking"
+METADATA_DIR = "metadata"
+DEFAULT_SIGNATURE = "serving_default"
+INCLUDE_RATED_SIGNATURE = "include_rated"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+def model_versions(model_dir: Path) -> list[int]:
+    """Integer version directories that hold a SavedModel, oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
+
+
+def metadata_path(models_dir: Path, version: int) -> Path:
+    return models_dir / METADATA_DIR / f"{version}.json"
+
+
+def complete_versions(models_dir: Path) -> list[int]:
+    """Versions for which retrieval, ranking and metadata all exist, oldest first."""
+    ranking = set(model_versions(models_dir / RANKING_MODEL))
+    return [v for v in model_versions(models_dir / RETRIEVAL_MODEL)
+            if v in ranking and metadata_path(models_dir, v).is_file()]

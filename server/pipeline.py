@@ -1,0 +1,152 @@
+"""retrieve -> drop rated and excluded -> rank -> order -> top k, with a popularity fallback.
+
+Written once; it does not know which backend runs the models. Offline evaluation
+calls this same code, so its numbers are what the service returns.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from server.backend import Backend
+from server.catalog import Catalog, CatalogStore
+from server.errors import DeadlineExceeded, InvalidRequest
+
+DEFAULT_K = 10
+MAX_K = 100
+MAX_EXCLUDED_ITEMS = 10_000
+MAX_USER_ID_LENGTH = 128
+MAX_BATCH_USERS = 100
+
+
+@dataclass(frozen=True)
+class Query:
+    user_id: str
+    k: int = DEFAULT_K
+    exclude_item_ids: frozenset[str] = frozenset()
+    include_rated: bool = False
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    rank: int
+    item_id: str
+    title: str
+    genres: tuple[str, ...]
+    score: float
+    retrieval_score: float
+    predicted_rating: float
+    model_version: str
+    fallback: bool
+
+
+def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool) -> Query:
+    """Validate one request's fields; the limits are the ones the proto documents."""
+    if not user_id or not user_id.strip():
+        raise InvalidRequest("user_id must not be empty")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise InvalidRequest(f"user_id is {len(user_id)} characters; the maximum is {MAX_USER_ID_LENGTH}")
+    if k > MAX_K:
+        raise InvalidRequest(f"k={k} exceeds the maximum of {MAX_K}")
+    if len(exclude_item_ids) > MAX_EXCLUDED_ITEMS:
+        raise InvalidRequest(
+            f"exclude_item_ids has {len(exclude_item_ids)} ids; the maximum is {MAX_EXCLUDED_ITEMS}")
+    return Query(user_id=user_id, k=k or DEFAULT_K, exclude_item_ids=frozenset(exclude_item_ids),
+                 include_rated=include_rated)
+
+
+class Deadline:
+    """Seconds left of the caller's deadline, checked between stages."""
+
+    def __init__(self, seconds: float | None):
+        self.expires = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        if self.expires is None:
+            return None
+        left = self.expires - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded before the recommendation was complete")
+        return left
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, catalogs: CatalogStore):
+        self.backend = backend
+        self.catalogs = catalogs
+
+    def recommend(self, queries: Sequence[Query], timeout: float | None = None) -> list[list[Recommendation]]:
+        """Recommendations for each query, best first, in the order of `queries`."""
+        if not queries:
+            return []
+        deadline = Deadline(timeout)
+        results: list[list[Recommendation] | None] = [None] * len(queries)
+        for include_rated in (False, True):
+            group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
+            if group:
+                for i, items in zip(group, self._recommend_group([queries[i] for i in group], include_rated, deadline)):
+                    results[i] = items
+        return results  # type: ignore[return-value]
+
+    def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline) -> list[list[Recommendation]]:
+        user_ids = list(dict.fromkeys(query.user_id for query in queries))
+        candidates = self.backend.retrieve(user_ids, include_rated, deadline.remaining())
+        catalog = self.catalogs.get(candidates.model_version)
+        row_of_user = {user_id: row for row, user_id in enumerate(user_ids)}
+
+        # Surviving candidates of every known user, scored by the ranker in one call.
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        for query in queries:
+            if not catalog.is_known_user(query.user_id):
+                kept.append((np.empty(0, dtype=str), np.empty(0, dtype=np.float32)))
+                continue
+            row = row_of_user[query.user_id]
+            item_ids, scores = candidates.item_ids[row], candidates.scores[row]
+            if query.exclude_item_ids:
+                keep = np.fromiter((item not in query.exclude_item_ids for item in item_ids), bool, len(item_ids))
+                item_ids, scores = item_ids[keep], scores[keep]
+            kept.append((item_ids, scores))
+        pair_users = np.concatenate([np.full(len(ids), q.user_id, dtype=object) for q, (ids, _) in zip(queries, kept)])
+        pair_items = np.concatenate([ids for ids, _ in kept]).astype(object)
+        if len(pair_items):
+            ranked = self.backend.rank(pair_users.tolist(), pair_items.tolist(), candidates.model_version,
+                                       deadline.remaining())
+        results, offset = [], 0
+        for query, (item_ids, retrieval_scores) in zip(queries, kept):
+            count = len(item_ids)
+            items: list[Recommendation] = []
+            if count:
+                score = ranked.score[offset:offset + count]
+                predicted = ranked.predicted_rating[offset:offset + count]
+                # Stable: ties keep retrieval order, so the list is deterministic.
+                order = np.argsort(-score, kind="stable")[:query.k]
+                items = [
+                    Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
+                                   genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
+                                   retrieval_score=float(retrieval_scores[i]), predicted_rating=float(predicted[i]),
+                                   model_version=catalog.model_version, fallback=False)
+                    for position, i in enumerate(order)
+                ]
+            offset += count
+            results.append(self._fill_with_popular(items, query, catalog))
+        return results
+
+    @staticmethod
+    def _fill_with_popular(items: list[Recommendation], query: Query, catalog: Catalog) -> list[Recommendation]:
+        """Cold start, or too few candidates left: most popular movies not seen, excluded or listed."""
+        if len(items) >= query.k:
+            return items
+        taken = {item.item_id for item in items} | query.exclude_item_ids
+        if not query.include_rated:
+            taken |= catalog.rated_item_ids.get(query.user_id, frozenset())
+        for item_id in catalog.popular_item_ids:
+            if len(items) >= query.k:
+                break
+            if item_id not in taken:
+                items.append(Recommendation(rank=len(items) + 1, item_id=item_id, title=catalog.titles[item_id],
+                                            genres=catalog.genres[item_id], score=0.0, retrieval_score=0.0,
+                                            predicted_rating=0.0, model_version=catalog.model_version, fallback=True))
+        return items
