@@ -82,8 +82,9 @@ def _is_complete(directory: Path) -> bool:
     return all((directory / name).is_file() for name in REQUIRED_FILES)
 
 
-def download_ml100k(cache_dir: Path, url: str = ML100K_URL, sha256: str = ML100K_SHA256) -> Path:
+def download_ml100k(cache_dir: Path, url: str | None = None, sha256: str | None = None) -> Path:
     """Download and unpack ml-100k.zip into cache_dir, refusing a file whose checksum differs."""
+    url, sha256 = url or ML100K_URL, sha256 or ML100K_SHA256
     target = cache_dir / "ml-100k"
     if _is_complete(target):
         return target

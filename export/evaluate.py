@@ -15,6 +15,7 @@ import numpy as np
 from export.data import MovieLens, split_ratings
 from server.backend import Backend, InProcessBackend
 from server.catalog import CatalogStore
+from server.errors import ModelsUnavailable
 from server.pipeline import MAX_BATCH_USERS, Pipeline, Query
 
 LIST_LENGTH = 100
@@ -54,12 +55,21 @@ def held_out_by_user(test: np.ndarray) -> dict[str, set[str]]:
     return dict(held_out)
 
 
+def two_stage_lists(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH) -> dict[str, list[str]]:
+    """The served lists: the pipeline the server runs, default request options."""
+    lists = {}
+    for start in range(0, len(users), MAX_BATCH_USERS):
+        batch = users[start:start + MAX_BATCH_USERS]
+        for user, items in zip(batch, pipeline.recommend([Query(user, k=k) for user in batch])):
+            lists[user] = [item.item_id for item in items]
+    return lists
+
+
 def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) -> dict:
     train, test = split_ratings(data.ratings)
     held_out = held_out_by_user(test)
     users = sorted(held_out, key=int)
-    pipeline = Pipeline(backend, catalogs)
-    retrieval_lists, two_stage_lists = {}, {}
+    retrieval_lists = {}
     model_version = ""
     for start in range(0, len(users), MAX_BATCH_USERS):
         batch = users[start:start + MAX_BATCH_USERS]
@@ -67,8 +77,7 @@ def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) 
         model_version = candidates.model_version
         for user, row in zip(batch, candidates.item_ids):
             retrieval_lists[user] = row[:LIST_LENGTH].tolist()
-        for user, items in zip(batch, pipeline.recommend([Query(user, k=LIST_LENGTH) for user in batch])):
-            two_stage_lists[user] = [item.item_id for item in items]
+    served_lists = two_stage_lists(Pipeline(backend, catalogs), users)
     test_users = test[:, 0].astype(str).tolist()
     test_items = test[:, 1].astype(str).tolist()
     predicted = backend.rank(test_users, test_items, model_version).predicted_rating
@@ -77,7 +86,7 @@ def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) 
         "model_version": model_version,
         "popularity": ranking_metrics(popularity_lists(train, users), held_out),
         "retrieval": ranking_metrics(retrieval_lists, held_out),
-        "two_stage": ranking_metrics(two_stage_lists, held_out),
+        "two_stage": ranking_metrics(served_lists, held_out),
         "ranking": {"rmse": rmse},
     }
 
@@ -85,6 +94,8 @@ def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) 
 def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
     """Metrics of the newest complete version in models_dir, with the baselines."""
     backend = InProcessBackend(models_dir)
+    if not backend.refresh():
+        raise ModelsUnavailable(f"no loadable model version in {models_dir}")
     metrics = evaluate_backend(backend, CatalogStore(models_dir), data)
     metrics["preset"] = CatalogStore(models_dir).get(metrics["model_version"]).preset.get("name", "")
     return metrics

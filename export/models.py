@@ -31,6 +31,7 @@ class RetrievalModel(tfrs.Model):
         self.loss_kind = preset.retrieval_loss
         self.user_model = id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2, "user_tower")
         self.item_model = id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, "item_tower")
+        self.catalog_item_ids = tf.constant(item_ids)
         self.task = tfrs.tasks.Retrieval()
         self.softmax_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -39,10 +40,11 @@ class RetrievalModel(tfrs.Model):
         if self.loss_kind == "in_batch":
             item_embeddings = self.item_model(features["item_id"])
             return self.task(user_embeddings, item_embeddings, compute_metrics=False)
-        lookup, embedding = self.item_model.layers
-        # Every catalog row is a candidate; the OOV row 0 is never a label.
-        logits = tf.matmul(user_embeddings, embedding.embeddings, transpose_b=True)
-        return self.softmax_loss(lookup(features["item_id"]), logits)
+        # Every movie in the catalog is a candidate; the label is the rated movie's catalog position.
+        catalog_embeddings = self.item_model(self.catalog_item_ids)
+        logits = tf.matmul(user_embeddings, catalog_embeddings, transpose_b=True)
+        labels = self.item_model.layers[0](features["item_id"]) - 1
+        return self.softmax_loss(labels, logits)
 
 
 class RankingModel(tfrs.Model):

@@ -21,12 +21,8 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-RETRIEVAL_MODEL = "retrieval"
-RANKING_MODEL = "ranking"
-DEFAULT_SIGNATURE = "serving_default"
-INCLUDE_RATED_SIGNATURE = "include_rated"
-WARMUP_FILE = "tf_serving_warmup_requests"
-METADATA_DIR = "metadata"
+from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, METADATA_DIR, RANKING_MODEL,
+                           RETRIEVAL_MODEL, WARMUP_FILE)
 
 
 class RetrievalServing(tf.Module):
@@ -61,21 +57,18 @@ class RetrievalServing(tf.Module):
             np.asarray([p for row in rated_positions for p in row], dtype=np.int32), trainable=False, name="rated_values")
         self.rated_row_splits = tf.Variable(np.cumsum([0] + lengths).astype(np.int64), trainable=False, name="rated_row_splits")
 
-    def _result(self, scores: tf.Tensor, positions: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
-
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
         rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits)
         exclusions = tf.gather(rated, self.user_lookup(user_id)).to_tensor(
             default_value=-1, shape=[None, self.max_rated])
         scores, positions = self.index.query_with_exclusions(user_id, exclusions, k=self.candidate_count)
-        return self._result(scores, positions)
+        return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve_including_rated(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
         scores, positions = self.index(user_id, k=self.candidate_count)
-        return self._result(scores, positions)
+        return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
 
 class RankingServing(tf.Module):
@@ -92,15 +85,10 @@ class RankingServing(tf.Module):
         return {"predicted_rating": predicted_rating, "score": tf.identity(predicted_rating)}
 
 
-def list_versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
-
-
 def next_version(out_dir: Path) -> int:
-    """The next integer version unused by any model or metadata in out_dir."""
-    used = list_versions(out_dir / RETRIEVAL_MODEL) + list_versions(out_dir / RANKING_MODEL)
+    """The next integer version unused by any model or metadata in out_dir (never overwrite a served one)."""
+    used = [int(p.name) for name in (RETRIEVAL_MODEL, RANKING_MODEL) if (out_dir / name).is_dir()
+            for p in (out_dir / name).iterdir() if p.name.isdigit()]
     metadata_dir = out_dir / METADATA_DIR
     if metadata_dir.is_dir():
         used += [int(p.stem) for p in metadata_dir.glob("*.json") if p.stem.isdigit()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import tensorflow as tf
 from server.errors import ModelsUnavailable
 from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL,
                            complete_versions)
+
+log = logging.getLogger("recsys.server")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Scores:
 class Backend(abc.ABC):
     """Where the SavedModels run. `timeout` is the seconds left of the caller's deadline."""
 
+    name: str
+
     @abc.abstractmethod
     def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
         ...
@@ -41,8 +46,17 @@ class Backend(abc.ABC):
              timeout: float | None = None) -> Scores:
         """Score pairs with the ranking model of `model_version` (the one that retrieved them)."""
 
+    @abc.abstractmethod
+    def refresh(self) -> bool:
+        """Called periodically: load or reconnect as needed; return whether requests can be served."""
+
+    @abc.abstractmethod
     def is_ready(self) -> bool:
-        return True
+        ...
+
+    @abc.abstractmethod
+    def current_version(self) -> str | None:
+        """The model version new requests will be served by, if known."""
 
     def close(self) -> None:
         pass
@@ -70,39 +84,87 @@ def load_pair(models_dir: Path, version: int) -> LoadedPair:
 
 
 class InProcessBackend(Backend):
-    """Runs the exported SavedModels inside this process."""
+    """Runs the exported SavedModels inside this process.
+
+    `refresh()` loads the newest complete version (or the pinned one) next to the
+    one serving, checks it answers, then swaps the pair in one assignment; a version
+    that fails to load is logged, remembered and skipped.
+    """
+
+    name = "in-process"
 
     def __init__(self, models_dir: Path, model_version: int | None = None):
         self.models_dir = Path(models_dir)
-        versions = complete_versions(self.models_dir)
-        if model_version is not None:
-            versions = [v for v in versions if v == model_version]
-        if not versions:
-            wanted = f"version {model_version}" if model_version is not None else "any complete version"
-            raise ModelsUnavailable(f"{self.models_dir} has no {wanted} (retrieval/<v>, ranking/<v>, metadata/<v>.json)")
+        self.pinned_version = model_version
+        self.current: LoadedPair | None = None
         self._pairs: dict[str, LoadedPair] = {}
+        self._failed_versions: set[int] = set()
         self._lock = threading.Lock()
-        self.current = self._install(load_pair(self.models_dir, versions[-1]))
 
-    def _install(self, pair: LoadedPair) -> LoadedPair:
+    def _wanted_version(self) -> int | None:
+        versions = [v for v in complete_versions(self.models_dir) if v not in self._failed_versions]
+        if self.pinned_version is not None:
+            return self.pinned_version if self.pinned_version in versions else None
+        return versions[-1] if versions else None
+
+    def refresh(self) -> bool:
         with self._lock:
-            self._pairs[pair.model_version] = pair
-            self.current = pair
-            return pair
+            version = self._wanted_version()
+            if version is not None and (self.current is None or self.current.model_version != str(version)):
+                try:
+                    pair = load_pair(self.models_dir, version)
+                    _smoke_test(pair)
+                except Exception:  # noqa: BLE001 - a broken version must not take the server down
+                    log.exception("model version %s in %s failed to load; keeping the current one",
+                                  version, self.models_dir)
+                    self._failed_versions.add(version)
+                else:
+                    # Keep the previous pair so requests that retrieved with it can still rank.
+                    previous = self.current
+                    self._pairs = {pair.model_version: pair}
+                    if previous is not None:
+                        self._pairs[previous.model_version] = previous
+                    self.current = pair
+                    log.info("serving model version %s from %s", version, self.models_dir)
+            return self.current is not None
 
-    def _pair(self, model_version: str) -> LoadedPair:
-        pair = self._pairs.get(model_version)
+    def is_ready(self) -> bool:
+        return self.current is not None
+
+    def current_version(self) -> str | None:
+        pair = self.current
+        return pair.model_version if pair else None
+
+    def _serving_pair(self) -> LoadedPair:
+        pair = self.current
         if pair is None:
-            raise ModelsUnavailable(f"model version {model_version} is no longer loaded; retry")
+            raise ModelsUnavailable(
+                f"no model loaded yet from {self.models_dir} (expects retrieval/<v>, ranking/<v>, metadata/<v>.json)")
         return pair
 
     def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
-        pair = self.current
+        pair = self._serving_pair()
         outputs = pair.retrieve[include_rated](user_id=tf.constant(user_ids, dtype=tf.string))
         return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)
 
     def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
              timeout: float | None = None) -> Scores:
-        outputs = self._pair(model_version).rank(user_id=tf.constant(user_ids, dtype=tf.string),
-                                                 item_id=tf.constant(item_ids, dtype=tf.string))
+        pair = self._pairs.get(model_version)
+        if pair is None:
+            raise ModelsUnavailable(f"model version {model_version} is no longer loaded; retry")
+        outputs = pair.rank(user_id=tf.constant(user_ids, dtype=tf.string),
+                            item_id=tf.constant(item_ids, dtype=tf.string))
         return Scores(outputs["predicted_rating"].numpy(), outputs["score"].numpy(), model_version)
+
+
+def _smoke_test(pair: LoadedPair) -> None:
+    """A version is only swapped in once both signatures answer with the expected shapes."""
+    probe = tf.constant(["1"])
+    for include_rated in (False, True):
+        outputs = pair.retrieve[include_rated](user_id=probe)
+        if outputs["item_ids"].shape[0] != 1 or outputs["item_ids"].shape != outputs["scores"].shape:
+            raise ValueError(f"retrieval returned shapes {outputs['item_ids'].shape}, {outputs['scores'].shape}")
+    item_ids = outputs["item_ids"][0, :4]
+    scored = pair.rank(user_id=tf.repeat(probe, tf.size(item_ids)), item_id=item_ids)
+    if scored["score"].shape != item_ids.shape:
+        raise ValueError(f"ranking returned shape {scored['score'].shape} for {item_ids.shape[0]} pairs")

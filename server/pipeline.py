@@ -13,7 +13,7 @@ import numpy as np
 
 from server.backend import Backend
 from server.catalog import Catalog, CatalogStore
-from server.errors import DeadlineExceeded, InvalidRequest
+from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable
 
 DEFAULT_K = 10
 MAX_K = 100
@@ -77,6 +77,12 @@ class Pipeline:
     def __init__(self, backend: Backend, catalogs: CatalogStore):
         self.backend = backend
         self.catalogs = catalogs
+
+    def current_catalog(self) -> Catalog:
+        version = self.backend.current_version()
+        if version is None:
+            raise ModelsUnavailable("no model version is being served yet")
+        return self.catalogs.get(version)
 
     def recommend(self, queries: Sequence[Query], timeout: float | None = None) -> list[list[Recommendation]]:
         """Recommendations for each query, best first, in the order of `queries`."""

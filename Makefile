@@ -1,0 +1,47 @@
+# One command for each job; each does its own set-up on a fresh clone.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS ?= exported
+PORT ?= 50051
+USER_ID ?= 42
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install demo test protos train evaluate serve clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Regenerate the committed stubs (tests check they match the .proto).
+protos: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/recommender.proto
+
+train: install
+	$(PY) -m export train --out $(MODELS)
+
+evaluate: install
+	$(PY) -m export evaluate --models $(MODELS)
+
+serve: install
+	$(PY) -m server --models $(MODELS) --port $(PORT)
+
+# Train (only if no export exists), serve, ask for user 42's recommendations, stop.
+demo: install
+	@if [ -z "$$(ls $(MODELS)/retrieval 2>/dev/null | grep -E '^[0-9]+$$')" ]; then $(PY) -m export train --out $(MODELS); fi
+	@$(PY) -m server --models $(MODELS) --port $(PORT) --host 127.0.0.1 > .demo-server.log 2>&1 & \
+	server_pid=$$!; \
+	trap 'kill -TERM $$server_pid 2>/dev/null; wait $$server_pid 2>/dev/null' EXIT; \
+	$(PY) -m client recommend --target 127.0.0.1:$(PORT) --user $(USER_ID) --wait 120 || { cat .demo-server.log; exit 1; }
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .demo-server.log

@@ -1,0 +1,85 @@
+"""RecommenderClient: the generated stubs' friendly face. Every call carries a deadline."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import recommender_pb2, recommender_pb2_grpc
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+
+
+class RecommenderClient:
+    """Talks to one recommender target ("host:port").
+
+    Errors surface as grpc.RpcError with the server's status code and message.
+    """
+
+    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_SECONDS,
+                 channel: grpc.Channel | None = None):
+        self.target = target
+        self.timeout = timeout
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def _request(user_id: str, k: int, exclude: Iterable[str], include_rated: bool) -> recommender_pb2.RecommendRequest:
+        return recommender_pb2.RecommendRequest(user_id=str(user_id), k=k, exclude_item_ids=list(exclude),
+                                                include_rated=include_rated)
+
+    def stream(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
+               timeout: float | None = None) -> Iterator[recommender_pb2.RankedItem]:
+        """Items as the server streams them, best first."""
+        return self.stub.Recommend(self._request(user_id, k, exclude, include_rated),
+                                   timeout=self._deadline(timeout))
+
+    def recommend(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
+                  timeout: float | None = None) -> list[recommender_pb2.RankedItem]:
+        return list(self.stream(user_id, k, exclude, include_rated, timeout))
+
+    def recommend_batch(self, user_ids: Iterable[str], k: int = 10, exclude: Iterable[str] = (),
+                        include_rated: bool = False,
+                        timeout: float | None = None) -> list[recommender_pb2.Recommendations]:
+        excluded = list(exclude)
+        request = recommender_pb2.RecommendBatchRequest(
+            requests=[self._request(user_id, k, excluded, include_rated) for user_id in user_ids])
+        return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout)).results)
+
+    def model_info(self, timeout: float | None = None) -> recommender_pb2.ModelInfo:
+        return self.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=self._deadline(timeout))
+
+    def health(self, service: str = "recsys.v1.Recommender", timeout: float | None = None) -> str:
+        """"SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                          timeout=self._deadline(timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Block until health says SERVING (models loaded), or raise TimeoutError."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=min(2.0, max(0.1, deadline - time.monotonic()))) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.target} was not SERVING within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "RecommenderClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

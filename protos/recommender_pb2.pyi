@@ -1,0 +1,87 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "k", "exclude_item_ids", "include_rated")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RATED_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    include_rated: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_rated: _Optional[bool] = ...) -> None: ...
+
+class RankedItem(_message.Message):
+    __slots__ = ("rank", "item_id", "title", "genres", "score", "retrieval_score", "predicted_rating", "model_version", "fallback")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    GENRES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_RATING_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    item_id: str
+    title: str
+    genres: _containers.RepeatedScalarFieldContainer[str]
+    score: float
+    retrieval_score: float
+    predicted_rating: float
+    model_version: str
+    fallback: bool
+    def __init__(self, rank: _Optional[int] = ..., item_id: _Optional[str] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ..., score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., model_version: _Optional[str] = ..., fallback: _Optional[bool] = ...) -> None: ...
+
+class RecommendBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RecommendRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ...) -> None: ...
+
+class Recommendations(_message.Message):
+    __slots__ = ("user_id", "items")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    items: _containers.RepeatedCompositeFieldContainer[RankedItem]
+    def __init__(self, user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ...) -> None: ...
+
+class RecommendBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Recommendations]
+    def __init__(self, results: _Optional[_Iterable[_Union[Recommendations, _Mapping]]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_USER_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    backend: str
+    candidate_count: int
+    preset: str
+    default_k: int
+    max_k: int
+    max_exclude_item_ids: int
+    max_batch_requests: int
+    max_user_id_length: int
+    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,69 @@
+"""The gRPC servicer: validate, delegate to the pipeline, stream. Nothing else lives here."""
+from __future__ import annotations
+
+import grpc
+
+from protos import recommender_pb2, recommender_pb2_grpc
+from server.backend import Backend
+from server.errors import InvalidRequest, ModelsUnavailable, map_errors
+from server.pipeline import (DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH, Pipeline,
+                             Query, Recommendation, make_query)
+
+
+def _query(request: recommender_pb2.RecommendRequest) -> Query:
+    return make_query(request.user_id, request.k, request.exclude_item_ids, request.include_rated)
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
+    return recommender_pb2.RankedItem(
+        rank=item.rank, item_id=item.item_id, title=item.title, genres=item.genres, score=item.score,
+        retrieval_score=item.retrieval_score, predicted_rating=item.predicted_rating,
+        model_version=item.model_version, fallback=item.fallback)
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, pipeline: Pipeline, backend: Backend):
+        self.pipeline = pipeline
+        self.backend = backend
+
+    def _ready(self) -> None:
+        if not self.backend.is_ready():
+            raise ModelsUnavailable("models are not loaded yet or the model backend is unreachable; retry")
+
+    @map_errors
+    def Recommend(self, request, context):
+        query = _query(request)
+        self._ready()
+        (items,) = self.pipeline.recommend([query], timeout=_timeout(context))
+        for item in items:
+            yield to_proto(item)
+
+    @map_errors
+    def RecommendBatch(self, request, context):
+        if len(request.requests) > MAX_BATCH_USERS:
+            raise InvalidRequest(f"requests has {len(request.requests)} entries; the maximum is {MAX_BATCH_USERS}")
+        queries = []
+        for position, entry in enumerate(request.requests):
+            try:
+                queries.append(_query(entry))
+            except InvalidRequest as error:
+                raise InvalidRequest(f"requests[{position}]: {error}") from None
+        self._ready()
+        results = self.pipeline.recommend(queries, timeout=_timeout(context))
+        return recommender_pb2.RecommendBatchResponse(results=[
+            recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])
+            for query, items in zip(queries, results)])
+
+    @map_errors
+    def GetModelInfo(self, request, context):
+        self._ready()
+        catalog = self.pipeline.current_catalog()
+        return recommender_pb2.ModelInfo(
+            model_version=catalog.model_version, backend=self.backend.name, candidate_count=catalog.candidate_count,
+            preset=catalog.preset.get("name", ""), default_k=DEFAULT_K, max_k=MAX_K,
+            max_exclude_item_ids=MAX_EXCLUDED_ITEMS, max_batch_requests=MAX_BATCH_USERS,
+            max_user_id_length=MAX_USER_ID_LENGTH)

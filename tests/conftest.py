@@ -1,0 +1,70 @@
+"""Shared fixtures. TFRS needs Keras 2: the switch is set before anything imports TensorFlow.
+
+The slow part, training, happens once per test session (default preset) and every
+end-to-end test shares that export.
+"""
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real MovieLens 100k; tests never write into it."""
+    path = Path(os.environ.get("RECSYS_DATA_DIR") or REPO_ROOT.parent / "shared" / "data" / "ml-100k")
+    if not (path / "u.data").is_file():
+        pytest.fail(f"MovieLens 100k not found at {path}: set RECSYS_DATA_DIR")
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def movielens(data_dir):
+    from export.data import load_movielens
+
+    return load_movielens(data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained(movielens, tmp_path_factory):
+    """The default preset, trained once and exported as version 1."""
+    from export.presets import PRESETS
+    from export.train import train_and_export
+
+    models_dir = tmp_path_factory.mktemp("models")
+    result = train_and_export(movielens, PRESETS["default"], models_dir)
+    return models_dir, result
+
+
+@pytest.fixture(scope="session")
+def models_dir(trained) -> Path:
+    return trained[0]
+
+
+@pytest.fixture(scope="session")
+def split(movielens):
+    from export.data import split_ratings
+
+    return split_ratings(movielens.ratings)
+
+
+@pytest.fixture(scope="session")
+def heaviest_user(split) -> str:
+    """The user with the most ratings in train (hundreds): the hardest exclusion case."""
+    import numpy as np
+
+    users, counts = np.unique(split[0][:, 0], return_counts=True)
+    return str(users[np.argmax(counts)])
+
+
+@pytest.fixture(scope="session")
+def evaluation(models_dir, movielens):
+    from export.evaluate import evaluate_export
+
+    return evaluate_export(models_dir, movielens)

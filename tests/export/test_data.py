@@ -1,0 +1,97 @@
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+
+from export import data as data_module
+from export.data import (DataFormatError, DataSourceError, download_ml100k, load_movielens, read_ratings,
+                         resolve_data_dir, split_ratings)
+
+
+def test_split_is_the_documented_permutation(movielens):
+    train, test = split_ratings(movielens.ratings)
+    permutation = np.random.default_rng(42).permutation(len(movielens.ratings))
+    assert len(train) == 80_000 and len(test) == 20_000
+    np.testing.assert_array_equal(train, movielens.ratings[permutation[:80_000]])
+    np.testing.assert_array_equal(test, movielens.ratings[permutation[80_000:]])
+    again_train, again_test = split_ratings(load_movielens(movielens.source).ratings)
+    np.testing.assert_array_equal(train, again_train)
+    np.testing.assert_array_equal(test, again_test)
+
+
+def test_items_are_keyed_by_movie_id_with_metadata(movielens):
+    assert len(movielens.items) == 1682 and len(movielens.users) == 943
+    toy_story = movielens.items["1"]
+    assert toy_story.title == "Toy Story (1995)"
+    assert toy_story.genres == ("Animation", "Children's", "Comedy")
+    titles = [item.title for item in movielens.items.values()]
+    assert len(set(titles)) < len(titles), "ML-100k has duplicate titles; ids must be the key"
+    assert movielens.users["1"].occupation == "technician"
+
+
+def test_explicit_missing_directory_names_every_way(tmp_path, monkeypatch):
+    monkeypatch.delenv("RECSYS_DATA_DIR", raising=False)
+    with pytest.raises(DataSourceError) as error:
+        resolve_data_dir(tmp_path / "nowhere")
+    message = str(error.value)
+    assert "--data-dir" in message and "RECSYS_DATA_DIR" in message and "data/ml-100k" in message
+    assert "download" in message
+
+
+def test_env_var_is_used_and_validated(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(data_dir))
+    assert resolve_data_dir(None) == data_dir
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataSourceError, match="RECSYS_DATA_DIR"):
+        resolve_data_dir(None)
+
+
+def test_nothing_found_without_download_names_every_way(tmp_path, monkeypatch):
+    monkeypatch.delenv("RECSYS_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataSourceError, match="--data-dir.*RECSYS_DATA_DIR.*data/ml-100k"):
+        resolve_data_dir(None, allow_download=False)
+
+
+def test_corrupt_line_is_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "u.data"
+    path.write_text("1\t2\t3\t881250949\n1\t3\tfive\t881250949\n")
+    with pytest.raises(DataFormatError, match=r"u\.data:2: .*'1\\t3\\tfive"):
+        read_ratings(path)
+    path.write_text("1\t2\t9\t881250949\n")
+    with pytest.raises(DataFormatError, match=r"u\.data:1: rating 9 is outside 1..5"):
+        read_ratings(path)
+
+
+def _zip_of(data_dir, tmp_path):
+    archive = tmp_path / "ml-100k.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for name in ("u.data", "u.item", "u.user"):
+            bundle.write(data_dir / name, f"ml-100k/{name}")
+    return archive
+
+
+def test_download_verifies_checksum(tmp_path, data_dir):
+    archive = _zip_of(data_dir, tmp_path)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataSourceError, match="checksum mismatch"):
+        download_ml100k(cache, url=archive.as_uri())
+    assert not (cache / "ml-100k.zip").exists(), "a file with the wrong checksum must not be kept"
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    unpacked = download_ml100k(cache, url=archive.as_uri(), sha256=digest)
+    assert (unpacked / "u.data").read_bytes() == (data_dir / "u.data").read_bytes()
+
+
+def test_download_is_the_last_resort(tmp_path, monkeypatch, data_dir):
+    monkeypatch.delenv("RECSYS_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
+    archive = _zip_of(data_dir, tmp_path)
+    monkeypatch.setattr(data_module, "ML100K_URL", archive.as_uri())
+    monkeypatch.setattr(data_module, "ML100K_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    assert resolve_data_dir(None) == tmp_path / "cache" / "ml-100k"
+
+
+def test_published_checksum_is_pinned():
+    assert data_module.ML100K_SHA256 == "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"

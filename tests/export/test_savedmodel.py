@@ -1,0 +1,137 @@
+"""The exported SavedModels: round-trip fidelity, pinned signatures, TF Serving-style loading."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from server.layout import complete_versions
+
+USERS = ["1", "42", "405", "943", "no-such-user"]
+
+
+@pytest.fixture(scope="module")
+def loaded(models_dir, trained):
+    version = trained[1].version
+    return (tf.saved_model.load(str(models_dir / "retrieval" / str(version))),
+            tf.saved_model.load(str(models_dir / "ranking" / str(version))))
+
+
+def test_layout_and_models_config(models_dir, trained):
+    assert trained[1].version == 1
+    assert complete_versions(models_dir) == [1]
+    config = text_format.Parse((models_dir / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    entries = {entry.name: entry for entry in config.model_config_list.config}
+    assert set(entries) == {"retrieval", "ranking"}
+    for name, entry in entries.items():
+        assert entry.base_path == str((models_dir / name).resolve())
+        assert entry.model_platform == "tensorflow"
+
+
+def test_retrieval_signatures_are_pinned(loaded, trained):
+    retrieval, _ = loaded
+    assert set(retrieval.signatures) == {"serving_default", "include_rated"}
+    candidate_count = trained[1].retrieval.candidate_count
+    for name in ("serving_default", "include_rated"):
+        signature = retrieval.signatures[name]
+        spec = signature.structured_input_signature[1]
+        assert list(spec) == ["user_id"] and spec["user_id"].dtype == tf.string
+        assert spec["user_id"].shape.as_list() == [None]
+        outputs = signature.structured_outputs
+        assert outputs["item_ids"].dtype == tf.string and outputs["scores"].dtype == tf.float32
+        assert outputs["item_ids"].shape.as_list() == [None, candidate_count]
+
+
+def test_ranking_signature_is_pinned(loaded):
+    _, ranking = loaded
+    assert set(ranking.signatures) == {"serving_default"}
+    signature = ranking.signatures["serving_default"]
+    spec = signature.structured_input_signature[1]
+    assert sorted(spec) == ["item_id", "user_id"]
+    assert all(s.dtype == tf.string and s.shape.as_list() == [None] for s in spec.values())
+    assert {name: t.dtype for name, t in signature.structured_outputs.items()} == {
+        "predicted_rating": tf.float32, "score": tf.float32}
+
+
+def test_retrieval_round_trip_matches(loaded, trained):
+    retrieval, _ = loaded
+    module = trained[1].retrieval
+    users = tf.constant(USERS)
+    for restored, original in ((retrieval.signatures["serving_default"], module.retrieve),
+                               (retrieval.signatures["include_rated"], module.retrieve_including_rated)):
+        before, after = original(users), restored(user_id=users)
+        np.testing.assert_array_equal(before["item_ids"].numpy(), after["item_ids"].numpy())
+        np.testing.assert_allclose(before["scores"].numpy(), after["scores"].numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_ranking_round_trip_matches(loaded, trained):
+    _, ranking = loaded
+    users = tf.constant(["1", "1", "42", "943", "unknown"])
+    items = tf.constant(["1", "50", "181", "1682", "nope"])
+    before = trained[1].ranking.rank(users, items)
+    after = ranking.signatures["serving_default"](user_id=users, item_id=items)
+    for key in ("predicted_rating", "score"):
+        np.testing.assert_allclose(before[key].numpy(), after[key].numpy(), rtol=1e-6, atol=1e-6)
+    assert np.all((after["predicted_rating"].numpy() > 0) & (after["predicted_rating"].numpy() < 6))
+
+
+def test_rated_movies_are_excluded_for_the_heaviest_user(loaded, heaviest_user, split):
+    retrieval, _ = loaded
+    rated = {str(item) for user, item in split[0][:, :2] if str(user) == heaviest_user}
+    assert len(rated) > 500
+    result = retrieval.signatures["serving_default"](user_id=tf.constant([heaviest_user]))
+    candidates = set(result["item_ids"].numpy()[0].astype(str))
+    assert len(candidates) == result["item_ids"].shape[1], "candidates must be distinct"
+    assert not candidates & rated
+    everything = retrieval.signatures["include_rated"](user_id=tf.constant([heaviest_user]))
+    assert set(everything["item_ids"].numpy()[0].astype(str)) & rated, "include_rated keeps rated movies"
+
+
+def _tf1_run(model_path, feeds_by_key, output_keys, signature="serving_default"):
+    """What TF Serving does: TF1 loader into a Session, session.run on the signature's tensor names."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(model_path))
+        signature_def = meta_graph.signature_def[signature]
+        feeds = {signature_def.inputs[key].name: value for key, value in feeds_by_key.items()}
+        fetches = [signature_def.outputs[key].name for key in output_keys]
+        return dict(zip(output_keys, session.run(fetches, feed_dict=feeds)))
+
+
+def test_tf_serving_style_loading_matches_tf2(models_dir, loaded):
+    retrieval, ranking = loaded
+    for signature in ("serving_default", "include_rated"):
+        session_out = _tf1_run(models_dir / "retrieval" / "1", {"user_id": USERS}, ["item_ids", "scores"], signature)
+        eager_out = retrieval.signatures[signature](user_id=tf.constant(USERS))
+        np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
+        np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
+    pairs = {"user_id": ["42", "42", "7"], "item_id": ["1", "2", "3"]}
+    session_out = _tf1_run(models_dir / "ranking" / "1", pairs, ["predicted_rating", "score"])
+    eager_out = ranking.signatures["serving_default"](user_id=tf.constant(pairs["user_id"]),
+                                                      item_id=tf.constant(pairs["item_id"]))
+    np.testing.assert_allclose(session_out["score"], eager_out["score"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_records_are_prediction_logs_that_run(models_dir):
+    for model in ("retrieval", "ranking"):
+        path = models_dir / model / "1" / "assets.extra" / "tf_serving_warmup_requests"
+        records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
+        assert 3 <= len(records) <= 20
+        for record in records:
+            log = prediction_log_pb2.PredictionLog.FromString(record)
+            request = log.predict_log.request
+            assert request.model_spec.name == model
+            feeds = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+            signature = request.model_spec.signature_name or "serving_default"
+            outputs = ["item_ids", "scores"] if model == "retrieval" else ["predicted_rating", "score"]
+            result = _tf1_run(models_dir / model / "1", feeds, outputs, signature)
+            assert len(result[outputs[0]]) == len(next(iter(feeds.values())))
+
+
+def test_a_second_export_gets_the_next_version_and_keeps_the_first(tmp_path, trained):
+    from export.savedmodel import next_version
+
+    (tmp_path / "retrieval" / "3").mkdir(parents=True)
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "4.json").write_text("{}")
+    assert next_version(tmp_path) == 5

@@ -1,0 +1,17 @@
+"""The committed stubs are exactly what grpcio-tools generates from the committed .proto."""
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def test_generated_code_is_up_to_date(tmp_path):
+    (tmp_path / "protos").mkdir()
+    shutil.copy(REPO_ROOT / "protos" / "recommender.proto", tmp_path / "protos")
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
+                    "--pyi_out=.", "protos/recommender.proto"], cwd=tmp_path, check=True)
+    for name in ("recommender_pb2.py", "recommender_pb2_grpc.py", "recommender_pb2.pyi"):
+        generated = (tmp_path / "protos" / name).read_text()
+        committed = (REPO_ROOT / "protos" / name).read_text()
+        assert generated == committed, f"protos/{name} is stale: run 'make protos'"
