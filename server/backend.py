@@ -54,6 +54,10 @@ class Backend(abc.ABC):
     def is_ready(self) -> bool:
         ...
 
+    def not_ready_reason(self) -> str:
+        """Why is_ready() is false, for the UNAVAILABLE message callers see."""
+        return "models are not loaded yet"
+
     @abc.abstractmethod
     def current_version(self) -> str | None:
         """The model version new requests will be served by, if known."""
@@ -131,6 +135,9 @@ class InProcessBackend(Backend):
     def is_ready(self) -> bool:
         return self.current is not None
 
+    def not_ready_reason(self) -> str:
+        return f"no model loaded yet from {self.models_dir} (expects retrieval/<v>, ranking/<v>, metadata/<v>.json)"
+
     def current_version(self) -> str | None:
         pair = self.current
         return pair.model_version if pair else None
@@ -138,8 +145,7 @@ class InProcessBackend(Backend):
     def _serving_pair(self) -> LoadedPair:
         pair = self.current
         if pair is None:
-            raise ModelsUnavailable(
-                f"no model loaded yet from {self.models_dir} (expects retrieval/<v>, ranking/<v>, metadata/<v>.json)")
+            raise ModelsUnavailable(self.not_ready_reason())
         return pair
 
     def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:

@@ -32,7 +32,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     def _ready(self) -> None:
         if not self.backend.is_ready():
-            raise ModelsUnavailable("models are not loaded yet or the model backend is unreachable; retry")
+            raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
 
     @map_errors
     def Recommend(self, request, context):

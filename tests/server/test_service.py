@@ -137,6 +137,6 @@ def test_not_serving_until_models_load(tmp_path):
             assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
         with RecommenderClient(f"127.0.0.1:{port}") as client:
             code, details = status_of(lambda: client.recommend("42"))
-            assert code == grpc.StatusCode.UNAVAILABLE and "not loaded" in details
+            assert code == grpc.StatusCode.UNAVAILABLE and "no model loaded yet" in details
     finally:
         recommender.stop(0).wait()
