@@ -1,6 +1,7 @@
 """The two stages as small Keras/TFRS pieces. Each stage owns its own towers."""
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -19,6 +20,52 @@ def id_tower(vocabulary: list[str], dim: int, l2: float, name: str) -> tf.keras.
     )
 
 
+class HistoryUserTower(tf.keras.Model):
+    """User id -> id embedding + normalised sum of the embeddings of the movies they rated.
+
+    The rated movies are a table inside the tower, so serving still needs only the
+    user id. In training, the example's own movie is left out of the history so the
+    tower cannot learn to copy it.
+    """
+
+    def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], dim: int,
+                 l2: float, name: str = "history_user_tower"):
+        super().__init__(name=name)
+        regularizer = tf.keras.regularizers.l2(l2) if l2 else None
+        self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
+        self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
+        self.user_embedding = tf.keras.layers.Embedding(len(user_ids) + 1, dim, embeddings_regularizer=regularizer)
+        self.history_embedding = tf.keras.layers.Embedding(len(item_ids) + 1, dim, embeddings_regularizer=regularizer)
+        position = {item_id: index + 1 for index, item_id in enumerate(item_ids)}
+        rows = [[]] + [[position[item] for item in history.get(user, [])] for user in user_ids]
+        self.history_values = tf.Variable(np.asarray([p for row in rows for p in row], dtype=np.int64),
+                                          trainable=False, name="history_values")
+        self.history_row_splits = tf.Variable(np.cumsum([0] + [len(row) for row in rows]).astype(np.int64),
+                                              trainable=False, name="history_row_splits")
+
+    def call(self, inputs) -> tf.Tensor:
+        """`inputs`: user ids, or {"user_id", "leave_out_item_id"} while training."""
+        leave_out = None
+        if isinstance(inputs, dict):
+            inputs, leave_out = inputs["user_id"], inputs.get("leave_out_item_id")
+        users = self.user_lookup(inputs)
+        history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits), users)
+        row_of_value = history.value_rowids()
+        keep = tf.ones_like(history.values, dtype=tf.float32)
+        if leave_out is not None:
+            left_out = tf.gather(self.item_lookup(leave_out), row_of_value)
+            keep = tf.cast(tf.not_equal(history.values, left_out), tf.float32)
+        batch = tf.shape(users, out_type=tf.int64)[0]
+        summed = tf.math.unsorted_segment_sum(self.history_embedding(history.values) * keep[:, None], row_of_value, batch)
+        count = tf.math.unsorted_segment_sum(keep, row_of_value, batch)
+        return self.user_embedding(users) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
+
+
+def catalog_logits(user_embeddings: tf.Tensor, item_model: tf.keras.Model, catalog_item_ids: tf.Tensor) -> tf.Tensor:
+    """Dot-product logits of each user against every movie in the catalog."""
+    return tf.matmul(user_embeddings, item_model(catalog_item_ids), transpose_b=True)
+
+
 class RetrievalModel(tfrs.Model):
     """Two towers whose dot product scores (user, movie).
 
@@ -26,52 +73,81 @@ class RetrievalModel(tfrs.Model):
     score), `in_batch` is the TFRS tutorial's in-batch sampled softmax.
     """
 
-    def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset):
+    def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], preset: Preset):
         super().__init__()
         self.loss_kind = preset.retrieval_loss
-        self.user_model = id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2, "user_tower")
+        self.uses_history = preset.user_history
+        if preset.user_history:
+            self.user_model = HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim, preset.retrieval_l2)
+        else:
+            self.user_model = id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2, "user_tower")
         self.item_model = id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, "item_tower")
         self.catalog_item_ids = tf.constant(item_ids)
         self.task = tfrs.tasks.Retrieval()
         self.softmax_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        user_embeddings = self.user_model(features["user_id"])
+        if self.uses_history:
+            user_embeddings = self.user_model({"user_id": features["user_id"], "leave_out_item_id": features["item_id"]})
+        else:
+            user_embeddings = self.user_model(features["user_id"])
         if self.loss_kind == "in_batch":
             item_embeddings = self.item_model(features["item_id"])
             return self.task(user_embeddings, item_embeddings, compute_metrics=False)
         # Every movie in the catalog is a candidate; the label is the rated movie's catalog position.
-        catalog_embeddings = self.item_model(self.catalog_item_ids)
-        logits = tf.matmul(user_embeddings, catalog_embeddings, transpose_b=True)
+        logits = catalog_logits(user_embeddings, self.item_model, self.catalog_item_ids)
         labels = self.item_model.layers[0](features["item_id"]) - 1
         return self.softmax_loss(labels, logits)
 
 
 class RankingModel(tfrs.Model):
-    """MLP over its own user and movie embeddings, predicting the star rating."""
+    """Its own user and movie towers with two heads.
+
+    - rating: an MLP over both embeddings predicting the star rating (MSE);
+    - watch (when `preset.watch_weight` > 0): the towers' dot product trained as a
+      softmax over the catalog, i.e. "which movie will this user rate next".
+    The service orders by the watch head (combined with the retrieval score at
+    export); the rating is reported as `predicted_rating`.
+    """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset):
         super().__init__()
-        self.user_model = id_tower(user_ids, preset.embedding_dim, 0.0, "ranking_user_tower")
-        self.item_model = id_tower(item_ids, preset.embedding_dim, 0.0, "ranking_item_tower")
+        self.watch_weight = preset.watch_weight
+        self.user_model = id_tower(user_ids, preset.embedding_dim, preset.ranking_l2, "ranking_user_tower")
+        self.item_model = id_tower(item_ids, preset.embedding_dim, preset.ranking_l2, "ranking_item_tower")
+        self.catalog_item_ids = tf.constant(item_ids)
         self.mlp = tf.keras.Sequential(
             [tf.keras.layers.Dense(units, activation="relu") for units in preset.ranking_layers]
             + [tf.keras.layers.Dense(1)],
             name="rating_mlp",
         )
-        self.task = tfrs.tasks.Ranking(
+        self.rating_task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.MeanSquaredError(),
             metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")],
         )
+        self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def embed(self, features: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return self.user_model(features["user_id"]), self.item_model(features["item_id"])
 
     def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-        user_embeddings = self.user_model(features["user_id"])
-        item_embeddings = self.item_model(features["item_id"])
+        """Predicted star rating, [batch, 1]."""
+        user_embeddings, item_embeddings = self.embed(features)
         return self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
 
+    def watch_logit(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+        user_embeddings, item_embeddings = self.embed(features)
+        return tf.reduce_sum(user_embeddings * item_embeddings, axis=1)
+
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        predictions = self(features)
-        return self.task(labels=features["rating"], predictions=predictions)
+        user_embeddings, item_embeddings = self.embed(features)
+        predictions = self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
+        loss = self.rating_task(labels=features["rating"], predictions=predictions)
+        if self.watch_weight:
+            logits = catalog_logits(user_embeddings, self.item_model, self.catalog_item_ids)
+            labels = self.item_model.layers[0](features["item_id"]) - 1
+            loss += self.watch_weight * self.watch_loss(labels, logits)
+        return loss
 
 
 def make_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optimizer:

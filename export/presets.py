@@ -17,12 +17,18 @@ class Preset:
     retrieval_batch_size: int
     retrieval_epochs: int
     retrieval_l2: float
+    # Add the mean of the embeddings of the user's rated movies to the user tower.
+    user_history: bool
     # Ranking: an MLP over its own user and movie embeddings, predicting stars.
     ranking_optimizer: str
     ranking_learning_rate: float
     ranking_batch_size: int
     ranking_epochs: int
     ranking_layers: tuple[int, ...]
+    ranking_l2: float
+    # Weight of the ranker's "will watch" softmax head; 0 = rating head only, and the
+    # service orders by predicted rating (the tutorial's behaviour).
+    watch_weight: float
     # Candidates the retrieval SavedModel returns per user (fixed at export).
     candidate_count: int = 200
     seed: int = 0
@@ -41,11 +47,14 @@ PRESETS: dict[str, Preset] = {
         retrieval_batch_size=8192,
         retrieval_epochs=10,
         retrieval_l2=0.0,
+        user_history=False,
         ranking_optimizer="adagrad",
         ranking_learning_rate=0.1,
         ranking_batch_size=8192,
         ranking_epochs=100,
         ranking_layers=(256, 64),
+        ranking_l2=0.0,
+        watch_weight=0.0,
     ),
     "default": Preset(
         name="default",
@@ -54,12 +63,15 @@ PRESETS: dict[str, Preset] = {
         retrieval_optimizer="adam",
         retrieval_learning_rate=0.003,
         retrieval_batch_size=1024,
-        retrieval_epochs=8,
+        retrieval_epochs=9,
         retrieval_l2=0.0,
+        user_history=True,
         ranking_optimizer="adam",
-        ranking_learning_rate=0.001,
+        ranking_learning_rate=0.002,
         ranking_batch_size=1024,
-        ranking_epochs=6,
+        ranking_epochs=13,
         ranking_layers=(256, 64),
+        ranking_l2=0.0,
+        watch_weight=1.0,
     ),
 }

@@ -72,17 +72,36 @@ class RetrievalServing(tf.Module):
 
 
 class RankingServing(tf.Module):
-    """(user id, movie id) pairs -> predicted stars and the score the service orders by."""
+    """(user id, movie id) pairs -> predicted stars and the score the service orders by.
 
-    def __init__(self, ranking_model: tf.keras.Model):
+    With a watch head, `score` = the ranker's watch logit + the retrieval towers' dot
+    product: two independently trained estimates of log p(movie | user) up to a
+    per-user constant, so their sum orders each user's candidates like an ensemble.
+    The retrieval towers are copied into this SavedModel as frozen weights (training
+    the ranker never touches them). Without a watch head, `score` is the rating.
+    """
+
+    def __init__(self, ranking_model: tf.keras.Model, retrieval_user_model: tf.keras.Model | None = None,
+                 retrieval_item_model: tf.keras.Model | None = None):
         super().__init__()
         self.model = ranking_model
+        self.orders_by_watch = bool(ranking_model.watch_weight)
+        if self.orders_by_watch:
+            self.retrieval_user_model = retrieval_user_model
+            self.retrieval_item_model = retrieval_item_model
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id"),
                                   tf.TensorSpec([None], tf.string, name="item_id")])
     def rank(self, user_id: tf.Tensor, item_id: tf.Tensor) -> dict[str, tf.Tensor]:
-        predicted_rating = self.model({"user_id": user_id, "item_id": item_id})[:, 0]
-        return {"predicted_rating": predicted_rating, "score": tf.identity(predicted_rating)}
+        features = {"user_id": user_id, "item_id": item_id}
+        predicted_rating = self.model(features)[:, 0]
+        if self.orders_by_watch:
+            retrieval_logit = tf.reduce_sum(
+                self.retrieval_user_model(user_id) * self.retrieval_item_model(item_id), axis=1)
+            score = self.model.watch_logit(features) + retrieval_logit
+        else:
+            score = tf.identity(predicted_rating)
+        return {"predicted_rating": predicted_rating, "score": score}
 
 
 def next_version(out_dir: Path) -> int:

@@ -50,8 +50,9 @@ def dataset(rows: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
             .prefetch(tf.data.AUTOTUNE))
 
 
-def train_retrieval(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset) -> RetrievalModel:
-    model = RetrievalModel(user_ids, item_ids, preset)
+def train_retrieval(train: np.ndarray, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]],
+                    preset: Preset) -> RetrievalModel:
+    model = RetrievalModel(user_ids, item_ids, history, preset)
     model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
     model.fit(dataset(train, preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
               verbose=0, callbacks=[EpochLine("retrieval", preset.retrieval_epochs)])
@@ -98,8 +99,9 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path) -> TrainedE
     train, _ = split_ratings(data.ratings)
     user_ids = sorted({str(u) for u in train[:, 0]}, key=int)
     item_ids = sorted(data.items, key=int)
+    metadata = build_metadata(data, train, preset)
     started = time.perf_counter()
-    retrieval = train_retrieval(train, user_ids, item_ids, preset)
+    retrieval = train_retrieval(train, user_ids, item_ids, metadata["rated_item_ids"], preset)
     retrieval_seconds = time.perf_counter() - started
     print(f"retrieval trained in {retrieval_seconds:.1f}s", flush=True)
     started = time.perf_counter()
@@ -108,12 +110,11 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path) -> TrainedE
     print(f"ranking trained in {ranking_seconds:.1f}s", flush=True)
 
     started = time.perf_counter()
-    metadata = build_metadata(data, train, preset)
     item_embeddings = retrieval.item_model(tf.constant(item_ids))
     retrieval_serving = RetrievalServing(retrieval.user_model, item_embeddings, item_ids,
                                          metadata["rated_item_ids"], preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
-    ranking_serving = RankingServing(ranking)
+    ranking_serving = RankingServing(ranking, retrieval.user_model, retrieval.item_model)
     version = write_export(out_dir, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
     print(f"exported version {version} to {out_dir} in {time.perf_counter() - started:.1f}s", flush=True)
     return TrainedExport(version, retrieval_serving, ranking_serving)
