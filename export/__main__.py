@@ -22,11 +22,23 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--preset", choices=sorted(PRESETS), default="default", help="hyperparameter set (default: %(default)s)")
     train.add_argument("--data-dir", help=DATA_HELP)
     train.add_argument("--out", required=True, type=Path, help="models directory (TF Serving layout); a new version is added")
+    train.add_argument("--holdout", choices=("test", "validation"), default="test",
+                       help="'test' (default) trains on the fixed train split: the version to serve and report. "
+                            "'validation' trains on train minus a validation split carved from it, for tuning; "
+                            "'evaluate' then scores that version on the validation split, never on test")
 
     evaluate = commands.add_parser("evaluate", help="score the newest exported version on the test split, with baselines")
     evaluate.add_argument("--models", required=True, type=Path, help="models directory written by 'train'")
     evaluate.add_argument("--data-dir", help=DATA_HELP)
     evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON to this path")
+    evaluate.add_argument("--plot", type=Path, help="also write a PNG of HR@k, k = 1..100, for every system")
+
+    report = commands.add_parser("report", help="train presets into fresh model dirs, evaluate each with the "
+                                                "baselines, print the README's results table")
+    report.add_argument("--out", required=True, type=Path, help="directory for one models dir per preset")
+    report.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["seed", "default"])
+    report.add_argument("--data-dir", help=DATA_HELP)
+    report.add_argument("--plot", type=Path, help="also write a PNG of HR@k, k = 1..100, for every system")
 
     args = parser.parse_args(argv)
     from export.data import load_movielens
@@ -39,14 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from export.train import train_and_export
 
-        train_and_export(data, PRESETS[args.preset], args.out)
+        train_and_export(data, PRESETS[args.preset], args.out, args.holdout)
         return 0
-    from export.evaluate import evaluate_export, format_table, write_json
+    if args.command == "report":
+        from export.report import run_report
 
-    metrics = evaluate_export(args.models, data)
+        print(run_report(data, args.presets, args.out, args.plot))
+        return 0
+    from export.evaluate import evaluate_export, format_table, write_json, write_plot
+    from server.errors import ModelsUnavailable
+
+    try:
+        metrics = evaluate_export(args.models, data)
+    except ModelsUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(format_table(metrics))
     if args.json:
         write_json(metrics, args.json)
+    if args.plot:
+        write_plot({system: metrics["hr_curve"][system] for system in metrics["hr_curve"]}, args.plot,
+                   f"model version {metrics['model_version']} ({metrics['preset']}), {metrics['holdout']} split")
     return 0
 
 

@@ -208,8 +208,27 @@ def split_ratings(ratings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ratings[permutation[:TRAIN_SIZE]], ratings[permutation[TRAIN_SIZE:]]
 
 
-def carve_validation(train: np.ndarray, fraction: float = 0.1, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
-    """A validation split carved out of train, for tuning; the test split is never touched."""
-    permutation = np.random.default_rng(seed).permutation(len(train))
-    cut = int(len(train) * (1 - fraction))
+VALIDATION_FRACTION = 0.1
+VALIDATION_SEED = 7
+HOLDOUTS = ("test", "validation")
+
+
+def carve_validation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A validation split carved out of train (10%, seeded), for tuning; test is never touched."""
+    permutation = np.random.default_rng(VALIDATION_SEED).permutation(len(train))
+    cut = int(len(train) * (1 - VALIDATION_FRACTION))
     return train[permutation[:cut]], train[permutation[cut:]]
+
+
+def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to train on and rows to score against.
+
+    "test": train / test of the fixed split (reported numbers).
+    "validation": train minus the validation split / the validation split (tuning).
+    """
+    train, test = split_ratings(ratings)
+    if holdout == "test":
+        return train, test
+    if holdout == "validation":
+        return carve_validation(train)
+    raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")

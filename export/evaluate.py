@@ -12,27 +12,41 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import MovieLens, split_ratings
+from export.baselines import ease_lists
+from export.data import MovieLens, fit_and_held_out
 from server.backend import Backend, InProcessBackend
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
+from server.layout import metadata_path
 from server.pipeline import MAX_BATCH_USERS, Pipeline, Query
 
 LIST_LENGTH = 100
 
 
+SYSTEMS = ("popularity", "ease", "retrieval", "two_stage")
+
+
+def hit_rate_curve(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -> list[float]:
+    """HR@k for k = 1..LIST_LENGTH."""
+    hits_at = np.zeros(LIST_LENGTH)
+    pairs = 0
+    for user, movies in held_out.items():
+        pairs += len(movies)
+        for position, item in enumerate(lists.get(user, [])[:LIST_LENGTH]):
+            if item in movies:
+                hits_at[position] += 1
+    return (np.cumsum(hits_at) / pairs).tolist()
+
+
 def ranking_metrics(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -> dict[str, float]:
-    hits10 = hits100 = pairs = 0
+    curve = hit_rate_curve(lists, held_out)
     ndcgs = []
     for user, movies in held_out.items():
         ranked = lists.get(user, [])
-        pairs += len(movies)
-        hits10 += len(movies.intersection(ranked[:10]))
-        hits100 += len(movies.intersection(ranked[:100]))
         dcg = sum(1.0 / np.log2(position + 2) for position, item in enumerate(ranked[:10]) if item in movies)
         ideal = sum(1.0 / np.log2(position + 2) for position in range(min(len(movies), 10)))
         ndcgs.append(dcg / ideal)
-    return {"hr@10": hits10 / pairs, "hr@100": hits100 / pairs, "ndcg@10": float(np.mean(ndcgs))}
+    return {"hr@10": curve[9], "hr@100": curve[99], "ndcg@10": float(np.mean(ndcgs))}
 
 
 def popularity_lists(train: np.ndarray, users: list[str]) -> dict[str, list[str]]:
@@ -65,8 +79,8 @@ def two_stage_lists(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH) 
     return lists
 
 
-def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) -> dict:
-    train, test = split_ratings(data.ratings)
+def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str = "test") -> dict:
+    train, test = fit_and_held_out(data.ratings, holdout)
     held_out = held_out_by_user(test)
     users = sorted(held_out, key=int)
     retrieval_lists = {}
@@ -82,12 +96,17 @@ def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens) 
     test_items = test[:, 1].astype(str).tolist()
     predicted = backend.rank(test_users, test_items, model_version).predicted_rating
     rmse = float(np.sqrt(np.mean((predicted - test[:, 2]) ** 2)))
+    ease, ease_lambda = ease_lists(data, holdout, users, LIST_LENGTH)
+    lists = {"popularity": popularity_lists(train, users), "ease": ease, "retrieval": retrieval_lists,
+             "two_stage": served_lists}
+    metrics = {system: ranking_metrics(lists[system], held_out) for system in SYSTEMS}
+    metrics["ease"]["lambda"] = ease_lambda
     return {
         "model_version": model_version,
-        "popularity": ranking_metrics(popularity_lists(train, users), held_out),
-        "retrieval": ranking_metrics(retrieval_lists, held_out),
-        "two_stage": ranking_metrics(served_lists, held_out),
+        "holdout": holdout,
+        **metrics,
         "ranking": {"rmse": rmse},
+        "hr_curve": {system: hit_rate_curve(lists[system], held_out) for system in SYSTEMS},
     }
 
 
@@ -96,16 +115,20 @@ def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
     backend = InProcessBackend(models_dir)
     if not backend.refresh():
         raise ModelsUnavailable(f"no loadable model version in {models_dir}")
-    metrics = evaluate_backend(backend, CatalogStore(models_dir), data)
-    metrics["preset"] = CatalogStore(models_dir).get(metrics["model_version"]).preset.get("name", "")
+    version = backend.current_version()
+    metadata = json.loads(metadata_path(models_dir, int(version)).read_text())
+    # A version trained for tuning is scored on the validation split, never on test.
+    metrics = evaluate_backend(backend, CatalogStore(models_dir), data, metadata.get("holdout", "test"))
+    metrics["preset"] = metadata["preset"]["name"]
+    metrics["train_seconds"] = metadata.get("train_seconds", {})
     return metrics
 
 
 def format_table(metrics: dict) -> str:
     lines = [f"model version {metrics['model_version']} (preset {metrics.get('preset', '?')}), "
-             "test split, movies rated in train excluded",
+             f"{metrics['holdout']} split, movies rated in training excluded",
              f"{'system':<12} {'HR@10':>7} {'HR@100':>7} {'NDCG@10':>8} {'RMSE':>7}"]
-    for system in ("popularity", "retrieval", "two_stage"):
+    for system in SYSTEMS:
         row = metrics[system]
         rmse = f"{metrics['ranking']['rmse']:.4f}" if system == "two_stage" else "-"
         lines.append(f"{system:<12} {row['hr@10']:>7.4f} {row['hr@100']:>7.4f} {row['ndcg@10']:>8.4f} {rmse:>7}")
@@ -115,3 +138,25 @@ def format_table(metrics: dict) -> str:
 def write_json(metrics: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def write_plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """HR@k for k = 1..100, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ks = np.arange(1, LIST_LENGTH + 1)
+    for label, curve in curves.items():
+        axes.plot(ks, curve, label=label)
+    axes.set_xlabel("k (list length)")
+    axes.set_ylabel("HR@k (held-out movies found)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -44,20 +44,24 @@ class HistoryUserTower(tf.keras.Model):
                                               trainable=False, name="history_row_splits")
 
     def call(self, inputs) -> tf.Tensor:
-        """`inputs`: user ids, or {"user_id", "leave_out_item_id"} while training."""
+        """`inputs`: user ids, or {"user_id", "leave_out_item_id"} while training.
+
+        A left-out movie must be in the user's history, as every training row is.
+        """
         leave_out = None
         if isinstance(inputs, dict):
             inputs, leave_out = inputs["user_id"], inputs.get("leave_out_item_id")
         users = self.user_lookup(inputs)
-        history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits), users)
-        row_of_value = history.value_rowids()
-        keep = tf.ones_like(history.values, dtype=tf.float32)
+        # Sum each distinct user's history once, however many rows of the batch they have.
+        unique_users, row_of_example = tf.unique(users, out_idx=tf.int64)
+        history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits), unique_users)
+        summed = tf.math.unsorted_segment_sum(self.history_embedding(history.values), history.value_rowids(),
+                                              tf.shape(unique_users, out_type=tf.int64)[0])
+        summed = tf.gather(summed, row_of_example)
+        count = tf.cast(tf.gather(history.row_lengths(), row_of_example), tf.float32)
         if leave_out is not None:
-            left_out = tf.gather(self.item_lookup(leave_out), row_of_value)
-            keep = tf.cast(tf.not_equal(history.values, left_out), tf.float32)
-        batch = tf.shape(users, out_type=tf.int64)[0]
-        summed = tf.math.unsorted_segment_sum(self.history_embedding(history.values) * keep[:, None], row_of_value, batch)
-        count = tf.math.unsorted_segment_sum(keep, row_of_value, batch)
+            summed -= self.history_embedding(self.item_lookup(leave_out))
+            count -= 1.0
         return self.user_embedding(users) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
 
 
@@ -101,21 +105,21 @@ class RetrievalModel(tfrs.Model):
 
 
 class RankingModel(tfrs.Model):
-    """Its own user and movie towers with two heads.
+    """Two heads, each with its own user and movie towers.
 
-    - rating: an MLP over both embeddings predicting the star rating (MSE);
-    - watch (when `preset.watch_weight` > 0): the towers' dot product trained as a
-      softmax over the catalog, i.e. "which movie will this user rate next".
-    The service orders by the watch head (combined with the retrieval score at
-    export); the rating is reported as `predicted_rating`.
+    - rating: an MLP over rating embeddings predicting the star rating (MSE), reported
+      as `predicted_rating`;
+    - watch (when `preset.watch_weight` > 0): the dot product of watch embeddings,
+      trained as a softmax over the catalog ("which movie does this user rate next"),
+      which is what the service orders by. Separate towers keep the rating loss from
+      pulling the watch embeddings towards "well rated" instead of "watched".
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset):
         super().__init__()
         self.watch_weight = preset.watch_weight
-        self.user_model = id_tower(user_ids, preset.embedding_dim, preset.ranking_l2, "ranking_user_tower")
-        self.item_model = id_tower(item_ids, preset.embedding_dim, preset.ranking_l2, "ranking_item_tower")
-        self.catalog_item_ids = tf.constant(item_ids)
+        self.rating_user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "rating_user_tower")
+        self.rating_item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "rating_item_tower")
         self.mlp = tf.keras.Sequential(
             [tf.keras.layers.Dense(units, activation="relu") for units in preset.ranking_layers]
             + [tf.keras.layers.Dense(1)],
@@ -125,27 +129,28 @@ class RankingModel(tfrs.Model):
             loss=tf.keras.losses.MeanSquaredError(),
             metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")],
         )
-        self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    def embed(self, features: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        return self.user_model(features["user_id"]), self.item_model(features["item_id"])
+        if self.watch_weight:
+            self.watch_user_model = id_tower(user_ids, preset.embedding_dim, 0.0, "watch_user_tower")
+            self.watch_item_model = id_tower(item_ids, preset.embedding_dim, 0.0, "watch_item_tower")
+            self.catalog_item_ids = tf.constant(item_ids)
+            self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         """Predicted star rating, [batch, 1]."""
-        user_embeddings, item_embeddings = self.embed(features)
+        user_embeddings = self.rating_user_model(features["user_id"])
+        item_embeddings = self.rating_item_model(features["item_id"])
         return self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
 
     def watch_logit(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-        user_embeddings, item_embeddings = self.embed(features)
-        return tf.reduce_sum(user_embeddings * item_embeddings, axis=1)
+        return tf.reduce_sum(self.watch_user_model(features["user_id"]) * self.watch_item_model(features["item_id"]),
+                             axis=1)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        user_embeddings, item_embeddings = self.embed(features)
-        predictions = self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
-        loss = self.rating_task(labels=features["rating"], predictions=predictions)
+        loss = self.rating_task(labels=features["rating"], predictions=self(features))
         if self.watch_weight:
-            logits = catalog_logits(user_embeddings, self.item_model, self.catalog_item_ids)
-            labels = self.item_model.layers[0](features["item_id"]) - 1
+            logits = catalog_logits(self.watch_user_model(features["user_id"]), self.watch_item_model,
+                                    self.catalog_item_ids)
+            labels = self.watch_item_model.layers[0](features["item_id"]) - 1
             loss += self.watch_weight * self.watch_loss(labels, logits)
         return loss
 

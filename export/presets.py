@@ -25,7 +25,8 @@ class Preset:
     ranking_batch_size: int
     ranking_epochs: int
     ranking_layers: tuple[int, ...]
-    ranking_l2: float
+    # L2 on the rating head's embeddings (the rating MLP overfits without it).
+    rating_l2: float
     # Weight of the ranker's "will watch" softmax head; 0 = rating head only, and the
     # service orders by predicted rating (the tutorial's behaviour).
     watch_weight: float
@@ -53,7 +54,7 @@ PRESETS: dict[str, Preset] = {
         ranking_batch_size=8192,
         ranking_epochs=100,
         ranking_layers=(256, 64),
-        ranking_l2=0.0,
+        rating_l2=0.0,
         watch_weight=0.0,
     ),
     "default": Preset(
@@ -71,7 +72,7 @@ PRESETS: dict[str, Preset] = {
         ranking_batch_size=1024,
         ranking_epochs=13,
         ranking_layers=(256, 64),
-        ranking_l2=0.0,
+        rating_l2=1e-3,
         watch_weight=1.0,
     ),
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from export.data import MovieLens, split_ratings
+from export.data import MovieLens, fit_and_held_out
 from export.models import RankingModel, RetrievalModel, make_optimizer
 from export.presets import Preset
 from export.savedmodel import RankingServing, RetrievalServing, write_export
@@ -93,13 +93,18 @@ class TrainedExport:
     ranking: RankingServing
 
 
-def train_and_export(data: MovieLens, preset: Preset, out_dir: Path) -> TrainedExport:
-    """Train retrieval then ranking on the fixed train split and write them as the next version."""
+def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test") -> TrainedExport:
+    """Train retrieval then ranking and write them as the next version.
+
+    holdout="test" trains on the fixed train split (what is served and reported);
+    "validation" trains on train minus the validation split, for tuning.
+    """
     tf.keras.utils.set_random_seed(preset.seed)
-    train, _ = split_ratings(data.ratings)
+    train, _ = fit_and_held_out(data.ratings, holdout)
     user_ids = sorted({str(u) for u in train[:, 0]}, key=int)
     item_ids = sorted(data.items, key=int)
     metadata = build_metadata(data, train, preset)
+    metadata["holdout"] = holdout
     started = time.perf_counter()
     retrieval = train_retrieval(train, user_ids, item_ids, metadata["rated_item_ids"], preset)
     retrieval_seconds = time.perf_counter() - started

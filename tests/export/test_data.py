@@ -6,7 +6,7 @@ import pytest
 
 from export import data as data_module
 from export.data import (DataFormatError, DataSourceError, download_ml100k, load_movielens, read_ratings,
-                         resolve_data_dir, split_ratings)
+                         fit_and_held_out, resolve_data_dir, split_ratings)
 
 
 def test_split_is_the_documented_permutation(movielens):
@@ -18,6 +18,16 @@ def test_split_is_the_documented_permutation(movielens):
     again_train, again_test = split_ratings(load_movielens(movielens.source).ratings)
     np.testing.assert_array_equal(train, again_train)
     np.testing.assert_array_equal(test, again_test)
+
+
+def test_validation_is_carved_from_train_only(movielens):
+    train, test = split_ratings(movielens.ratings)
+    fit, validation = fit_and_held_out(movielens.ratings, "validation")
+    assert len(fit) + len(validation) == len(train) and len(validation) == 8_000
+    as_set = lambda rows: {tuple(row) for row in rows.tolist()}  # noqa: E731
+    assert as_set(fit) | as_set(validation) == as_set(train)
+    assert not as_set(validation) & as_set(test)
+    np.testing.assert_array_equal(fit_and_held_out(movielens.ratings, "test")[1], test)
 
 
 def test_items_are_keyed_by_movie_id_with_metadata(movielens):

@@ -23,16 +23,37 @@ def test_ranking_metrics_on_a_hand_made_case():
 
 
 def test_evaluate_reports_every_system(evaluation):
-    for system in ("popularity", "retrieval", "two_stage"):
-        assert set(evaluation[system]) == {"hr@10", "hr@100", "ndcg@10"}
-        assert all(0.0 <= value <= 1.0 for value in evaluation[system].values())
-    assert 0.5 < evaluation["ranking"]["rmse"] < 1.2
-    assert evaluation["model_version"] == "1"
+    for system in ("popularity", "ease", "retrieval", "two_stage"):
+        assert {"hr@10", "hr@100", "ndcg@10"} <= set(evaluation[system])
+        assert all(0.0 <= evaluation[system][key] <= 1.0 for key in ("hr@10", "hr@100", "ndcg@10"))
+        curve = evaluation["hr_curve"][system]
+        assert len(curve) == 100 and curve == sorted(curve)
+        assert curve[9] == evaluation[system]["hr@10"] and curve[99] == evaluation[system]["hr@100"]
+    assert evaluation["model_version"] == "1" and evaluation["holdout"] == "test"
+    assert evaluation["ease"]["lambda"] in (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
+    assert 0.16 <= evaluation["ease"]["hr@10"] <= 0.18
 
 
-def test_evaluate_cli_writes_json(models_dir, data_dir, tmp_path, capsys, evaluation):
-    out = tmp_path / "metrics.json"
-    assert export_main(["evaluate", "--models", str(models_dir), "--data-dir", str(data_dir), "--json", str(out)]) == 0
+def test_default_preset_quality_floor(evaluation):
+    """Regression guard on the real data: see the README's results table for the measured values."""
+    assert evaluation["two_stage"]["hr@10"] >= 0.165
+    assert evaluation["two_stage"]["hr@10"] >= evaluation["popularity"]["hr@10"] + 0.06
+    assert evaluation["retrieval"]["hr@100"] >= 0.62
+    assert evaluation["ranking"]["rmse"] <= 0.94
+
+
+def test_evaluate_cli_writes_json_and_plot(models_dir, data_dir, tmp_path, capsys, evaluation):
+    out, plot = tmp_path / "metrics.json", tmp_path / "hr.png"
+    assert export_main(["evaluate", "--models", str(models_dir), "--data-dir", str(data_dir), "--json", str(out),
+                        "--plot", str(plot)]) == 0
     written = json.loads(out.read_text())
     assert written["two_stage"] == evaluation["two_stage"]
+    assert {"popularity", "retrieval", "two_stage", "ranking"} <= set(written)
+    assert set(written["ranking"]) == {"rmse"}
     assert "two_stage" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_without_models_is_a_clear_error(tmp_path, data_dir, capsys):
+    assert export_main(["evaluate", "--models", str(tmp_path), "--data-dir", str(data_dir)]) == 2
+    assert "no loadable model version" in capsys.readouterr().err

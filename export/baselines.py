@@ -1,0 +1,65 @@
+"""Yardsticks computed on the same split: they are never part of the served system."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from export.data import MovieLens, carve_validation, fit_and_held_out
+
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
+
+
+def _interactions(rows: np.ndarray, user_index: dict[int, int], item_index: dict[int, int]) -> np.ndarray:
+    matrix = np.zeros((len(user_index), len(item_index)), dtype=np.float64)
+    matrix[[user_index[u] for u in rows[:, 0]], [item_index[i] for i in rows[:, 1]]] = 1.0
+    return matrix
+
+
+def ease_scores(interactions: np.ndarray, l2: float) -> np.ndarray:
+    """EASE (Steck 2019): closed-form item-item weights with a zero diagonal."""
+    gram = interactions.T @ interactions
+    gram[np.diag_indices_from(gram)] += l2
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)[None, :]
+    weights[np.diag_indices_from(weights)] = 0.0
+    return interactions @ weights
+
+
+def _top_unseen(scores: np.ndarray, interactions: np.ndarray, count: int) -> np.ndarray:
+    scores = np.where(interactions > 0, -np.inf, scores)
+    top = np.argpartition(-scores, count, axis=1)[:, :count]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _hit_rate(top: np.ndarray, held_out: np.ndarray, user_index, item_index, k: int) -> float:
+    rows = np.array([user_index[u] for u in held_out[:, 0]])
+    items = np.array([item_index[i] for i in held_out[:, 1]])
+    return float(np.mean(np.any(top[rows, :k] == items[:, None], axis=1)))
+
+
+@lru_cache(maxsize=4)
+def _choose_lambda(ratings_key: int, ratings_bytes: bytes, shape: tuple[int, int]) -> float:
+    ratings = np.frombuffer(ratings_bytes, dtype=np.int64).reshape(shape)
+    train, _ = fit_and_held_out(ratings, "test")
+    fit, validation = carve_validation(train)
+    user_index = {u: n for n, u in enumerate(np.unique(ratings[:, 0]))}
+    item_index = {i: n for n, i in enumerate(np.unique(ratings[:, 1]))}
+    interactions = _interactions(fit, user_index, item_index)
+    hit_rates = {l2: _hit_rate(_top_unseen(ease_scores(interactions, l2), interactions, 10), validation,
+                               user_index, item_index, 10) for l2 in EASE_LAMBDAS}
+    return max(hit_rates, key=hit_rates.get)
+
+
+def ease_lists(data: MovieLens, holdout: str, users: list[str], count: int) -> tuple[dict[str, list[str]], float]:
+    """EASE top-`count` lists, lambda chosen on the validation split carved from train."""
+    ratings = np.ascontiguousarray(data.ratings)
+    l2 = _choose_lambda(hash(ratings.tobytes()), ratings.tobytes(), ratings.shape)
+    fit, _ = fit_and_held_out(ratings, holdout)
+    all_users, all_items = np.unique(ratings[:, 0]), np.unique(ratings[:, 1])
+    user_index = {u: n for n, u in enumerate(all_users)}
+    item_index = {i: n for n, i in enumerate(all_items)}
+    interactions = _interactions(fit, user_index, item_index)
+    top = _top_unseen(ease_scores(interactions, l2), interactions, count)
+    return {user: [str(all_items[i]) for i in top[user_index[int(user)]]] for user in users}, l2
