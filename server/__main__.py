@@ -35,10 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace-seconds", type=float, default=10.0,
                         help="on SIGTERM/SIGINT, how long in-flight calls may finish (default: %(default)s)")
     parser.add_argument("--max-workers", type=int, default=16, help="RPC worker threads (default: %(default)s)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-concurrent-rpcs", type=int,
+                        help="RPCs in flight beyond this get RESOURCE_EXHAUSTED (default: no limit)")
+    limits.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                        help="larger request messages get RESOURCE_EXHAUSTED (default: %(default)s)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key, serve TLS only")
+    security.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    security.add_argument("--auth-token-file", type=Path,
+                          help="file holding a token; calls without 'authorization: Bearer <token>' metadata get "
+                               "UNAUTHENTICATED (the health service stays open for probes)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics over HTTP on this port (default: off)")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Request lines are JSON objects, one per line, for log shippers.
+    request_handler = logging.StreamHandler()
+    request_handler.setFormatter(logging.Formatter("%(message)s"))
+    request_logger = logging.getLogger("recsys.requests")
+    request_logger.addHandler(request_handler)
+    request_logger.propagate = False
 
-    from server.app import create_server
+    from server.app import ServerOptions, create_server
+    from server.security import read_token
 
     if args.tf_serving:
         from server.tf_serving import TFServingBackend
@@ -49,15 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         from server.backend import InProcessBackend
 
         backend = InProcessBackend(args.models, args.model_version)
-    recommender, port = create_server(f"{args.host}:{args.port}", backend, args.models,
-                                      max_workers=args.max_workers, poll_seconds=args.poll_seconds)
+    options = ServerOptions(
+        max_workers=args.max_workers, poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_request_bytes=args.max_request_bytes,
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
+    recommender, port = create_server(f"{args.host}:{args.port}", backend, args.models, options)
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     recommender.start()
-    logging.getLogger("recsys.server").info("listening on %s:%d (models: %s)", args.host, port, args.models)
+    log = logging.getLogger("recsys.server")
+    if args.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", args.host.strip("[]") or "0.0.0.0",
+                 recommender.serve_metrics(args.metrics_port))
+    log.info("listening on %s:%d (%s, models: %s%s)", args.host, port, "TLS" if args.tls_cert else "plaintext",
+             args.models, ", bearer token required" if args.auth_token_file else "")
     stop_requested.wait()
-    logging.getLogger("recsys.server").info("shutting down, grace %.1fs", args.grace_seconds)
+    log.info("shutting down, grace %.1fs", args.grace_seconds)
     recommender.stop(args.grace_seconds).wait()
     return 0
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.catalog import CatalogStore
+from server.observability import Metrics, Observer
 from server.pipeline import Pipeline
+from server.security import BearerTokenInterceptor
 from server.servicer import RecommenderServicer
 
 log = logging.getLogger("recsys.server")
@@ -23,12 +27,15 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class ReadinessMonitor:
-    """Calls backend.refresh() every poll interval and mirrors the answer into health."""
+    """Calls backend.refresh() every poll interval and mirrors the answer into health and metrics."""
 
-    def __init__(self, backend: Backend, health_servicer: health.HealthServicer, poll_seconds: float):
+    def __init__(self, backend: Backend, health_servicer: health.HealthServicer, poll_seconds: float,
+                 metrics: Metrics):
         self.backend = backend
         self.health = health_servicer
         self.poll_seconds = poll_seconds
+        self.metrics = metrics
+        self._failures_reported = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness-monitor", daemon=True)
 
@@ -44,6 +51,12 @@ class ReadinessMonitor:
         except Exception:  # noqa: BLE001 - a failed probe means not ready, never a dead monitor
             log.exception("readiness check failed")
             ready = False
+        version = self.backend.current_version()
+        self.metrics.model_version.set(int(version) if version and version.isdigit() else 0)
+        failures = self.backend.load_failures
+        if failures > self._failures_reported:
+            self.metrics.model_load_failures.inc(failures - self._failures_reported)
+            self._failures_reported = failures
         if not self._stopped.is_set():
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             for service in ("", SERVICE_NAME):
@@ -60,11 +73,18 @@ class RecommenderServer:
     """A grpc.Server plus what must start and stop with it."""
 
     def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer,
-                 monitor: ReadinessMonitor, backend: Backend):
+                 monitor: ReadinessMonitor, backend: Backend, metrics: Metrics):
         self.grpc_server = grpc_server
         self.health = health_servicer
         self.monitor = monitor
         self.backend = backend
+        self.metrics = metrics
+
+    def serve_metrics(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose Prometheus metrics over HTTP; returns the bound port (0 picks one)."""
+        http_server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
+        self._metrics_http = http_server
+        return http_server.server_port
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -75,6 +95,8 @@ class RecommenderServer:
         self.monitor.stop()
         self.health.enter_graceful_shutdown()
         done = self.grpc_server.stop(grace)
+        if getattr(self, "_metrics_http", None) is not None:
+            self._metrics_http.shutdown()
         threading.Thread(target=lambda: (done.wait(), self.backend.close()), daemon=True).start()
         return done
 
@@ -82,15 +104,33 @@ class RecommenderServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
-def create_server(address: str, backend: Backend, models_dir: Path, *, max_workers: int = 16,
-                  poll_seconds: float = 5.0) -> tuple[RecommenderServer, int]:
+@dataclass(frozen=True)
+class ServerOptions:
+    max_workers: int = 16
+    poll_seconds: float = 5.0
+    # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED (None: no limit).
+    max_concurrent_rpcs: int | None = None
+    # Larger request messages get RESOURCE_EXHAUSTED.
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    auth_token: str | None = None
+
+
+def create_server(address: str, backend: Backend, models_dir: Path,
+                  options: ServerOptions = ServerOptions()) -> tuple[RecommenderServer, int]:
     """Build (not start) the server on `address`; port 0 binds a free port, which is returned."""
+    interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
+    observer = Observer()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline, backend), grpc_server)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline, backend, observer),
+                                                           grpc_server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -98,8 +138,11 @@ def create_server(address: str, backend: Backend, models_dir: Path, *, max_worke
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server)
-    port = grpc_server.add_insecure_port(address)
+    if options.tls_cert and options.tls_key:
+        port = grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)]))
+    else:
+        port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    monitor = ReadinessMonitor(backend, health_servicer, poll_seconds)
-    return RecommenderServer(grpc_server, health_servicer, monitor, backend), port
+    monitor = ReadinessMonitor(backend, health_servicer, options.poll_seconds, observer.metrics)
+    return RecommenderServer(grpc_server, health_servicer, monitor, backend, observer.metrics), port

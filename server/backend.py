@@ -12,7 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 from server.errors import ModelsUnavailable
-from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL,
+from tensorflow_serving.apis import prediction_log_pb2
+
+from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL, WARMUP_FILE,
                            complete_versions)
 
 log = logging.getLogger("recsys.server")
@@ -36,6 +38,8 @@ class Backend(abc.ABC):
     """Where the SavedModels run. `timeout` is the seconds left of the caller's deadline."""
 
     name: str
+    # Model versions that failed to load (in-process) so far; exported as a metric.
+    load_failures: int = 0
 
     @abc.abstractmethod
     def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
@@ -75,16 +79,42 @@ class LoadedPair:
     model_version: str
     retrieve: dict[bool, object]  # include_rated -> concrete signature function
     rank: object
+    signatures: dict[tuple[str, str], object]  # (model, signature name) -> function, for warmup
 
 
 def load_pair(models_dir: Path, version: int) -> LoadedPair:
     retrieval = tf.saved_model.load(str(models_dir / RETRIEVAL_MODEL / str(version)))
     ranking = tf.saved_model.load(str(models_dir / RANKING_MODEL / str(version)))
+    signatures = {(RETRIEVAL_MODEL, name): fn for name, fn in retrieval.signatures.items()}
+    signatures.update({(RANKING_MODEL, name): fn for name, fn in ranking.signatures.items()})
     return LoadedPair(
         model_version=str(version),
         retrieve={False: retrieval.signatures[DEFAULT_SIGNATURE], True: retrieval.signatures[INCLUDE_RATED_SIGNATURE]},
         rank=ranking.signatures[DEFAULT_SIGNATURE],
+        signatures=signatures,
     )
+
+
+def warm_up(models_dir: Path, pair: LoadedPair) -> int:
+    """Replay each model's assets.extra warmup requests (as TF Serving does); return how many ran.
+
+    A version is only swapped in once every request answers with one row per input.
+    """
+    replayed = 0
+    for model in (RETRIEVAL_MODEL, RANKING_MODEL):
+        path = models_dir / model / pair.model_version / "assets.extra" / WARMUP_FILE
+        for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+            function = pair.signatures[(model, request.model_spec.signature_name or DEFAULT_SIGNATURE)]
+            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+            outputs = function(**{key: tf.constant(value) for key, value in inputs.items()})
+            rows = len(next(iter(inputs.values())))
+            if any(tensor.shape[0] != rows for tensor in outputs.values()):
+                raise ValueError(f"{model} warmup request answered with the wrong batch size")
+            replayed += 1
+    if not replayed:
+        raise ValueError(f"version {pair.model_version} has no warmup requests")
+    return replayed
 
 
 class InProcessBackend(Backend):
@@ -117,11 +147,12 @@ class InProcessBackend(Backend):
             if version is not None and (self.current is None or self.current.model_version != str(version)):
                 try:
                     pair = load_pair(self.models_dir, version)
-                    _smoke_test(pair)
+                    warm_up(self.models_dir, pair)
                 except Exception:  # noqa: BLE001 - a broken version must not take the server down
                     log.exception("model version %s in %s failed to load; keeping the current one",
                                   version, self.models_dir)
                     self._failed_versions.add(version)
+                    self.load_failures += 1
                 else:
                     # Keep the previous pair so requests that retrieved with it can still rank.
                     previous = self.current
@@ -161,16 +192,3 @@ class InProcessBackend(Backend):
         outputs = pair.rank(user_id=tf.constant(user_ids, dtype=tf.string),
                             item_id=tf.constant(item_ids, dtype=tf.string))
         return Scores(outputs["predicted_rating"].numpy(), outputs["score"].numpy(), model_version)
-
-
-def _smoke_test(pair: LoadedPair) -> None:
-    """A version is only swapped in once both signatures answer with the expected shapes."""
-    probe = tf.constant(["1"])
-    for include_rated in (False, True):
-        outputs = pair.retrieve[include_rated](user_id=probe)
-        if outputs["item_ids"].shape[0] != 1 or outputs["item_ids"].shape != outputs["scores"].shape:
-            raise ValueError(f"retrieval returned shapes {outputs['item_ids'].shape}, {outputs['scores'].shape}")
-    item_ids = outputs["item_ids"][0, :4]
-    scored = pair.rank(user_id=tf.repeat(probe, tf.size(item_ids)), item_id=item_ids)
-    if scored["score"].shape != item_ids.shape:
-        raise ValueError(f"ranking returned shape {scored['score'].shape} for {item_ids.shape[0]} pairs")

@@ -45,28 +45,43 @@ class Overloaded(RecsysError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, RecsysError):
-        context.abort(error.code, str(error))
+        return error.code, str(error)
     log.exception("unexpected error")
-    context.abort(grpc.StatusCode.INTERNAL, "internal error; see server logs")
+    return grpc.StatusCode.INTERNAL, "internal error; see server logs"
 
 
 def map_errors(method: Callable) -> Callable:
-    """Turn domain errors into their status and anything else into a bare INTERNAL."""
+    """The one place errors become statuses: domain errors keep their code and message,
+    anything else is a bare INTERNAL. Also opens and closes the call's CallRecord
+    (`self.observer`), which the method receives as its last argument."""
+    name = method.__name__
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
+            record = self.observer.begin(name, context)
             try:
-                yield from method(self, request, context)
+                yield from method(self, request, context, record)
+            except GeneratorExit:  # the client cancelled or the deadline passed mid-stream
+                self.observer.finish(record, grpc.StatusCode.CANCELLED)
+                raise
             except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
-                _abort(context, error)
+                code, message = _status_of(error)
+                self.observer.finish(record, code)
+                context.abort(code, message)
+            self.observer.finish(record, grpc.StatusCode.OK)
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
+        record = self.observer.begin(name, context)
         try:
-            return method(self, request, context)
+            response = method(self, request, context, record)
         except Exception as error:  # noqa: BLE001
-            _abort(context, error)
+            code, message = _status_of(error)
+            self.observer.finish(record, code)
+            context.abort(code, message)
+        self.observer.finish(record, grpc.StatusCode.OK)
+        return response
     return unary

@@ -84,22 +84,31 @@ class Pipeline:
             raise ModelsUnavailable("no model version is being served yet")
         return self.catalogs.get(version)
 
-    def recommend(self, queries: Sequence[Query], timeout: float | None = None) -> list[list[Recommendation]]:
-        """Recommendations for each query, best first, in the order of `queries`."""
+    def recommend(self, queries: Sequence[Query], timeout: float | None = None,
+                  stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
+        """Recommendations for each query, best first, in the order of `queries`.
+
+        `stage_seconds`, if given, accumulates the time spent in "retrieval" and "ranking".
+        """
         if not queries:
             return []
         deadline = Deadline(timeout)
+        timings = stage_seconds if stage_seconds is not None else {}
         results: list[list[Recommendation] | None] = [None] * len(queries)
         for include_rated in (False, True):
             group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
             if group:
-                for i, items in zip(group, self._recommend_group([queries[i] for i in group], include_rated, deadline)):
+                group_results = self._recommend_group([queries[i] for i in group], include_rated, deadline, timings)
+                for i, items in zip(group, group_results):
                     results[i] = items
         return results  # type: ignore[return-value]
 
-    def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline) -> list[list[Recommendation]]:
+    def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline,
+                         timings: dict[str, float]) -> list[list[Recommendation]]:
         user_ids = list(dict.fromkeys(query.user_id for query in queries))
+        started = time.perf_counter()
         candidates = self.backend.retrieve(user_ids, include_rated, deadline.remaining())
+        timings["retrieval"] = timings.get("retrieval", 0.0) + time.perf_counter() - started
         catalog = self.catalogs.get(candidates.model_version)
         row_of_user = {user_id: row for row, user_id in enumerate(user_ids)}
 
@@ -118,8 +127,10 @@ class Pipeline:
         pair_users = np.concatenate([np.full(len(ids), q.user_id, dtype=object) for q, (ids, _) in zip(queries, kept)])
         pair_items = np.concatenate([ids for ids, _ in kept]).astype(object)
         if len(pair_items):
+            started = time.perf_counter()
             ranked = self.backend.rank(pair_users.tolist(), pair_items.tolist(), candidates.model_version,
                                        deadline.remaining())
+            timings["ranking"] = timings.get("ranking", 0.0) + time.perf_counter() - started
         results, offset = [], 0
         for query, (item_ids, retrieval_scores) in zip(queries, kept):
             count = len(item_ids)

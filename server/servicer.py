@@ -6,6 +6,7 @@ import grpc
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.errors import InvalidRequest, ModelsUnavailable, map_errors
+from server.observability import CallRecord, Observer
 from server.pipeline import (DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH, Pipeline,
                              Query, Recommendation, make_query)
 
@@ -25,25 +26,36 @@ def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
         model_version=item.model_version, fallback=item.fallback)
 
 
+def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
+    items = [item for result in results for item in result]
+    record.item_count = len(items)
+    record.fallback_count = sum(item.fallback for item in items)
+    record.model_version = items[0].model_version if items else ""
+
+
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, pipeline: Pipeline, backend: Backend):
+    def __init__(self, pipeline: Pipeline, backend: Backend, observer: Observer):
         self.pipeline = pipeline
         self.backend = backend
+        self.observer = observer
 
     def _ready(self) -> None:
         if not self.backend.is_ready():
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
 
     @map_errors
-    def Recommend(self, request, context):
+    def Recommend(self, request, context, record: CallRecord):
+        record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
         query = _query(request)
         self._ready()
-        (items,) = self.pipeline.recommend([query], timeout=_timeout(context))
-        for item in items:
+        results = self.pipeline.recommend([query], timeout=_timeout(context), stage_seconds=record.stage_seconds)
+        _note(record, results)
+        for item in results[0]:
             yield to_proto(item)
 
     @map_errors
-    def RecommendBatch(self, request, context):
+    def RecommendBatch(self, request, context, record: CallRecord):
+        record.user_ids = [entry.user_id[:MAX_USER_ID_LENGTH] for entry in request.requests[:MAX_BATCH_USERS]]
         if len(request.requests) > MAX_BATCH_USERS:
             raise InvalidRequest(f"requests has {len(request.requests)} entries; the maximum is {MAX_BATCH_USERS}")
         queries = []
@@ -53,13 +65,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             except InvalidRequest as error:
                 raise InvalidRequest(f"requests[{position}]: {error}") from None
         self._ready()
-        results = self.pipeline.recommend(queries, timeout=_timeout(context))
+        results = self.pipeline.recommend(queries, timeout=_timeout(context), stage_seconds=record.stage_seconds)
+        _note(record, results)
         return recommender_pb2.RecommendBatchResponse(results=[
             recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])
             for query, items in zip(queries, results)])
 
     @map_errors
-    def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request, context, record: CallRecord):
         self._ready()
         catalog = self.pipeline.current_catalog()
         return recommender_pb2.ModelInfo(

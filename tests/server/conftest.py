@@ -2,7 +2,7 @@ import grpc
 import pytest
 
 from client import RecommenderClient
-from server.app import create_server
+from server.app import ServerOptions, create_server
 from server.backend import InProcessBackend
 
 
@@ -10,7 +10,7 @@ from server.backend import InProcessBackend
 def running_server(models_dir):
     """The real server on a loopback port, serving the session's export in-process."""
     backend = InProcessBackend(models_dir)
-    recommender, port = create_server("127.0.0.1:0", backend, models_dir, poll_seconds=0.5)
+    recommender, port = create_server("127.0.0.1:0", backend, models_dir, ServerOptions(poll_seconds=0.5))
     recommender.start()
     client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
     client.wait_until_serving(60)

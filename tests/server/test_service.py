@@ -8,7 +8,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from client import RecommenderClient
 from export.evaluate import two_stage_lists
-from server.app import create_server
+from server.app import ServerOptions, create_server
 from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.pipeline import Pipeline
@@ -115,7 +115,7 @@ class ExplodingBackend(InProcessBackend):
 
 
 def test_unexpected_errors_become_internal_without_details(models_dir):
-    recommender, port = create_server("127.0.0.1:0", ExplodingBackend(models_dir), models_dir, poll_seconds=0.5)
+    recommender, port = create_server("127.0.0.1:0", ExplodingBackend(models_dir), models_dir, ServerOptions(poll_seconds=0.5))
     recommender.start()
     try:
         with RecommenderClient(f"127.0.0.1:{port}") as client:
@@ -129,7 +129,7 @@ def test_unexpected_errors_become_internal_without_details(models_dir):
 
 
 def test_not_serving_until_models_load(tmp_path):
-    recommender, port = create_server("127.0.0.1:0", InProcessBackend(tmp_path), tmp_path, poll_seconds=0.2)
+    recommender, port = create_server("127.0.0.1:0", InProcessBackend(tmp_path), tmp_path, ServerOptions(poll_seconds=0.2))
     recommender.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

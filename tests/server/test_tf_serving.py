@@ -8,7 +8,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_grpc
 
 from client import RecommenderClient
-from server.app import create_server
+from server.app import ServerOptions, create_server
 from server.errors import BackendMisconfigured
 from server.tf_serving import TFServingBackend
 from tests.server.conftest import status_of
@@ -25,7 +25,7 @@ def tf_serving(models_dir):
 
 
 def _serve(models_dir, backend, poll_seconds=0.2):
-    recommender, port = create_server("127.0.0.1:0", backend, models_dir, poll_seconds=poll_seconds)
+    recommender, port = create_server("127.0.0.1:0", backend, models_dir, ServerOptions(poll_seconds=poll_seconds))
     recommender.start()
     client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
     return recommender, client

@@ -1,0 +1,81 @@
+"""One structured log line and Prometheus metrics per request."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+request_log = logging.getLogger("recsys.requests")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class CallRecord:
+    """What one RPC did; filled in by the servicer and the pipeline, logged when it ends."""
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    user_ids: list[str] = field(default_factory=list)
+    item_count: int = 0
+    fallback_count: int = 0
+    model_version: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several servers may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("recsys_requests", "RPCs handled, by method and gRPC status code",
+                                ["method", "code"], registry=self.registry)
+        self.latency = Histogram("recsys_stage_latency_seconds",
+                                 "Latency per pipeline stage (retrieval, ranking) and per request (total)",
+                                 ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.fallback_items = Counter("recsys_fallback_items", "Items served from the popularity fallback",
+                                      registry=self.registry)
+        self.model_version = Gauge("recsys_model_version", "Model version being served (0 = none yet)",
+                                   registry=self.registry)
+        self.model_load_failures = Counter("recsys_model_load_failures",
+                                           "Model versions that failed to load or answer their warmup",
+                                           registry=self.registry)
+
+
+class Observer:
+    def __init__(self, metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
+
+    def begin(self, method: str, context: grpc.ServicerContext) -> CallRecord:
+        # A caller-supplied request id ties our log line to theirs.
+        supplied = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        request_id = supplied[:64] if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
+        return CallRecord(method=method, request_id=request_id)
+
+    def finish(self, record: CallRecord, code: grpc.StatusCode) -> None:
+        total = time.perf_counter() - record.started
+        metrics = self.metrics
+        metrics.requests.labels(record.method, code.name).inc()
+        metrics.latency.labels("total").observe(total)
+        for stage, seconds in record.stage_seconds.items():
+            metrics.latency.labels(stage).observe(seconds)
+        if record.fallback_count:
+            metrics.fallback_items.inc(record.fallback_count)
+        request_log.info(json.dumps({
+            "request_id": record.request_id,
+            "method": record.method,
+            "user_id": record.user_ids[0] if len(record.user_ids) == 1 else record.user_ids[:5],
+            "users": len(record.user_ids),
+            "status": code.name,
+            "items": record.item_count,
+            "fallback_items": record.fallback_count,
+            "model_version": record.model_version,
+            "ms": {"total": round(total * 1000, 3),
+                   **{stage: round(seconds * 1000, 3) for stage, seconds in record.stage_seconds.items()}},
+        }, ensure_ascii=False))
