@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -20,6 +21,17 @@ def format_items(items) -> str:
     return "\n".join(lines)
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca", type=Path, help="PEM CA certificate to verify the server with; enables TLS")
+    parser.add_argument("--token-file", type=Path, help="file holding the bearer token the server requires")
+
+
+def connect(args: argparse.Namespace) -> RecommenderClient:
+    return RecommenderClient(args.target, timeout=args.timeout,
+                             ca_cert=args.ca.read_bytes() if args.ca else None,
+                             token=args.token_file.read_text().strip() if args.token_file else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     recommend.add_argument("--wait", type=float, default=0.0,
                            help="first wait up to this many seconds for the server to be SERVING")
     recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_connection_arguments(recommend)
     args = parser.parse_args(argv)
 
-    with RecommenderClient(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
             if args.wait:
                 client.wait_until_serving(args.wait)

@@ -17,11 +17,18 @@ class RecommenderClient:
     Errors surface as grpc.RpcError with the server's status code and message.
     """
 
-    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                 channel: grpc.Channel | None = None):
+    def __init__(self, target: str, timeout: float = DEFAULT_TIMEOUT_SECONDS, ca_cert: bytes | None = None,
+                 token: str | None = None, channel: grpc.Channel | None = None):
+        """`ca_cert`: PEM root certificate(s) to trust; enables TLS. `token`: sent as a bearer token."""
         self.target = target
         self.timeout = timeout
-        self.channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            if ca_cert is not None:
+                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_cert))
+            else:
+                channel = grpc.insecure_channel(target)
+        self.channel = channel
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -37,7 +44,7 @@ class RecommenderClient:
                timeout: float | None = None) -> Iterator[recommender_pb2.RankedItem]:
         """Items as the server streams them, best first."""
         return self.stub.Recommend(self._request(user_id, k, exclude, include_rated),
-                                   timeout=self._deadline(timeout))
+                                   timeout=self._deadline(timeout), metadata=self.metadata)
 
     def recommend(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
                   timeout: float | None = None) -> list[recommender_pb2.RankedItem]:
@@ -49,10 +56,11 @@ class RecommenderClient:
         excluded = list(exclude)
         request = recommender_pb2.RecommendBatchRequest(
             requests=[self._request(user_id, k, excluded, include_rated) for user_id in user_ids])
-        return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout)).results)
+        return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout), metadata=self.metadata).results)
 
     def model_info(self, timeout: float | None = None) -> recommender_pb2.ModelInfo:
-        return self.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=self._deadline(timeout))
+        return self.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=self._deadline(timeout),
+                                      metadata=self.metadata)
 
     def health(self, service: str = "recsys.v1.Recommender", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... as the standard grpc.health.v1 service reports it."""

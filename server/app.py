@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class ReadinessMonitor:
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self._failures_reported = 0
+        self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness-monitor", daemon=True)
 
@@ -57,8 +59,10 @@ class ReadinessMonitor:
         if failures > self._failures_reported:
             self.metrics.model_load_failures.inc(failures - self._failures_reported)
             self._failures_reported = failures
-        if not self._stopped.is_set():
-            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self._stopped.is_set() and status != self._status:
+            # Only on change: every set() is pushed to Watch subscribers.
+            self._status = status
             for service in ("", SERVICE_NAME):
                 self.health.set(service, status)
         return ready
@@ -73,12 +77,13 @@ class RecommenderServer:
     """A grpc.Server plus what must start and stop with it."""
 
     def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer,
-                 monitor: ReadinessMonitor, backend: Backend, metrics: Metrics):
+                 monitor: ReadinessMonitor, backend: Backend, servicer: RecommenderServicer):
         self.grpc_server = grpc_server
         self.health = health_servicer
         self.monitor = monitor
         self.backend = backend
-        self.metrics = metrics
+        self.servicer = servicer
+        self.metrics = servicer.observer.metrics
 
     def serve_metrics(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose Prometheus metrics over HTTP; returns the bound port (0 picks one)."""
@@ -91,14 +96,25 @@ class RecommenderServer:
         self.monitor.start()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """NOT_SERVING at once, refuse new calls, let in-flight ones finish within `grace` seconds."""
+        """Drain: NOT_SERVING and UNAVAILABLE for new calls at once, let in-flight calls finish
+        (up to `grace` seconds), then stop the gRPC server. Returns an event set when stopped."""
         self.monitor.stop()
         self.health.enter_graceful_shutdown()
-        done = self.grpc_server.stop(grace)
-        if getattr(self, "_metrics_http", None) is not None:
-            self._metrics_http.shutdown()
-        threading.Thread(target=lambda: (done.wait(), self.backend.close()), daemon=True).start()
-        return done
+        self.servicer.accepting = False
+        stopped = threading.Event()
+
+        def drain() -> None:
+            deadline = time.monotonic() + (grace or 0.0)
+            while self.servicer.observer.active_calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+            if getattr(self, "_metrics_http", None) is not None:
+                self._metrics_http.shutdown()
+            self.backend.close()
+            stopped.set()
+
+        threading.Thread(target=drain, name="drain", daemon=True).start()
+        return stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
@@ -129,8 +145,8 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     )
     observer = Observer()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline, backend, observer),
-                                                           grpc_server)
+    servicer = RecommenderServicer(pipeline, backend, observer)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -145,4 +161,4 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     if port == 0:
         raise OSError(f"could not bind {address}")
     monitor = ReadinessMonitor(backend, health_servicer, options.poll_seconds, observer.metrics)
-    return RecommenderServer(grpc_server, health_servicer, monitor, backend, observer.metrics), port
+    return RecommenderServer(grpc_server, health_servicer, monitor, backend, servicer), port

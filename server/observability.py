@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,14 +52,24 @@ class Metrics:
 class Observer:
     def __init__(self, metrics: Metrics | None = None):
         self.metrics = metrics or Metrics()
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active_calls(self) -> int:
+        return self._active
 
     def begin(self, method: str, context: grpc.ServicerContext) -> CallRecord:
+        with self._lock:
+            self._active += 1
         # A caller-supplied request id ties our log line to theirs.
         supplied = dict(context.invocation_metadata() or ()).get("x-request-id", "")
         request_id = supplied[:64] if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
         return CallRecord(method=method, request_id=request_id)
 
     def finish(self, record: CallRecord, code: grpc.StatusCode) -> None:
+        with self._lock:
+            self._active -= 1
         total = time.perf_counter() - record.started
         metrics = self.metrics
         metrics.requests.labels(record.method, code.name).inc()

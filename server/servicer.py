@@ -38,8 +38,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer
+        self.accepting = True  # false once shutdown starts: new calls get UNAVAILABLE
 
     def _ready(self) -> None:
+        if not self.accepting:
+            raise ModelsUnavailable("server is shutting down; retry (another replica)")
         if not self.backend.is_ready():
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
 

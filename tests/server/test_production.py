@@ -1,0 +1,301 @@
+"""Operator promises: hot reload, drain, limits, TLS, auth, logs and metrics, over real channels."""
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent import futures
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import RecommenderClient
+from server.app import ServerOptions, create_server
+from server.backend import InProcessBackend
+from tests.conftest import REPO_ROOT
+from tests.server.conftest import status_of
+
+
+def publish(models_dir, source_dir, version, broken=False):
+    """Add `version` to models_dir the way the exporter does: metadata, ranking, then retrieval by rename."""
+    metadata = json.loads((source_dir / "metadata" / "1.json").read_text())
+    metadata["model_version"] = version
+    (models_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    (models_dir / "metadata" / f"{version}.json").write_text(json.dumps(metadata))
+    for model in ("ranking", "retrieval"):
+        staging = models_dir / model / f".staging-{version}"
+        shutil.copytree(source_dir / model / "1", staging)
+        if broken and model == "retrieval":
+            (staging / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+        staging.rename(models_dir / model / str(version))
+
+
+@pytest.fixture()
+def fresh_models(models_dir, tmp_path):
+    target = tmp_path / "models"
+    publish(target, models_dir, 1)
+    return target
+
+
+def start(models, **options):
+    options.setdefault("poll_seconds", 0.2)
+    recommender, port = create_server("127.0.0.1:0", InProcessBackend(models, options.pop("model_version", None)),
+                                      models, ServerOptions(**options))
+    recommender.start()
+    return recommender, port
+
+
+def wait_for(predicate, seconds=60.0, what="condition"):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+class Traffic:
+    """Continuous requests from a few threads until stopped; records every outcome."""
+
+    def __init__(self, target, users=("1", "42", "405", "nobody")):
+        self.client = RecommenderClient(target, timeout=10)
+        self.users = users
+        self.failures, self.versions, self.count = [], set(), 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(3)]
+
+    def _run(self, n):
+        while not self._stop.is_set():
+            user = self.users[(self.count + n) % len(self.users)]
+            try:
+                items = self.client.recommend(user, k=10)
+                versions = {item.model_version for item in items}
+                if len(items) != 10 or len(versions) != 1:
+                    self.failures.append(f"{user}: {len(items)} items, versions {versions}")
+                self.versions |= versions
+            except grpc.RpcError as error:
+                self.failures.append(f"{user}: {error.code().name} {error.details()}")
+            self.count += 1
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self.client.close()
+
+
+def test_soak_hot_swaps_and_a_broken_version_lose_no_request(models_dir, fresh_models):
+    recommender, port = start(fresh_models)
+    target = f"127.0.0.1:{port}"
+    try:
+        with RecommenderClient(target) as client:
+            client.wait_until_serving(60)
+            traffic = Traffic(target)
+            with traffic:
+                _swap_twice_with_a_broken_version_between(recommender, client, traffic, models_dir, fresh_models)
+        assert traffic.failures == []
+        assert {"1", "2", "4"} <= traffic.versions and "3" not in traffic.versions
+        assert recommender.metrics.registry.get_sample_value("recsys_model_load_failures_total") == 1
+        assert recommender.metrics.registry.get_sample_value("recsys_model_version") == 4
+    finally:
+        recommender.stop(0).wait()
+
+
+def _swap_twice_with_a_broken_version_between(recommender, client, traffic, models_dir, fresh_models):
+    wait_for(lambda: traffic.count > 20, what="traffic")
+    publish(fresh_models, models_dir, 2)
+    wait_for(lambda: client.model_info().model_version == "2", what="swap to version 2")
+    publish(fresh_models, models_dir, 3, broken=True)
+    wait_for(lambda: recommender.backend.load_failures == 1, what="broken version 3 to be rejected")
+    assert client.model_info().model_version == "2"
+    publish(fresh_models, models_dir, 4)
+    wait_for(lambda: client.model_info().model_version == "4", what="swap to version 4")
+    served_before = traffic.count
+    wait_for(lambda: traffic.count > served_before + 20, what="traffic on version 4")
+
+
+def test_pinned_version_is_served_even_when_newer_exist(models_dir, fresh_models):
+    publish(fresh_models, models_dir, 2)
+    recommender, port = start(fresh_models, model_version=1)
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(60)
+            assert {item.model_version for item in client.recommend("42")} == {"1"}
+    finally:
+        recommender.stop(0).wait()
+
+
+def test_sigterm_drains_and_exits_within_grace(models_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0",
+         "--grace-seconds", "5", "--poll-seconds", "0.2"],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        port = None
+        for line in process.stderr:
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "server did not report its port"
+        target = f"127.0.0.1:{port}"
+        with RecommenderClient(target) as client:
+            client.wait_until_serving(60)
+            channel = grpc.insecure_channel(target)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            outcomes = []
+
+            def call():
+                try:
+                    outcomes.append(len(client.recommend("42", k=100)))
+                except grpc.RpcError as error:
+                    outcomes.append(error.code())
+
+            with futures.ThreadPoolExecutor(8) as pool:
+                for _ in range(40):
+                    pool.submit(call)
+                time.sleep(0.05)
+                started = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert process.wait(timeout=15) == 0
+            assert time.monotonic() - started < 5 + 3
+            channel.close()
+        assert len(outcomes) == 40
+        assert all(outcome == 100 or outcome == grpc.StatusCode.UNAVAILABLE for outcome in outcomes), [str(o) for o in outcomes]
+        assert 100 in outcomes
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_concurrency_limit_rejects_overflow_and_recovers(models_dir):
+    recommender, port = start(models_dir, max_concurrent_rpcs=1, max_workers=8)
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=30) as client:
+            client.wait_until_serving(60)
+            users = [str(u) for u in range(1, 101)]
+
+            def call():
+                try:
+                    return len(client.recommend_batch(users, k=100))
+                except grpc.RpcError as error:
+                    return error.code()
+
+            with futures.ThreadPoolExecutor(12) as pool:
+                outcomes = list(pool.map(lambda _: call(), range(24)))
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes and 100 in outcomes
+            assert set(outcomes) <= {100, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert len(client.recommend("42")) == 10
+    finally:
+        recommender.stop(0).wait()
+
+
+def test_oversized_request_is_resource_exhausted(models_dir):
+    recommender, port = start(models_dir, max_request_bytes=64 * 1024)
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(60)
+            huge = [f"movie-{n:08d}" for n in range(9_000)]
+            code, _ = status_of(lambda: client.recommend("42", exclude=huge))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(client.recommend("42", exclude=huge[:100])) == 10
+    finally:
+        recommender.stop(0).wait()
+
+
+def test_cancelled_stream_leaves_server_serving(client):
+    stream = client.stream("42", k=100)
+    next(stream)
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as error:
+        list(stream)
+    assert error.value.code() == grpc.StatusCode.CANCELLED
+    assert len(client.recommend("42")) == 10
+
+
+def _self_signed_certificate():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_tls_and_bearer_token(models_dir, caplog):
+    cert, key = _self_signed_certificate()
+    token = "s3cret-token-never-logged"
+    recommender, port = start(models_dir, tls_cert=cert, tls_key=key, auth_token=token)
+    target = f"localhost:{port}"
+    caplog.set_level(logging.DEBUG)
+    try:
+        with RecommenderClient(target, ca_cert=cert, token=token) as client:
+            client.wait_until_serving(60)
+            assert len(client.recommend("42")) == 10
+        with RecommenderClient(target, ca_cert=cert) as anonymous:
+            assert anonymous.health() == "SERVING", "health stays open for probes"
+            code, details = status_of(lambda: anonymous.recommend("42"))
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
+        with RecommenderClient(target, ca_cert=cert, token="wrong") as impostor:
+            assert status_of(lambda: impostor.recommend("42"))[0] == grpc.StatusCode.UNAUTHENTICATED
+        with RecommenderClient(target, token=token) as plaintext:
+            assert status_of(lambda: plaintext.recommend("42", timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
+        assert token not in caplog.text
+    finally:
+        recommender.stop(0).wait()
+
+
+def test_one_structured_log_line_per_request(client, caplog):
+    caplog.set_level(logging.INFO, logger="recsys.requests")
+    client.recommend("42", k=7)
+    client.recommend("someone-new", k=3)
+    status_of(lambda: client.recommend("42", k=1000))
+    lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "recsys.requests"]
+    assert [(line["user_id"], line["status"], line["items"]) for line in lines] == [
+        ("42", "OK", 7), ("someone-new", "OK", 3), ("42", "INVALID_ARGUMENT", 0)]
+    assert lines[1]["fallback_items"] == 3
+    assert all(len(line["request_id"]) >= 8 for line in lines)
+    assert {"total", "retrieval", "ranking"} <= set(lines[0]["ms"])
+    assert lines[0]["model_version"] == "1"
+
+
+def test_prometheus_metrics(running_server, client):
+    recommender, _ = running_server
+    metrics_port = recommender.serve_metrics(0, host="127.0.0.1")
+    client.recommend("42")
+    client.recommend("brand-new-user", k=4)
+    status_of(lambda: client.recommend(""))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert re.search(r'recsys_requests_total\{code="OK",method="Recommend"\} [1-9]', text)
+    assert re.search(r'recsys_requests_total\{code="INVALID_ARGUMENT",method="Recommend"\} [1-9]', text)
+    for stage in ("retrieval", "ranking", "total"):
+        assert f'recsys_stage_latency_seconds_bucket{{le="0.005",stage="{stage}"}}' in text
+    assert re.search(r"recsys_fallback_items_total [4-9]", text)
+    assert "recsys_model_version 1.0" in text
+    assert "recsys_model_load_failures_total 0.0" in text
