@@ -130,7 +130,13 @@ def _save(module: tf.Module, signatures: dict, target: Path, warmup: list[bytes]
     """Save into a hidden sibling, then rename: TF Serving never sees a half-written version."""
     staging = target.parent / f".staging-{target.name}"
     shutil.rmtree(staging, ignore_errors=True)
-    tf.saved_model.save(module, str(staging), signatures=signatures)
+    # Keras warns that subclassed models have no get_config; SavedModel does not need one.
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")
+    try:
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+    finally:
+        logger.setLevel(level)
     extra = staging / "assets.extra"
     extra.mkdir(exist_ok=True)
     with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
