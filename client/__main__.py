@@ -32,6 +32,36 @@ def connect(args: argparse.Namespace) -> RecommenderClient:
                              token=args.token_file.read_text().strip() if args.token_file else None)
 
 
+def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from client import bench
+
+    if args.in_process and not args.models:
+        parser.error("--in-process needs --models")
+    known_users = None
+    if args.models:
+        known_users = sorted(bench_users(args.models), key=lambda user: (len(user), user))
+    user_ids = bench.user_mix(args.users, known_users)
+    if args.in_process:
+        tally, wall = bench.run_in_process(args.models, args.duration, args.k, user_ids)
+        summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
+    else:
+        tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
+                                               args.processes, args.timeout)
+        summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
+    print(bench.format_summary(summary))
+    if args.json:
+        bench.write_json(summary, args.json)
+    return 0
+
+
+def bench_users(models_dir: Path) -> list[str]:
+    """Known user ids of the newest export (its metadata), so the mix matches the data set."""
+    metadata_files = sorted((models_dir / "metadata").glob("*.json"), key=lambda p: int(p.stem))
+    if not metadata_files:
+        raise SystemExit(f"no metadata in {models_dir}")
+    return list(json.loads(metadata_files[-1].read_text())["rated_item_ids"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,7 +77,26 @@ def main(argv: list[str] | None = None) -> int:
                            help="first wait up to this many seconds for the server to be SERVING")
     recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_connection_arguments(recommend)
+
+    bench = commands.add_parser("bench", help="load-test Recommend and print throughput and latency percentiles")
+    bench.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
+    bench.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: %(default)s)")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds to run (default: %(default)s)")
+    bench.add_argument("-k", "--k", type=int, default=10, help="items per request (default: %(default)s)")
+    bench.add_argument("--users", default="all",
+                       help="'all' or N: draw user ids from the first N MovieLens users; ~3%% are unknown ids "
+                            "(cold start) (default: %(default)s)")
+    bench.add_argument("--processes", type=int, default=1,
+                       help="load generator processes, each with its own grpc.aio loop (default: %(default)s)")
+    bench.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (default: %(default)s)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="no gRPC: run the request mix through the serving pipeline in this process, one "
+                            "thread (needs --models)")
+    bench.add_argument("--models", type=Path, help="models directory, for --in-process (and its user ids)")
+    bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args, parser)
 
     with connect(args) as client:
         try:

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="'test' (default) trains on the fixed train split: the version to serve and report. "
                             "'validation' trains on train minus a validation split carved from it, for tuning; "
                             "'evaluate' then scores that version on the validation split, never on test")
+    train.add_argument("--synthetic-items", type=int, default=0, metavar="N",
+                       help="benchmarks only: pad the retrieval index with N synthetic movies (ids 'synthetic-<n>', "
+                            "random embeddings, no titles) to measure retrieval cost at catalog scale")
 
     evaluate = commands.add_parser("evaluate", help="score the newest exported version on the test split, with baselines")
     evaluate.add_argument("--models", required=True, type=Path, help="models directory written by 'train'")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from export.train import train_and_export
 
-        train_and_export(data, PRESETS[args.preset], args.out, args.holdout)
+        train_and_export(data, PRESETS[args.preset], args.out, args.holdout, args.synthetic_items)
         return 0
     if args.command == "report":
         from export.report import run_report

@@ -25,12 +25,31 @@ from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, METADATA_
                            RETRIEVAL_MODEL, WARMUP_FILE)
 
 
+class ExcludingBruteForce(tfrs.layers.factorized_top_k.BruteForce):
+    """TFRS BruteForce that can also drop given catalog positions before the top-k.
+
+    TopK.query_with_exclusions compares k + E candidates against E excluded ids per user
+    (E = most movies any user rated, 737 here); setting the excluded scores to -inf costs
+    only one scatter of the user's own rated positions.
+    """
+
+    def query_excluding_positions(self, queries: tf.Tensor, excluded: tf.RaggedTensor,
+                                  k: int) -> tuple[tf.Tensor, tf.Tensor]:
+        if self.query_model is not None:
+            queries = self.query_model(queries)
+        scores = self._compute_score(queries, self._candidates)
+        positions = tf.stack([excluded.value_rowids(), tf.cast(excluded.values, tf.int64)], axis=1)
+        scores = tf.tensor_scatter_nd_update(scores, positions,
+                                             tf.fill([tf.shape(positions)[0]], float("-inf")))
+        values, top = tf.math.top_k(scores, k=k)
+        return values, tf.gather(self._identifiers, top)
+
+
 class RetrievalServing(tf.Module):
     """User id -> top `candidate_count` movie ids and scores from a BruteForce index.
 
-    Movies the user rated in training are baked in as a ragged table and excluded by
-    `serving_default`; `include_rated` skips that filter. Identifiers inside the index
-    are integer catalog positions so the exclusion compares ints, not strings.
+    Movies the user rated in training are baked in as a ragged table of catalog positions
+    and excluded by `serving_default`; `include_rated` skips that filter.
     """
 
     def __init__(self, user_model: tf.keras.Model, item_embeddings: tf.Tensor, item_ids: list[str],
@@ -46,9 +65,8 @@ class RetrievalServing(tf.Module):
                 f"exceeds the catalog ({len(item_ids)} movies)"
             )
         self.candidate_count = candidate_count
-        self.max_rated = max_rated
         self.item_ids = tf.Variable(item_ids, dtype=tf.string, trainable=False, name="item_ids")
-        self.index = tfrs.layers.factorized_top_k.BruteForce(user_model, k=candidate_count)
+        self.index = ExcludingBruteForce(user_model, k=candidate_count)
         self.index.index(tf.convert_to_tensor(item_embeddings), identifiers=tf.range(len(item_ids)))
         # Row 0 is for users the table does not know: nothing to exclude.
         self.user_lookup = tf.keras.layers.StringLookup(vocabulary=users, mask_token=None)
@@ -60,9 +78,8 @@ class RetrievalServing(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
         rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits)
-        exclusions = tf.gather(rated, self.user_lookup(user_id)).to_tensor(
-            default_value=-1, shape=[None, self.max_rated])
-        scores, positions = self.index.query_with_exclusions(user_id, exclusions, k=self.candidate_count)
+        excluded = tf.gather(rated, self.user_lookup(user_id))
+        scores, positions = self.index.query_excluding_positions(user_id, excluded, k=self.candidate_count)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])

@@ -93,11 +93,27 @@ class TrainedExport:
     ranking: RankingServing
 
 
-def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test") -> TrainedExport:
+SYNTHETIC_PREFIX = "synthetic-"
+
+
+def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, seed: int) -> tuple[list[str], tf.Tensor]:
+    """Add `count` synthetic movies (ids "synthetic-<n>", random embeddings with the real ones'
+    spread) to the retrieval index only: a way to measure retrieval cost at catalog scale."""
+    if not count:
+        return item_ids, item_embeddings
+    real = item_embeddings.numpy()
+    rng = np.random.default_rng(seed)
+    synthetic = rng.normal(real.mean(axis=0), real.std(axis=0), size=(count, real.shape[1])).astype(np.float32)
+    return item_ids + [f"{SYNTHETIC_PREFIX}{n}" for n in range(count)], tf.constant(np.concatenate([real, synthetic]))
+
+
+def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test",
+                     synthetic_items: int = 0) -> TrainedExport:
     """Train retrieval then ranking and write them as the next version.
 
     holdout="test" trains on the fixed train split (what is served and reported);
     "validation" trains on train minus the validation split, for tuning.
+    synthetic_items pads the retrieval index for catalog-scale benchmarks (never for serving users).
     """
     tf.keras.utils.set_random_seed(preset.seed)
     train, _ = fit_and_held_out(data.ratings, holdout)
@@ -115,8 +131,10 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     print(f"ranking trained in {ranking_seconds:.1f}s", flush=True)
 
     started = time.perf_counter()
-    item_embeddings = retrieval.item_model(tf.constant(item_ids))
-    retrieval_serving = RetrievalServing(retrieval.user_model, item_embeddings, item_ids,
+    index_item_ids, item_embeddings = pad_catalog(item_ids, retrieval.item_model(tf.constant(item_ids)),
+                                                  synthetic_items, preset.seed)
+    metadata["synthetic_items"] = synthetic_items
+    retrieval_serving = RetrievalServing(retrieval.user_model, item_embeddings, index_item_ids,
                                          metadata["rated_item_ids"], preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     ranking_serving = RankingServing(ranking, retrieval.user_model, retrieval.item_model)

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-rpcs", type=int,
                         help="RPCs in flight beyond this get RESOURCE_EXHAUSTED (default: no limit)")
+    limits.add_argument("--max-batch-size", type=int, default=32,
+                        help="merge up to this many concurrent requests into one model call; 1 = no batching "
+                             "(default: %(default)s)")
     limits.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
                         help="larger request messages get RESOURCE_EXHAUSTED (default: %(default)s)")
     security = parser.add_argument_group("security")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = InProcessBackend(args.models, args.model_version)
     options = ServerOptions(
         max_workers=args.max_workers, poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
-        max_request_bytes=args.max_request_bytes,
+        max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)

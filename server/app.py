@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
+from server.batching import RequestBatcher
 from server.catalog import CatalogStore
 from server.observability import Metrics, Observer
 from server.pipeline import Pipeline
@@ -110,6 +111,8 @@ class RecommenderServer:
             self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
             if getattr(self, "_metrics_http", None) is not None:
                 self._metrics_http.shutdown()
+            if isinstance(self.servicer.pipeline, RequestBatcher):
+                self.servicer.pipeline.close()
             self.backend.close()
             stopped.set()
 
@@ -128,6 +131,8 @@ class ServerOptions:
     max_concurrent_rpcs: int | None = None
     # Larger request messages get RESOURCE_EXHAUSTED.
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # Concurrent requests merged into one model call; 1 turns batching off.
+    max_batch_size: int = 32
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     auth_token: str | None = None
@@ -145,6 +150,8 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     )
     observer = Observer()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
+    if options.max_batch_size > 1:
+        pipeline = RequestBatcher(pipeline, options.max_batch_size)
     servicer = RecommenderServicer(pipeline, backend, observer)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -5,6 +5,7 @@ import grpc
 
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
+from server.batching import RequestBatcher
 from server.errors import InvalidRequest, ModelsUnavailable, map_errors
 from server.observability import CallRecord, Observer
 from server.pipeline import (DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH, Pipeline,
@@ -34,7 +35,7 @@ def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, pipeline: Pipeline, backend: Backend, observer: Observer):
+    def __init__(self, pipeline: Pipeline | RequestBatcher, backend: Backend, observer: Observer):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer

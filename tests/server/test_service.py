@@ -12,7 +12,7 @@ from server.app import ServerOptions, create_server
 from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.pipeline import Pipeline
-from tests.server.conftest import status_of
+from tests.conftest import status_of
 
 
 def test_stream_is_ranked_best_first_and_honours_k(client):

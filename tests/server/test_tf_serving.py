@@ -11,7 +11,7 @@ from client import RecommenderClient
 from server.app import ServerOptions, create_server
 from server.errors import BackendMisconfigured
 from server.tf_serving import TFServingBackend
-from tests.server.conftest import status_of
+from tests.conftest import status_of
 from tests.tf_serving_double import start_tf_serving_double
 
 SAMPLE_USERS = ["1", "42", "99", "276", "405", "655", "943", "cold-start-user"]

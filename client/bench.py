@@ -1,0 +1,165 @@
+"""Load generator: drive Recommend with realistic traffic and print throughput and latency.
+
+Against a server it uses grpc.aio (one event loop per process, `--processes` of them) so
+the generator is not the bottleneck; it reports its own CPU use to prove it. With
+`--in-process` it runs the same request mix straight through the serving pipeline, single
+threaded, with no gRPC: the compute limit of this machine for the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ML100K_USER_COUNT = 943
+UNKNOWN_USER_SHARE = 0.03
+
+
+def user_mix(users: str, known_user_ids: list[str] | None, seed: int = 0, size: int = 10_000) -> list[str]:
+    """User ids to request, in order: drawn from the data set, ~3% ids no model knows (cold start)."""
+    pool = known_user_ids or [str(n) for n in range(1, ML100K_USER_COUNT + 1)]
+    if users != "all":
+        pool = pool[:int(users)]
+    rng = random.Random(seed)
+    return [f"unknown-{rng.randrange(10**9)}" if rng.random() < UNKNOWN_USER_SHARE else rng.choice(pool)
+            for _ in range(size)]
+
+
+@dataclass
+class Tally:
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    cpu_seconds: float = 0.0
+
+    def merge(self, other: "Tally") -> None:
+        self.latencies_ms += other.latencies_ms
+        self.errors.update(other.errors)
+        self.cpu_seconds += other.cpu_seconds
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _drive(target: str, concurrency: int, duration: float, k: int, user_ids: list[str],
+                 timeout: float) -> Tally:
+    import grpc
+
+    from protos import recommender_pb2, recommender_pb2_grpc
+
+    tally = Tally()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        stop_at = time.perf_counter() + duration
+
+        async def worker(offset: int) -> None:
+            n = offset
+            while time.perf_counter() < stop_at:
+                request = recommender_pb2.RecommendRequest(user_id=user_ids[n % len(user_ids)], k=k)
+                n += concurrency
+                started = time.perf_counter()
+                try:
+                    count = 0
+                    async for _ in stub.Recommend(request, timeout=timeout):
+                        count += 1
+                    tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+                except grpc.aio.AioRpcError as error:
+                    tally.errors[error.code().name] += 1
+
+        await asyncio.gather(*(worker(offset) for offset in range(concurrency)))
+    return tally
+
+
+def _process_main(args: tuple) -> Tally:
+    cpu_before = _cpu_seconds()
+    tally = asyncio.run(_drive(*args))
+    tally.cpu_seconds = _cpu_seconds() - cpu_before
+    return tally
+
+
+def run_against_server(target: str, concurrency: int, duration: float, k: int, user_ids: list[str],
+                       processes: int = 1, timeout: float = 5.0) -> tuple[Tally, float]:
+    """Returns the merged tally and the wall time it covered."""
+    shares = [concurrency // processes + (1 if n < concurrency % processes else 0) for n in range(processes)]
+    jobs = [(target, share, duration, k, user_ids[n::processes] or user_ids, timeout)
+            for n, share in enumerate(shares) if share]
+    started = time.perf_counter()
+    if len(jobs) == 1:
+        results = [_process_main(jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            results = pool.map(_process_main, jobs)
+    wall = time.perf_counter() - started
+    total = Tally()
+    for result in results:
+        total.merge(result)
+    return total, wall
+
+
+def run_in_process(models_dir: Path, duration: float, k: int, user_ids: list[str]) -> tuple[Tally, float]:
+    """The same request mix through the pipeline with no gRPC, one thread."""
+    import server  # noqa: F401  (legacy Keras switch before TensorFlow)
+    from server.backend import InProcessBackend
+    from server.catalog import CatalogStore
+    from server.pipeline import Pipeline, Query
+
+    backend = InProcessBackend(models_dir)
+    if not backend.refresh():
+        raise SystemExit(f"no loadable model version in {models_dir}")
+    pipeline = Pipeline(backend, CatalogStore(models_dir))
+    pipeline.recommend([Query(user_ids[0], k=k)])  # first call traces; not measured
+    tally = Tally()
+    cpu_before = _cpu_seconds()
+    started = time.perf_counter()
+    stop_at = started + duration
+    n = 0
+    while time.perf_counter() < stop_at:
+        begun = time.perf_counter()
+        pipeline.recommend([Query(user_ids[n % len(user_ids)], k=k)])
+        tally.latencies_ms.append((time.perf_counter() - begun) * 1000)
+        n += 1
+    wall = time.perf_counter() - started
+    tally.cpu_seconds = _cpu_seconds() - cpu_before
+    return tally, wall
+
+
+def summarize(tally: Tally, wall: float, target: str, concurrency: int, k: int) -> dict:
+    latencies = np.asarray(tally.latencies_ms) if tally.latencies_ms else np.zeros(1)
+    requests = len(tally.latencies_ms) + sum(tally.errors.values())
+    return {
+        "target": target, "concurrency": concurrency, "k": k, "duration_s": round(wall, 2),
+        "requests": requests, "ok": len(tally.latencies_ms), "errors": dict(tally.errors),
+        "throughput_rps": round(len(tally.latencies_ms) / wall, 1),
+        "latency_ms": {name: round(float(np.percentile(latencies, q)), 3)
+                       for name, q in (("p50", 50), ("p90", 90), ("p99", 99))}
+                      | {"max": round(float(latencies.max()), 3)},
+        "client_cpu_percent_of_one_core": round(100 * tally.cpu_seconds / wall, 1),
+        "cores": os.cpu_count(),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    latency = summary["latency_ms"]
+    errors = ", ".join(f"{code} {count}" for code, count in summary["errors"].items()) or "none"
+    return "\n".join([
+        f"target {summary['target']}  concurrency {summary['concurrency']}  k {summary['k']}  "
+        f"duration {summary['duration_s']}s  cores {summary['cores']}",
+        f"requests {summary['requests']}  ok {summary['ok']}  errors {errors}",
+        f"throughput {summary['throughput_rps']} req/s",
+        f"latency ms  p50 {latency['p50']}  p90 {latency['p90']}  p99 {latency['p99']}  max {latency['max']}",
+        f"load generator cpu {summary['client_cpu_percent_of_one_core']}% of one core",
+    ])
+
+
+def write_json(summary: dict, path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")

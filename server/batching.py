@@ -1,0 +1,91 @@
+"""Merge concurrent requests into one pipeline call, as TF Serving's batching does.
+
+Requests queue up while the previous batch runs; one thread takes whatever is queued (up
+to `max_batch_size` queries) and runs retrieval and ranking once for all of them. Nothing
+waits for a batch to fill, so a lone request pays no added latency, and under load each
+model call serves many users while only one thread contends for the GIL with TensorFlow.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from server.errors import DeadlineExceeded
+from server.pipeline import Pipeline, Query, Recommendation
+
+log = logging.getLogger("recsys.server")
+
+
+@dataclass
+class _Pending:
+    queries: Sequence[Query]
+    future: futures.Future = field(default_factory=futures.Future)
+    stage_seconds: dict[str, float] | None = None
+
+
+class RequestBatcher:
+    """Same `recommend` call as Pipeline, served by one batching thread."""
+
+    def __init__(self, pipeline: Pipeline, max_batch_size: int = 32):
+        self.pipeline = pipeline
+        self.max_batch_size = max_batch_size
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def current_catalog(self):
+        return self.pipeline.current_catalog()
+
+    def recommend(self, queries: Sequence[Query], timeout: float | None = None,
+                  stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
+        pending = _Pending(queries, stage_seconds=stage_seconds)
+        self._queue.put(pending)
+        try:
+            return pending.future.result(timeout)
+        except futures.TimeoutError:
+            pending.future.cancel()
+            raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _take_batch(self, first: _Pending) -> list[_Pending]:
+        batch, size = [first], len(first.queries)
+        while size < self.max_batch_size:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is None:
+                self._queue.put(None)
+                break
+            batch.append(pending)
+            size += len(pending.queries)
+        return [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = self._take_batch(first)
+            if not batch:
+                continue
+            timings: dict[str, float] = {}
+            try:
+                results = self.pipeline.recommend([q for pending in batch for q in pending.queries],
+                                                  stage_seconds=timings)
+            except Exception as error:  # noqa: BLE001 - handed to every caller, mapped there
+                for pending in batch:
+                    pending.future.set_exception(error)
+                continue
+            offset = 0
+            for pending in batch:
+                if pending.stage_seconds is not None:
+                    pending.stage_seconds.update(timings)
+                pending.future.set_result(results[offset:offset + len(pending.queries)])
+                offset += len(pending.queries)

@@ -1,0 +1,41 @@
+"""The load generator's output format and correctness (not speed: speed is a benchmark)."""
+import json
+
+from client.__main__ import main as client_main
+from client.bench import UNKNOWN_USER_SHARE, user_mix
+
+
+def test_user_mix_is_mostly_known_users_with_a_few_unknown():
+    mix = user_mix("all", None)
+    unknown = sum(user.startswith("unknown-") for user in mix) / len(mix)
+    assert 0.5 * UNKNOWN_USER_SHARE < unknown < 2 * UNKNOWN_USER_SHARE
+    assert {user for user in mix if not user.startswith("unknown-")} <= {str(n) for n in range(1, 944)}
+    assert {user for user in user_mix("5", None) if not user.startswith("unknown-")} <= {"1", "2", "3", "4", "5"}
+
+
+def _check(summary, concurrency):
+    assert summary["errors"] == {} and summary["ok"] == summary["requests"] > 10
+    assert summary["concurrency"] == concurrency and summary["k"] == 10
+    latency = summary["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert summary["throughput_rps"] > 0 and summary["client_cpu_percent_of_one_core"] > 0
+
+
+def test_bench_against_the_server(running_server, models_dir, tmp_path, capsys):
+    _, port = running_server
+    out = tmp_path / "bench.json"
+    assert client_main(["bench", "--target", f"127.0.0.1:{port}", "--concurrency", "4", "--duration", "2",
+                        "--models", str(models_dir), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for label in ("requests", "throughput", "req/s", "p50", "p90", "p99", "max", "load generator cpu"):
+        assert label in printed
+    _check(json.loads(out.read_text()), 4)
+
+
+def test_bench_in_process(models_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert client_main(["bench", "--in-process", "--models", str(models_dir), "--duration", "1",
+                        "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    _check(summary, 1)
+    assert summary["target"].startswith("in-process")
