@@ -11,8 +11,20 @@ from protos import recommender_pb2, recommender_pb2_grpc
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
 
+def channel_target(target: str) -> str:
+    """"host:port" as is; several comma-separated addresses become an ipv4/ipv6 target list
+    that gRPC balances over (e.g. "10.0.0.1:50051,10.0.0.2:50051")."""
+    addresses = [address.strip() for address in target.split(",") if address.strip()]
+    if len(addresses) < 2:
+        return target
+    scheme = "ipv6" if all(address.startswith("[") for address in addresses) else "ipv4"
+    return f"{scheme}:" + ",".join(addresses)
+
+
 class RecommenderClient:
-    """Talks to one recommender target ("host:port").
+    """Talks to a recommender target: "host:port", a resolvable name such as
+    "dns:///recommender:50051" (e.g. a Kubernetes headless service), or several
+    comma-separated "ip:port" addresses. Calls are spread with gRPC's round_robin policy.
 
     Errors surface as grpc.RpcError with the server's status code and message.
     """
@@ -23,10 +35,12 @@ class RecommenderClient:
         self.target = target
         self.timeout = timeout
         if channel is None:
+            options = [("grpc.lb_policy_name", "round_robin")]
             if ca_cert is not None:
-                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_cert))
+                channel = grpc.secure_channel(channel_target(target),
+                                              grpc.ssl_channel_credentials(root_certificates=ca_cert), options)
             else:
-                channel = grpc.insecure_channel(target)
+                channel = grpc.insecure_channel(channel_target(target), options)
         self.channel = channel
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)

@@ -11,7 +11,7 @@ from pathlib import Path
 import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     parser.add_argument("--models", required=True, type=Path,
                         help="models directory written by 'python -m export train' (SavedModels and item metadata)")
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                                "UNAUTHENTICATED (the health service stays open for probes)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics over HTTP on this port (default: off)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")

@@ -4,6 +4,10 @@ The slow part, training, happens once per test session (default preset) and ever
 end-to-end test shares that export.
 """
 import os
+import re
+import subprocess
+import sys
+import threading
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -102,3 +106,18 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as error:
         call()
     return error.value.code(), error.value.details()
+
+
+def start_server_process(models_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`python -m server` on a free loopback port; returns the process and the port it reported."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0", *flags],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stderr:
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            # Keep draining stderr so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+            return process, int(match.group(1))
+    process.kill()
+    raise RuntimeError(f"server exited with {process.wait()} before reporting its port")

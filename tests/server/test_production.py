@@ -3,12 +3,9 @@ import datetime
 import ipaddress
 import json
 import logging
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,8 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client import RecommenderClient
 from server.app import ServerOptions, create_server
 from server.backend import InProcessBackend
-from tests.conftest import REPO_ROOT
-from tests.conftest import status_of
+from tests.conftest import start_server_process, status_of
 
 
 def publish(models_dir, source_dir, version, broken=False):
@@ -142,18 +138,8 @@ def test_pinned_version_is_served_even_when_newer_exist(models_dir, fresh_models
 
 
 def test_sigterm_drains_and_exits_within_grace(models_dir):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0",
-         "--grace-seconds", "5", "--poll-seconds", "0.2"],
-        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process, port = start_server_process(models_dir, "--grace-seconds", "5", "--poll-seconds", "0.2")
     try:
-        port = None
-        for line in process.stderr:
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-                break
-        assert port, "server did not report its port"
         target = f"127.0.0.1:{port}"
         with RecommenderClient(target) as client:
             client.wait_until_serving(60)

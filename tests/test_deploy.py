@@ -1,0 +1,40 @@
+"""deploy/ cannot run here (no Docker, no cluster): check it parses and agrees with the code."""
+import yaml
+
+from server.__main__ import build_parser
+from server.app import SERVICE_NAME
+from tests.conftest import REPO_ROOT
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def _by_kind_and_name(documents):
+    return {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
+
+
+def test_kubernetes_manifest_matches_the_server():
+    objects = _by_kind_and_name(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
+    recommender = objects[("Deployment", "recommender")]["spec"]["template"]["spec"]
+    container = recommender["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert args.port == ports["grpc"] and args.metrics_port == ports["metrics"]
+    assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": SERVICE_NAME}
+    assert recommender["terminationGracePeriodSeconds"] > args.grace_seconds
+    tf_host, tf_port = args.tf_serving.split(":")
+    tf_service = objects[("Service", tf_host)]
+    assert int(tf_port) in [port["port"] for port in tf_service["spec"]["ports"]]
+    tf_container = objects[("Deployment", tf_host)]["spec"]["template"]["spec"]["containers"][0]
+    assert int(tf_port) in [port["containerPort"] for port in tf_container["ports"]]
+    assert f"--model_config_file={args.models}/models.config" in tf_container["args"]
+    headless = objects[("Service", "recommender")]["spec"]
+    assert headless["clusterIP"] == "None" and headless["selector"] == {"app": "recommender"}
+
+
+def test_compose_matches_the_server():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    args = build_parser().parse_args(compose["recommender"]["command"])
+    assert args.tf_serving == "tf-serving:8500" and "8500:8500" in compose["tf-serving"]["ports"]
+    assert f"{args.port}:{args.port}" in compose["recommender"]["ports"]
+    assert compose["recommender"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / "Dockerfile").read_text().count('ENTRYPOINT ["python", "-m", "server"]') == 1
