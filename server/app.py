@@ -26,6 +26,7 @@ log = logging.getLogger("recsys.server")
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+LAME_DUCK_QUIET_SECONDS = 0.5
 
 
 class ReadinessMonitor:
@@ -105,8 +106,13 @@ class RecommenderServer:
         stopped = threading.Event()
 
         def drain() -> None:
+            # Lame duck: keep answering (UNAVAILABLE for new calls) until in-flight calls are done
+            # and callers have stopped arriving, so no call races the transport shutdown.
+            observer = self.servicer.observer
             deadline = time.monotonic() + (grace or 0.0)
-            while self.servicer.observer.active_calls and time.monotonic() < deadline:
+            quiet = min(LAME_DUCK_QUIET_SECONDS, (grace or 0.0) / 4)
+            while time.monotonic() < deadline and (
+                    observer.active_calls or time.monotonic() - observer.last_call_started < quiet):
                 time.sleep(0.01)
             self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
             if getattr(self, "_metrics_http", None) is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
-from server.errors import DeadlineExceeded
+from server.errors import Cancelled, DeadlineExceeded
 from server.pipeline import Pipeline, Query, Recommendation
 
 log = logging.getLogger("recsys.server")
@@ -23,8 +24,20 @@ log = logging.getLogger("recsys.server")
 @dataclass
 class _Pending:
     queries: Sequence[Query]
+    expires: float | None  # time.monotonic() of the caller's deadline
     future: futures.Future = field(default_factory=futures.Future)
     stage_seconds: dict[str, float] | None = None
+    is_cancelled: Callable[[], bool] | None = None
+
+    def gone(self) -> bool:
+        return self.is_cancelled is not None and self.is_cancelled()
+
+
+def _batch_timeout(batch: list[_Pending]) -> float | None:
+    """The longest remaining deadline in the batch: backend calls never outlive every caller."""
+    if any(pending.expires is None for pending in batch):
+        return None
+    return max(0.0, max(pending.expires for pending in batch) - time.monotonic())
 
 
 class RequestBatcher:
@@ -41,8 +54,10 @@ class RequestBatcher:
         return self.pipeline.current_catalog()
 
     def recommend(self, queries: Sequence[Query], timeout: float | None = None,
-                  stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
-        pending = _Pending(queries, stage_seconds=stage_seconds)
+                  stage_seconds: dict[str, float] | None = None,
+                  is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
+        expires = None if timeout is None else time.monotonic() + timeout
+        pending = _Pending(queries, expires, stage_seconds=stage_seconds, is_cancelled=is_cancelled)
         self._queue.put(pending)
         try:
             return pending.future.result(timeout)
@@ -65,7 +80,16 @@ class RequestBatcher:
                 break
             batch.append(pending)
             size += len(pending.queries)
-        return [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
+        # Callers that timed out or went away while queued cost nothing.
+        runnable = []
+        for pending in batch:
+            if not pending.future.set_running_or_notify_cancel():
+                continue  # the caller's deadline passed and it stopped waiting
+            if pending.gone():
+                pending.future.set_exception(Cancelled("the caller cancelled the request"))
+            else:
+                runnable.append(pending)
+        return runnable
 
     def _run(self) -> None:
         while True:
@@ -78,7 +102,8 @@ class RequestBatcher:
             timings: dict[str, float] = {}
             try:
                 results = self.pipeline.recommend([q for pending in batch for q in pending.queries],
-                                                  stage_seconds=timings)
+                                                  timeout=_batch_timeout(batch), stage_seconds=timings,
+                                                  is_cancelled=lambda: all(pending.gone() for pending in batch))
             except Exception as error:  # noqa: BLE001 - handed to every caller, mapped there
                 for pending in batch:
                     pending.future.set_exception(error)

@@ -41,6 +41,10 @@ class DeadlineExceeded(RecsysError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Cancelled(RecsysError):
+    code = grpc.StatusCode.CANCELLED
+
+
 class Overloaded(RecsysError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -53,6 +53,7 @@ class Observer:
     def __init__(self, metrics: Metrics | None = None):
         self.metrics = metrics or Metrics()
         self._active = 0
+        self.last_call_started = 0.0  # time.monotonic()
         self._lock = threading.Lock()
 
     @property
@@ -62,6 +63,7 @@ class Observer:
     def begin(self, method: str, context: grpc.ServicerContext) -> CallRecord:
         with self._lock:
             self._active += 1
+            self.last_call_started = time.monotonic()
         # A caller-supplied request id ties our log line to theirs.
         supplied = dict(context.invocation_metadata() or ()).get("x-request-id", "")
         request_id = supplied[:64] if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from server.backend import Backend
 from server.catalog import Catalog, CatalogStore
-from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable
+from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable
 
 DEFAULT_K = 10
 MAX_K = 100
@@ -59,12 +59,16 @@ def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_ra
 
 
 class Deadline:
-    """Seconds left of the caller's deadline, checked between stages."""
+    """Seconds left of the caller's deadline, checked between stages; also stops work for
+    callers that went away (`is_cancelled`)."""
 
-    def __init__(self, seconds: float | None):
+    def __init__(self, seconds: float | None, is_cancelled: Callable[[], bool] | None = None):
         self.expires = None if seconds is None else time.monotonic() + seconds
+        self.is_cancelled = is_cancelled
 
     def remaining(self) -> float | None:
+        if self.is_cancelled is not None and self.is_cancelled():
+            raise Cancelled("the caller cancelled the request")
         if self.expires is None:
             return None
         left = self.expires - time.monotonic()
@@ -85,14 +89,15 @@ class Pipeline:
         return self.catalogs.get(version)
 
     def recommend(self, queries: Sequence[Query], timeout: float | None = None,
-                  stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
+                  stage_seconds: dict[str, float] | None = None,
+                  is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
         """Recommendations for each query, best first, in the order of `queries`.
 
         `stage_seconds`, if given, accumulates the time spent in "retrieval" and "ranking".
         """
         if not queries:
             return []
-        deadline = Deadline(timeout)
+        deadline = Deadline(timeout, is_cancelled)
         timings = stage_seconds if stage_seconds is not None else {}
         results: list[list[Recommendation] | None] = [None] * len(queries)
         for include_rated in (False, True):

@@ -52,7 +52,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
         query = _query(request)
         self._ready()
-        results = self.pipeline.recommend([query], timeout=_timeout(context), stage_seconds=record.stage_seconds)
+        results = self.pipeline.recommend([query], timeout=_timeout(context), stage_seconds=record.stage_seconds,
+                                          is_cancelled=lambda: not context.is_active())
         _note(record, results)
         for item in results[0]:
             yield to_proto(item)
@@ -69,7 +70,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             except InvalidRequest as error:
                 raise InvalidRequest(f"requests[{position}]: {error}") from None
         self._ready()
-        results = self.pipeline.recommend(queries, timeout=_timeout(context), stage_seconds=record.stage_seconds)
+        results = self.pipeline.recommend(queries, timeout=_timeout(context), stage_seconds=record.stage_seconds,
+                                          is_cancelled=lambda: not context.is_active())
         _note(record, results)
         return recommender_pb2.RecommendBatchResponse(results=[
             recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])

@@ -276,14 +276,25 @@ def test_one_structured_log_line_per_request(client, caplog):
 def test_prometheus_metrics(running_server, client):
     recommender, _ = running_server
     metrics_port = recommender.serve_metrics(0, host="127.0.0.1")
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+
+    def value(text: str, sample: str) -> float:
+        match = re.search(re.escape(sample) + r" ([0-9.e+]+)", text)
+        return float(match.group(1)) if match else 0.0
+
+    ok = 'recsys_requests_total{code="OK",method="Recommend"}'
+    invalid = 'recsys_requests_total{code="INVALID_ARGUMENT",method="Recommend"}'
+    before = scrape()
     client.recommend("42")
     client.recommend("brand-new-user", k=4)
     status_of(lambda: client.recommend(""))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    assert re.search(r'recsys_requests_total\{code="OK",method="Recommend"\} [1-9]', text)
-    assert re.search(r'recsys_requests_total\{code="INVALID_ARGUMENT",method="Recommend"\} [1-9]', text)
+    after = scrape()
+    assert value(after, ok) - value(before, ok) == 2
+    assert value(after, invalid) - value(before, invalid) == 1
+    assert value(after, "recsys_fallback_items_total") - value(before, "recsys_fallback_items_total") == 4
     for stage in ("retrieval", "ranking", "total"):
-        assert f'recsys_stage_latency_seconds_bucket{{le="0.005",stage="{stage}"}}' in text
-    assert re.search(r"recsys_fallback_items_total [4-9]", text)
-    assert "recsys_model_version 1.0" in text
-    assert "recsys_model_load_failures_total 0.0" in text
+        assert f'recsys_stage_latency_seconds_bucket{{le="0.005",stage="{stage}"}}' in after
+    assert value(after, "recsys_model_version") == 1
+    assert value(after, "recsys_model_load_failures_total") == 0

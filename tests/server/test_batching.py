@@ -1,0 +1,73 @@
+"""Request batching: concurrent requests share model calls and get exactly their own answers."""
+import threading
+from concurrent import futures
+
+import pytest
+
+from server.backend import InProcessBackend
+from server.batching import RequestBatcher
+from server.catalog import CatalogStore
+from server.errors import Cancelled, DeadlineExceeded
+from server.pipeline import Pipeline, Query
+
+
+class CountingBackend(InProcessBackend):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.retrieve_calls = 0
+        self.gate = threading.Event()
+
+    def retrieve(self, *args, **kwargs):
+        self.gate.wait(10)  # hold the first batch so the others queue up behind it
+        self.retrieve_calls += 1
+        return super().retrieve(*args, **kwargs)
+
+
+def test_concurrent_requests_are_merged_and_answered_individually(models_dir):
+    backend = CountingBackend(models_dir)
+    assert backend.refresh()
+    pipeline = Pipeline(backend, CatalogStore(models_dir))
+    batcher = RequestBatcher(pipeline, max_batch_size=32)
+    users = [str(n) for n in range(1, 17)] + ["nobody"]
+    try:
+        with futures.ThreadPoolExecutor(len(users)) as pool:
+            pending = [pool.submit(batcher.recommend, [Query(user, k=5)], 30) for user in users]
+            backend.gate.set()
+            batched = [future.result()[0] for future in pending]
+        assert backend.retrieve_calls < len(users)
+        for user, items in zip(users, batched):
+            alone = pipeline.recommend([Query(user, k=5)])[0]
+            assert [item.item_id for item in items] == [item.item_id for item in alone]
+            assert [item.score for item in items] == pytest.approx([item.score for item in alone], abs=1e-5)
+    finally:
+        batcher.close()
+
+
+def test_a_caller_past_its_deadline_gets_deadline_exceeded(models_dir):
+    backend = CountingBackend(models_dir)
+    assert backend.refresh()
+    batcher = RequestBatcher(Pipeline(backend, CatalogStore(models_dir)))
+    try:
+        with pytest.raises(DeadlineExceeded):
+            batcher.recommend([Query("42")], timeout=0.05)  # the gate holds retrieval longer than that
+        backend.gate.set()
+        assert len(batcher.recommend([Query("42")], timeout=10)[0]) == 10
+    finally:
+        batcher.close()
+
+
+def test_a_caller_that_went_away_costs_no_model_call(models_dir):
+    backend = CountingBackend(models_dir)
+    assert backend.refresh()
+    batcher = RequestBatcher(Pipeline(backend, CatalogStore(models_dir)))
+    try:
+        with futures.ThreadPoolExecutor(2) as pool:
+            blocker = pool.submit(batcher.recommend, [Query("1")], 30)  # holds the batcher at the gate
+            gone = pool.submit(batcher.recommend, [Query("42")], 30, None, lambda: True)
+            backend.gate.set()
+            assert len(blocker.result()[0]) == 10
+            with pytest.raises(Cancelled):
+                gone.result()
+        assert backend.retrieve_calls == 1
+    finally:
+        batcher.close()
