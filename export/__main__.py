@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from export.data import DataFormatError, DataSourceError
+from export.data import DATASETS, DataFormatError, DataSourceError
 from export.presets import PRESETS
 
-DATA_HELP = ("MovieLens 100k directory (u.data, u.item, u.user). Default: $RECSYS_DATA_DIR, "
-             "then ./data/ml-100k, then download ml-100k.zip from GroupLens into ~/.cache/recsys "
-             "($RECSYS_CACHE_DIR) and verify its sha256")
+DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
+             "$RECSYS_DATA_DIR, then ./data/<dataset>, then download <dataset>.zip from GroupLens into "
+             "~/.cache/recsys ($RECSYS_CACHE_DIR) and verify its sha256")
+DATASET_HELP = ("which MovieLens: ml-100k (default), ml-1m (::-separated .dat files), ml-20m or ml-25m "
+                "(ratings.csv and movies.csv, half-star ratings)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train both stages and export them as the next model version")
     train.add_argument("--preset", choices=sorted(PRESETS), default="default", help="hyperparameter set (default: %(default)s)")
     train.add_argument("--data-dir", help=DATA_HELP)
+    train.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
     train.add_argument("--out", required=True, type=Path, help="models directory (TF Serving layout); a new version is added")
     train.add_argument("--holdout", choices=("test", "validation"), default="test",
                        help="'test' (default) trains on the fixed train split: the version to serve and report. "
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="score the newest exported version on the test split, with baselines")
     evaluate.add_argument("--models", required=True, type=Path, help="models directory written by 'train'")
     evaluate.add_argument("--data-dir", help=DATA_HELP)
+    evaluate.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
     evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON to this path")
     evaluate.add_argument("--plot", type=Path, help="also write a PNG of HR@k, k = 1..100, for every system")
 
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.data import load_movielens
 
     try:
-        data = load_movielens(args.data_dir)
+        data = load_movielens(args.data_dir, getattr(args, "dataset", "ml-100k"))
     except (DataSourceError, DataFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

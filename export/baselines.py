@@ -8,6 +8,8 @@ import numpy as np
 from export.data import MovieLens, carve_validation, fit_and_held_out
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
+# EASE inverts an items x items matrix and scores a dense users x items one.
+EASE_MAX_CELLS = 400_000_000
 
 
 def _interactions(rows: np.ndarray, user_index: dict[int, int], item_index: dict[int, int]) -> np.ndarray:
@@ -52,9 +54,13 @@ def _choose_lambda(ratings_key: int, ratings_bytes: bytes, shape: tuple[int, int
     return max(hit_rates, key=hit_rates.get)
 
 
-def ease_lists(data: MovieLens, holdout: str, users: list[str], count: int) -> tuple[dict[str, list[str]], float]:
-    """EASE top-`count` lists, lambda chosen on the validation split carved from train."""
+def ease_lists(data: MovieLens, holdout: str, users: list[str],
+               count: int) -> tuple[dict[str, list[str]], float] | None:
+    """EASE top-`count` lists, lambda chosen on the validation split carved from train;
+    None where the dense matrices would not fit (ML-20M and larger)."""
     ratings = np.ascontiguousarray(data.ratings)
+    if len(np.unique(ratings[:, 0])) * len(np.unique(ratings[:, 1])) > EASE_MAX_CELLS:
+        return None
     l2 = _choose_lambda(hash(ratings.tobytes()), ratings.tobytes(), ratings.shape)
     fit, _ = fit_and_held_out(ratings, holdout)
     all_users, all_items = np.unique(ratings[:, 0]), np.unique(ratings[:, 1])

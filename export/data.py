@@ -1,10 +1,11 @@
-"""MovieLens 100k: find it, read it strictly, split it the one fixed way.
+"""MovieLens (100k by default; 1M, 20M, 25M too): find it, read it strictly, split it the one fixed way.
 
 Every evaluation in the project uses `split_ratings`, so numbers are comparable
 across presets, baselines and sessions.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import shutil
@@ -13,6 +14,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -20,9 +22,10 @@ ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_SHA256 = "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
 DATA_DIR_ENV = "RECSYS_DATA_DIR"
 CACHE_DIR_ENV = "RECSYS_CACHE_DIR"
-LOCAL_DATA_DIR = Path("data/ml-100k")
+LOCAL_DATA_ROOT = Path("data")
+LOCAL_DATA_DIR = LOCAL_DATA_ROOT / "ml-100k"
 REQUIRED_FILES = ("u.data", "u.item", "u.user")
-TRAIN_SIZE = 80_000
+TRAIN_FRACTION = 0.8  # 80,000 of ML-100k's 100,000 ratings
 SPLIT_SEED = 42
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -58,12 +61,21 @@ class User:
 
 @dataclass
 class MovieLens:
-    """Ratings as an int64 array of rows (user, item, rating, timestamp), in file order."""
+    """Ratings as an int64 array of rows (user, item, rating units, timestamp), in file order.
+
+    A rating unit is `rating_scale` stars: 1 for the whole-star sets, 0.5 for the
+    half-star ones (ML-20M, ML-25M), so every column stays an exact integer.
+    """
 
     ratings: np.ndarray
     items: dict[str, Item]
     users: dict[str, User]
     source: Path = field(default=Path("."))
+    rating_scale: float = 1.0
+    dataset: str = "ml-100k"
+
+    def stars(self, rows: np.ndarray) -> np.ndarray:
+        return rows[:, 2].astype(np.float32) * self.rating_scale
 
 
 def default_cache_dir() -> Path:
@@ -78,18 +90,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in REQUIRED_FILES)
+def _is_complete(directory: Path, required: tuple[str, ...] = REQUIRED_FILES) -> bool:
+    return all((directory / name).is_file() for name in required)
 
 
-def download_ml100k(cache_dir: Path, url: str | None = None, sha256: str | None = None) -> Path:
-    """Download and unpack ml-100k.zip into cache_dir, refusing a file whose checksum differs."""
-    url, sha256 = url or ML100K_URL, sha256 or ML100K_SHA256
-    target = cache_dir / "ml-100k"
-    if _is_complete(target):
+def download_dataset(cache_dir: Path, name: str = "ml-100k", url: str | None = None,
+                     sha256: str | None = None) -> Path:
+    """Download and unpack <name>.zip into cache_dir, refusing a file whose checksum differs."""
+    spec = DATASETS[name]
+    url, sha256 = url or spec.url, sha256 or spec.sha256
+    target = cache_dir / name
+    if _is_complete(target, spec.required_files):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    archive = cache_dir / "ml-100k.zip"
+    archive = cache_dir / f"{name}.zip"
     if not archive.is_file():
         with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".part", delete=False) as part:
             part_path = Path(part.name)
@@ -108,16 +122,23 @@ def download_ml100k(cache_dir: Path, url: str | None = None, sha256: str | None 
         )
     with zipfile.ZipFile(archive) as bundle:
         bundle.extractall(cache_dir)
-    if not _is_complete(target):
-        raise DataSourceError(f"{archive} does not contain ml-100k/{{{','.join(REQUIRED_FILES)}}}")
+    if not _is_complete(target, spec.required_files):
+        raise DataSourceError(f"{archive} does not contain {name}/{{{','.join(spec.required_files)}}}")
     return target
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
-    """Find MovieLens 100k: --data-dir, then $RECSYS_DATA_DIR, then ./data/ml-100k, then download."""
+def download_ml100k(cache_dir: Path, url: str | None = None, sha256: str | None = None) -> Path:
+    return download_dataset(cache_dir, "ml-100k", url, sha256)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, allow_download: bool = True,
+                     dataset: str = "ml-100k") -> Path:
+    """Find the data set: --data-dir, then $RECSYS_DATA_DIR, then ./data/<dataset>, then download."""
+    spec = DATASETS[dataset]
+    local = LOCAL_DATA_ROOT / dataset
     ways = (
-        f"pass --data-dir DIR, set {DATA_DIR_ENV}=DIR, or place the files in ./{LOCAL_DATA_DIR} "
-        f"(DIR must hold {', '.join(REQUIRED_FILES)}); otherwise ml-100k.zip is downloaded "
+        f"pass --data-dir DIR, set {DATA_DIR_ENV}=DIR, or place the files in ./{local} "
+        f"(DIR must hold {', '.join(spec.required_files)}); otherwise {dataset}.zip is downloaded "
         f"from GroupLens into {default_cache_dir()}"
     )
     explicit = [(str(data_dir), "--data-dir")] if data_dir else []
@@ -126,19 +147,20 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, allow_download: 
     if explicit:
         # A source the user named must work: silently falling back would train on other data.
         path, how = explicit[0]
-        if _is_complete(Path(path)):
+        if _is_complete(Path(path), spec.required_files):
             return Path(path)
-        raise DataSourceError(f"{how}={path} is not a MovieLens 100k directory. To provide the data: {ways}")
-    if _is_complete(LOCAL_DATA_DIR):
-        return LOCAL_DATA_DIR
+        raise DataSourceError(f"{how}={path} is not a {spec.title} directory. To provide the data: {ways}")
+    if _is_complete(local, spec.required_files):
+        return local
     if not allow_download:
-        raise DataSourceError(f"MovieLens 100k not found. To provide the data: {ways}")
+        raise DataSourceError(f"{spec.title} not found. To provide the data: {ways}")
     try:
-        return download_ml100k(default_cache_dir())
+        return download_dataset(default_cache_dir(), dataset)
     except DataSourceError:
         raise
     except OSError as error:
-        raise DataSourceError(f"MovieLens 100k not found and the download failed ({error}). To provide the data: {ways}") from error
+        raise DataSourceError(f"{spec.title} not found and the download failed ({error}). "
+                              f"To provide the data: {ways}") from error
 
 
 def _read_lines(path: Path, encoding: str):
@@ -191,21 +213,120 @@ def read_users(path: Path) -> dict[str, User]:
     return users
 
 
-def load_movielens(data_dir: str | os.PathLike | None = None) -> MovieLens:
-    directory = resolve_data_dir(data_dir)
-    ratings = read_ratings(directory / "u.data")
-    items = read_items(directory / "u.item")
-    users = read_users(directory / "u.user")
+def _rows(path: Path, encoding: str, separator: str, field_count: int, header: str | None = None):
+    """(line number, fields) of a delimited file, failing with the file and line on a bad one."""
+    if separator == ",":
+        with open(path, encoding=encoding, newline="") as handle:
+            for line_number, fields in enumerate(csv.reader(handle), start=1):
+                if line_number == 1 and header is not None:
+                    if ",".join(fields) != header:
+                        raise DataFormatError(f"{path}:1: expected the header {header!r}, got {','.join(fields)!r}")
+                    continue
+                if len(fields) != field_count:
+                    raise DataFormatError(f"{path}:{line_number}: expected {field_count} fields: {fields!r}")
+                yield line_number, fields
+        return
+    for line_number, line in _read_lines(path, encoding):
+        fields = line.split(separator)
+        if len(fields) != field_count:
+            raise DataFormatError(f"{path}:{line_number}: expected {field_count} {separator!r}-separated fields: "
+                                  f"{line!r}")
+        yield line_number, fields
+
+
+def read_ratings_table(path: Path, separator: str, rating_scale: float, header: str | None = None) -> np.ndarray:
+    """user, movie, rating, timestamp rows; the rating is stored in units of `rating_scale` stars."""
+    rows = []
+    for line_number, fields in _rows(path, "utf-8", separator, 4, header):
+        try:
+            units = float(fields[2]) / rating_scale
+            if units != int(units) or not 0 < units * rating_scale <= 5:
+                raise ValueError(f"rating {fields[2]} is not a multiple of {rating_scale} in (0, 5]")
+            rows.append((int(fields[0]), int(fields[1]), int(units), int(fields[3])))
+        except ValueError as error:
+            raise DataFormatError(f"{path}:{line_number}: {error}: {fields!r}") from None
+    if not rows:
+        raise DataFormatError(f"{path}: no ratings")
+    return np.asarray(rows, dtype=np.int64)
+
+
+def read_movies_table(path: Path, separator: str, encoding: str, header: str | None = None) -> dict[str, Item]:
+    """movie id, title, "|"-separated genres (ML-1M's movies.dat, ML-20M/25M's movies.csv)."""
+    items = {}
+    for line_number, fields in _rows(path, encoding, separator, 3, header):
+        if not fields[0].isdigit():
+            raise DataFormatError(f"{path}:{line_number}: movie id {fields[0]!r} is not a number")
+        genres = tuple(g for g in fields[2].split("|") if g and g != "(no genres listed)")
+        items[fields[0]] = Item(fields[0], fields[1], "", genres)
+    return items
+
+
+def read_ml1m_users(path: Path) -> dict[str, User]:
+    users = {}
+    for line_number, fields in _rows(path, "latin-1", "::", 5):
+        if not fields[0].isdigit() or not fields[2].isdigit():
+            raise DataFormatError(f"{path}:{line_number}: expected UserID::Gender::Age::Occupation::Zip-code")
+        users[fields[0]] = User(fields[0], int(fields[2]), fields[1], fields[3], fields[4])
+    return users
+
+
+def _ml100k(directory: Path) -> tuple[np.ndarray, dict[str, Item], dict[str, User]]:
+    return read_ratings(directory / "u.data"), read_items(directory / "u.item"), read_users(directory / "u.user")
+
+
+def _ml1m(directory: Path) -> tuple[np.ndarray, dict[str, Item], dict[str, User]]:
+    return (read_ratings_table(directory / "ratings.dat", "::", 1.0),
+            read_movies_table(directory / "movies.dat", "::", "latin-1"),
+            read_ml1m_users(directory / "users.dat"))
+
+
+def _ml_csv(directory: Path) -> tuple[np.ndarray, dict[str, Item], dict[str, User]]:
+    return (read_ratings_table(directory / "ratings.csv", ",", 0.5, header="userId,movieId,rating,timestamp"),
+            read_movies_table(directory / "movies.csv", ",", "utf-8", header="movieId,title,genres"),
+            {})
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    title: str
+    url: str
+    sha256: str
+    required_files: tuple[str, ...]
+    rating_scale: float
+    read: Callable[[Path], tuple[np.ndarray, dict[str, Item], dict[str, User]]]
+
+
+GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+DATASETS: dict[str, DatasetSpec] = {
+    "ml-100k": DatasetSpec("MovieLens 100k", ML100K_URL, ML100K_SHA256, REQUIRED_FILES, 1.0, _ml100k),
+    "ml-1m": DatasetSpec("MovieLens 1M", f"{GROUPLENS}/ml-1m.zip",
+                         "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+                         ("ratings.dat", "movies.dat", "users.dat"), 1.0, _ml1m),
+    "ml-20m": DatasetSpec("MovieLens 20M", f"{GROUPLENS}/ml-20m.zip",
+                          "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
+                          ("ratings.csv", "movies.csv"), 0.5, _ml_csv),
+    "ml-25m": DatasetSpec("MovieLens 25M", f"{GROUPLENS}/ml-25m.zip",
+                          "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa",
+                          ("ratings.csv", "movies.csv"), 0.5, _ml_csv),
+}
+
+
+def load_movielens(data_dir: str | os.PathLike | None = None, dataset: str = "ml-100k") -> MovieLens:
+    spec = DATASETS[dataset]
+    directory = resolve_data_dir(data_dir, dataset=dataset)
+    ratings, items, users = spec.read(directory)
     unknown = set(map(str, np.unique(ratings[:, 1]))) - items.keys()
     if unknown:
-        raise DataFormatError(f"{directory / 'u.data'}: movie ids missing from u.item: {sorted(unknown)[:5]}")
-    return MovieLens(ratings=ratings, items=items, users=users, source=directory)
+        raise DataFormatError(f"{directory}: rated movie ids missing from the movie list: {sorted(unknown)[:5]}")
+    return MovieLens(ratings=ratings, items=items, users=users, source=directory, rating_scale=spec.rating_scale,
+                     dataset=dataset)
 
 
 def split_ratings(ratings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The project's one train/test split: a seeded permutation of the rows in file order."""
     permutation = np.random.default_rng(SPLIT_SEED).permutation(len(ratings))
-    return ratings[permutation[:TRAIN_SIZE]], ratings[permutation[TRAIN_SIZE:]]
+    cut = round(len(ratings) * TRAIN_FRACTION)
+    return ratings[permutation[:cut]], ratings[permutation[cut:]]
 
 
 VALIDATION_FRACTION = 0.1

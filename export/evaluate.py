@@ -95,18 +95,20 @@ def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens, 
     test_users = test[:, 0].astype(str).tolist()
     test_items = test[:, 1].astype(str).tolist()
     predicted = backend.rank(test_users, test_items, model_version).predicted_rating
-    rmse = float(np.sqrt(np.mean((predicted - test[:, 2]) ** 2)))
-    ease, ease_lambda = ease_lists(data, holdout, users, LIST_LENGTH)
-    lists = {"popularity": popularity_lists(train, users), "ease": ease, "retrieval": retrieval_lists,
-             "two_stage": served_lists}
-    metrics = {system: ranking_metrics(lists[system], held_out) for system in SYSTEMS}
-    metrics["ease"]["lambda"] = ease_lambda
+    rmse = float(np.sqrt(np.mean((predicted - data.stars(test)) ** 2)))
+    lists = {"popularity": popularity_lists(train, users), "retrieval": retrieval_lists, "two_stage": served_lists}
+    ease = ease_lists(data, holdout, users, LIST_LENGTH)
+    if ease is not None:
+        lists["ease"] = ease[0]
+    metrics = {system: ranking_metrics(lists[system], held_out) for system in SYSTEMS if system in lists}
+    if ease is not None:
+        metrics["ease"]["lambda"] = ease[1]
     return {
         "model_version": model_version,
         "holdout": holdout,
         **metrics,
         "ranking": {"rmse": rmse},
-        "hr_curve": {system: hit_rate_curve(lists[system], held_out) for system in SYSTEMS},
+        "hr_curve": {system: hit_rate_curve(lists[system], held_out) for system in SYSTEMS if system in lists},
     }
 
 
@@ -117,6 +119,9 @@ def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
         raise ModelsUnavailable(f"no loadable model version in {models_dir}")
     version = backend.current_version()
     metadata = json.loads(metadata_path(models_dir, int(version)).read_text())
+    if metadata.get("dataset", "ml-100k") != data.dataset:
+        raise ModelsUnavailable(f"model version {version} was trained on {metadata['dataset']}, not {data.dataset}; "
+                                f"pass --dataset {metadata['dataset']}")
     # A version trained for tuning is scored on the validation split, never on test.
     metrics = evaluate_backend(backend, CatalogStore(models_dir), data, metadata.get("holdout", "test"))
     metrics["preset"] = metadata["preset"]["name"]
@@ -128,7 +133,7 @@ def format_table(metrics: dict) -> str:
     lines = [f"model version {metrics['model_version']} (preset {metrics.get('preset', '?')}), "
              f"{metrics['holdout']} split, movies rated in training excluded",
              f"{'system':<12} {'HR@10':>7} {'HR@100':>7} {'NDCG@10':>8} {'RMSE':>7}"]
-    for system in SYSTEMS:
+    for system in (system for system in SYSTEMS if system in metrics):
         row = metrics[system]
         rmse = f"{metrics['ranking']['rmse']:.4f}" if system == "two_stage" else "-"
         lines.append(f"{system:<12} {row['hr@10']:>7.4f} {row['hr@100']:>7.4f} {row['ndcg@10']:>8.4f} {rmse:>7}")

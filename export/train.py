@@ -32,17 +32,17 @@ class EpochLine(tf.keras.callbacks.Callback):
               f"({time.perf_counter() - self.started:.1f}s)", flush=True)
 
 
-def as_features(rows: np.ndarray) -> dict[str, np.ndarray]:
+def as_features(rows: np.ndarray, rating_scale: float = 1.0) -> dict[str, np.ndarray]:
     return {
         "user_id": rows[:, 0].astype(str),
         "item_id": rows[:, 1].astype(str),
-        "rating": rows[:, 2].astype(np.float32),
+        "rating": rows[:, 2].astype(np.float32) * rating_scale,
     }
 
 
-def dataset(rows: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+def dataset(rows: np.ndarray, batch_size: int, seed: int, rating_scale: float = 1.0) -> tf.data.Dataset:
     """Reshuffled every epoch; shuffles row indices and gathers, which is far cheaper than shuffling strings."""
-    columns = {name: tf.constant(values) for name, values in as_features(rows).items()}
+    columns = {name: tf.constant(values) for name, values in as_features(rows, rating_scale).items()}
     return (tf.data.Dataset.range(len(rows))
             .shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
             .batch(batch_size)
@@ -59,11 +59,12 @@ def train_retrieval(train: np.ndarray, user_ids: list[str], item_ids: list[str],
     return model
 
 
-def train_ranking(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset) -> RankingModel:
+def train_ranking(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset,
+                  rating_scale: float = 1.0) -> RankingModel:
     model = RankingModel(user_ids, item_ids, preset)
     model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
     every = max(1, preset.ranking_epochs // 10)
-    model.fit(dataset(train, preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,
+    model.fit(dataset(train, preset.ranking_batch_size, preset.seed + 1, rating_scale), epochs=preset.ranking_epochs,
               verbose=0, callbacks=[EpochLine("ranking", preset.ranking_epochs, every)])
     return model
 
@@ -121,12 +122,13 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     item_ids = sorted(data.items, key=int)
     metadata = build_metadata(data, train, preset)
     metadata["holdout"] = holdout
+    metadata["dataset"] = data.dataset
     started = time.perf_counter()
     retrieval = train_retrieval(train, user_ids, item_ids, metadata["rated_item_ids"], preset)
     retrieval_seconds = time.perf_counter() - started
     print(f"retrieval trained in {retrieval_seconds:.1f}s", flush=True)
     started = time.perf_counter()
-    ranking = train_ranking(train, user_ids, item_ids, preset)
+    ranking = train_ranking(train, user_ids, item_ids, preset, data.rating_scale)
     ranking_seconds = time.perf_counter() - started
     print(f"ranking trained in {ranking_seconds:.1f}s", flush=True)
 

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import zipfile
 
@@ -98,10 +99,18 @@ def test_download_is_the_last_resort(tmp_path, monkeypatch, data_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
     archive = _zip_of(data_dir, tmp_path)
-    monkeypatch.setattr(data_module, "ML100K_URL", archive.as_uri())
-    monkeypatch.setattr(data_module, "ML100K_SHA256", hashlib.sha256(archive.read_bytes()).hexdigest())
+    spec = dataclasses.replace(data_module.DATASETS["ml-100k"], url=archive.as_uri(),
+                               sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(data_module.DATASETS, "ml-100k", spec)
     assert resolve_data_dir(None) == tmp_path / "cache" / "ml-100k"
 
 
-def test_published_checksum_is_pinned():
-    assert data_module.ML100K_SHA256 == "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
+def test_published_checksums_are_pinned():
+    expected = {
+        "ml-100k": "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+        "ml-1m": "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        "ml-20m": "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
+        "ml-25m": "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa",
+    }
+    assert {name: spec.sha256 for name, spec in data_module.DATASETS.items()} == expected
+    assert all(spec.url.endswith(f"/{name}.zip") for name, spec in data_module.DATASETS.items())
