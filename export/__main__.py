@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="benchmarks only: pad the retrieval index with N synthetic movies (ids 'synthetic-<n>', "
                             "random embeddings, no titles) to measure retrieval cost at catalog scale")
 
-    evaluate = commands.add_parser("evaluate", help="score the newest exported version on the test split, with baselines")
+    evaluate = commands.add_parser("evaluate", help="score the newest exported version with the baselines, on the test "
+                                                    "split (or the validation split, for a --holdout validation export)")
     evaluate.add_argument("--models", required=True, type=Path, help="models directory written by 'train'")
     evaluate.add_argument("--data-dir", help=DATA_HELP)
     evaluate.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)

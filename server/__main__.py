@@ -29,11 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="signature that excludes rated movies (default: %(default)s)")
     tf_serving.add_argument("--include-rated-signature", default="include_rated",
                             help="retrieval signature used when a request sets include_rated (default: %(default)s)")
-    tf_serving.add_argument("--ranking-signature", default="serving_default", help="(default: %(default)s)")
+    tf_serving.add_argument("--ranking-signature", default="serving_default", help="ranking signature (default: %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=5.0,
                         help="how often to look for a new model version / probe the backend (default: %(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=10.0,
-                        help="on SIGTERM/SIGINT, how long in-flight calls may finish (default: %(default)s)")
+                        help="on SIGTERM/SIGINT: NOT_SERVING and UNAVAILABLE for new calls at once, in-flight calls "
+                             "finish, exit within this many seconds (default: %(default)s)")
     parser.add_argument("--max-workers", type=int, default=16, help="RPC worker threads (default: %(default)s)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-rpcs", type=int,
