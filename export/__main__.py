@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="'test' (default) trains on the fixed train split: the version to serve and report. "
                             "'validation' trains on train minus a validation split carved from it, for tuning; "
                             "'evaluate' then scores that version on the validation split, never on test")
+    train.add_argument("--strategy", choices=("default", "mirrored", "multi-worker"), default="default",
+                       help="tf.distribute strategy: 'multi-worker' trains with MultiWorkerMirroredStrategy on the "
+                            "cluster in $TF_CONFIG (start the same command on every worker); only the chief "
+                            "writes the export (default: %(default)s)")
     train.add_argument("--synthetic-items", type=int, default=0, metavar="N",
                        help="benchmarks only: pad the retrieval index with N synthetic movies (ids 'synthetic-<n>', "
                             "random embeddings, no titles) to measure retrieval cost at catalog scale")
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from export.train import train_and_export
 
-        train_and_export(data, PRESETS[args.preset], args.out, args.holdout, args.synthetic_items)
+        train_and_export(data, PRESETS[args.preset], args.out, args.holdout, args.synthetic_items, args.strategy)
         return 0
     if args.command == "report":
         from export.report import run_report

@@ -65,6 +65,13 @@ class HistoryUserTower(tf.keras.Model):
         return self.user_embedding(users) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
 
 
+def mean_over_global_batch(loss_sum: tf.Tensor, replica_batch_size: tf.Tensor) -> tf.Tensor:
+    """A summed loss as a mean over the global batch: under tf.distribute every replica's
+    gradients are summed, so each replica divides by the whole batch, not its share."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss_sum / tf.cast(replica_batch_size * replicas, loss_sum.dtype)
+
+
 def catalog_logits(user_embeddings: tf.Tensor, item_model: tf.keras.Model, catalog_item_ids: tf.Tensor) -> tf.Tensor:
     """Dot-product logits of each user against every movie in the catalog."""
     return tf.matmul(user_embeddings, item_model(catalog_item_ids), transpose_b=True)
@@ -88,7 +95,8 @@ class RetrievalModel(tfrs.Model):
         self.item_model = id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, "item_tower")
         self.catalog_item_ids = tf.constant(item_ids)
         self.task = tfrs.tasks.Retrieval()
-        self.softmax_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.softmax_loss = tf.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         if self.uses_history:
@@ -101,7 +109,7 @@ class RetrievalModel(tfrs.Model):
         # Every movie in the catalog is a candidate; the label is the rated movie's catalog position.
         logits = catalog_logits(user_embeddings, self.item_model, self.catalog_item_ids)
         labels = self.item_model.layers[0](features["item_id"]) - 1
-        return self.softmax_loss(labels, logits)
+        return mean_over_global_batch(self.softmax_loss(labels, logits), tf.shape(labels)[0])
 
 
 class RankingModel(tfrs.Model):
@@ -126,14 +134,15 @@ class RankingModel(tfrs.Model):
             name="rating_mlp",
         )
         self.rating_task = tfrs.tasks.Ranking(
-            loss=tf.keras.losses.MeanSquaredError(),
+            loss=tf.keras.losses.MeanSquaredError(reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")],
         )
         if self.watch_weight:
             self.watch_user_model = id_tower(user_ids, preset.embedding_dim, 0.0, "watch_user_tower")
             self.watch_item_model = id_tower(item_ids, preset.embedding_dim, 0.0, "watch_item_tower")
             self.catalog_item_ids = tf.constant(item_ids)
-            self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
 
     def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         """Predicted star rating, [batch, 1]."""
@@ -146,12 +155,15 @@ class RankingModel(tfrs.Model):
                              axis=1)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        loss = self.rating_task(labels=features["rating"], predictions=self(features))
+        batch = tf.shape(features["rating"])[0]
+        # Labels as [batch, 1] like the predictions, so the summed loss is per example.
+        summed = self.rating_task(labels=features["rating"][:, None], predictions=self(features))
+        loss = mean_over_global_batch(summed, batch)
         if self.watch_weight:
             logits = catalog_logits(self.watch_user_model(features["user_id"]), self.watch_item_model,
                                     self.catalog_item_ids)
             labels = self.watch_item_model.layers[0](features["item_id"]) - 1
-            loss += self.watch_weight * self.watch_loss(labels, logits)
+            loss += self.watch_weight * mean_over_global_batch(self.watch_loss(labels, logits), batch)
         return loss
 
 

@@ -1,6 +1,8 @@
 """Train both stages on the train split and write them as one export version."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -50,19 +52,43 @@ def dataset(rows: np.ndarray, batch_size: int, seed: int, rating_scale: float = 
             .prefetch(tf.data.AUTOTUNE))
 
 
+STRATEGIES = ("default", "mirrored", "multi-worker")
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """default: this process's devices as they are; mirrored: all local devices;
+    multi-worker: MultiWorkerMirroredStrategy with the cluster from the standard TF_CONFIG."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes the export (worker 0 when TF_CONFIG names no chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
+
+
 def train_retrieval(train: np.ndarray, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]],
-                    preset: Preset) -> RetrievalModel:
-    model = RetrievalModel(user_ids, item_ids, history, preset)
-    model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
+                    preset: Preset, strategy: tf.distribute.Strategy | None = None) -> RetrievalModel:
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = RetrievalModel(user_ids, item_ids, history, preset)
+        model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
     model.fit(dataset(train, preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
               verbose=0, callbacks=[EpochLine("retrieval", preset.retrieval_epochs)])
     return model
 
 
 def train_ranking(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset,
-                  rating_scale: float = 1.0) -> RankingModel:
-    model = RankingModel(user_ids, item_ids, preset)
-    model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
+                  rating_scale: float = 1.0, strategy: tf.distribute.Strategy | None = None) -> RankingModel:
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = RankingModel(user_ids, item_ids, preset)
+        model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
     every = max(1, preset.ranking_epochs // 10)
     model.fit(dataset(train, preset.ranking_batch_size, preset.seed + 1, rating_scale), epochs=preset.ranking_epochs,
               verbose=0, callbacks=[EpochLine("ranking", preset.ranking_epochs, every)])
@@ -109,13 +135,16 @@ def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, see
 
 
 def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test",
-                     synthetic_items: int = 0) -> TrainedExport:
+                     synthetic_items: int = 0, strategy: str = "default") -> TrainedExport | None:
     """Train retrieval then ranking and write them as the next version.
 
     holdout="test" trains on the fixed train split (what is served and reported);
     "validation" trains on train minus the validation split, for tuning.
     synthetic_items pads the retrieval index for catalog-scale benchmarks (never for serving users).
+    With strategy "multi-worker" every worker trains its shard of each batch and only the
+    chief writes the export; the others return None.
     """
+    distribution = make_strategy(strategy)
     tf.keras.utils.set_random_seed(preset.seed)
     train, _ = fit_and_held_out(data.ratings, holdout)
     user_ids = sorted({str(u) for u in train[:, 0]}, key=int)
@@ -124,14 +153,19 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     metadata["holdout"] = holdout
     metadata["dataset"] = data.dataset
     started = time.perf_counter()
-    retrieval = train_retrieval(train, user_ids, item_ids, metadata["rated_item_ids"], preset)
+    retrieval = train_retrieval(train, user_ids, item_ids, metadata["rated_item_ids"], preset, distribution)
     retrieval_seconds = time.perf_counter() - started
     print(f"retrieval trained in {retrieval_seconds:.1f}s", flush=True)
     started = time.perf_counter()
-    ranking = train_ranking(train, user_ids, item_ids, preset, data.rating_scale)
+    ranking = train_ranking(train, user_ids, item_ids, preset, data.rating_scale, distribution)
     ranking_seconds = time.perf_counter() - started
     print(f"ranking trained in {ranking_seconds:.1f}s", flush=True)
 
+    metadata["strategy"] = {"name": strategy, "replicas": distribution.num_replicas_in_sync}
+    chief = is_chief(distribution)
+    # Every worker runs the export steps (they read distributed variables together); only
+    # the chief's copy is kept.
+    target = out_dir if chief else Path(tempfile.mkdtemp(prefix="recsys-worker-export-"))
     started = time.perf_counter()
     index_item_ids, item_embeddings = pad_catalog(item_ids, retrieval.item_model(tf.constant(item_ids)),
                                                   synthetic_items, preset.seed)
@@ -140,6 +174,10 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
                                          metadata["rated_item_ids"], preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     ranking_serving = RankingServing(ranking, retrieval.user_model, retrieval.item_model)
-    version = write_export(out_dir, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
+    version = write_export(target, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
+    if not chief:
+        shutil.rmtree(target, ignore_errors=True)
+        print("worker done; the chief writes the export", flush=True)
+        return None
     print(f"exported version {version} to {out_dir} in {time.perf_counter() - started:.1f}s", flush=True)
     return TrainedExport(version, retrieval_serving, ranking_serving)

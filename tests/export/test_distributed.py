@@ -1,0 +1,78 @@
+"""Multi-worker training: two worker processes on 127.0.0.1 train the seed preset with
+MultiWorkerMirroredStrategy; the chief's export must be a normal export, as good as a
+single-process run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from export.evaluate import evaluate_export
+from export.presets import PRESETS
+from export.train import train_and_export
+from server.layout import complete_versions
+from tests.conftest import REPO_ROOT
+from tests.export.test_savedmodel import _tf1_run
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for probe in sockets:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in sockets]
+    for probe in sockets:
+        probe.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def two_worker_export(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("multi_worker_models")
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    started = time.monotonic()
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "export", "train", "--preset", "seed", "--strategy", "multi-worker",
+             "--data-dir", str(data_dir), "--out", str(out)],
+            cwd=REPO_ROOT, env={**os.environ, "TF_CONFIG": json.dumps(config)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert "exported version 1" in outputs[0] and "the chief writes the export" in outputs[1]
+    return out, time.monotonic() - started
+
+
+def test_only_the_chief_writes_a_complete_export(two_worker_export):
+    out, _ = two_worker_export
+    assert complete_versions(out) == [1]
+    metadata = json.loads((out / "metadata" / "1.json").read_text())
+    assert metadata["strategy"] == {"name": "multi-worker", "replicas": 2}
+    assert metadata["preset"]["name"] == "seed"
+
+
+def test_the_chief_export_serves_like_any_export(two_worker_export, heaviest_user, split):
+    out, _ = two_worker_export
+    retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
+    assert set(retrieval.signatures) == {"serving_default", "include_rated"}
+    result = _tf1_run(out / "retrieval" / "1", {"user_id": [heaviest_user]}, ["item_ids", "scores"])
+    rated = {str(item) for user, item in split[0][:, :2] if str(user) == heaviest_user}
+    assert not set(result["item_ids"][0].astype(str)) & rated
+    ranked = _tf1_run(out / "ranking" / "1", {"user_id": ["42", "42"], "item_id": ["1", "2"]},
+                      ["predicted_rating", "score"])
+    assert np.all((ranked["predicted_rating"] > 0) & (ranked["predicted_rating"] < 6))
+
+
+def test_quality_matches_a_single_process_run(two_worker_export, movielens, tmp_path):
+    out, _ = two_worker_export
+    train_and_export(movielens, PRESETS["seed"], tmp_path)
+    single = evaluate_export(tmp_path, movielens)["two_stage"]["hr@10"]
+    distributed = evaluate_export(out, movielens)["two_stage"]["hr@10"]
+    assert abs(distributed - single) <= 0.01, (distributed, single)
