@@ -127,10 +127,6 @@ def download_dataset(cache_dir: Path, name: str = "ml-100k", url: str | None = N
     return target
 
 
-def download_ml100k(cache_dir: Path, url: str | None = None, sha256: str | None = None) -> Path:
-    return download_dataset(cache_dir, "ml-100k", url, sha256)
-
-
 def resolve_data_dir(data_dir: str | os.PathLike | None = None, allow_download: bool = True,
                      dataset: str = "ml-100k") -> Path:
     """Find the data set: --data-dir, then $RECSYS_DATA_DIR, then ./data/<dataset>, then download."""

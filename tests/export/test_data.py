@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from export import data as data_module
-from export.data import (DataFormatError, DataSourceError, download_ml100k, load_movielens, read_ratings,
+from export.data import (DataFormatError, DataSourceError, download_dataset, load_movielens, read_ratings,
                          fit_and_held_out, resolve_data_dir, split_ratings)
 
 
@@ -87,10 +87,10 @@ def test_download_verifies_checksum(tmp_path, data_dir):
     archive = _zip_of(data_dir, tmp_path)
     cache = tmp_path / "cache"
     with pytest.raises(DataSourceError, match="checksum mismatch"):
-        download_ml100k(cache, url=archive.as_uri())
+        download_dataset(cache, url=archive.as_uri())
     assert not (cache / "ml-100k.zip").exists(), "a file with the wrong checksum must not be kept"
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    unpacked = download_ml100k(cache, url=archive.as_uri(), sha256=digest)
+    unpacked = download_dataset(cache, url=archive.as_uri(), sha256=digest)
     assert (unpacked / "u.data").read_bytes() == (data_dir / "u.data").read_bytes()
 
 
