@@ -41,13 +41,20 @@ def _hit_rate(top: np.ndarray, held_out: np.ndarray, user_index, item_index, k: 
     return float(np.mean(np.any(top[rows, :k] == items[:, None], axis=1)))
 
 
+def _indexes(ratings: np.ndarray) -> tuple[np.ndarray, dict[int, int], dict[int, int]]:
+    """All item ids, and user / item id -> matrix row / column."""
+    all_items = np.unique(ratings[:, 1])
+    return (all_items, {u: n for n, u in enumerate(np.unique(ratings[:, 0]))},
+            {i: n for n, i in enumerate(all_items)})
+
+
 @lru_cache(maxsize=4)
-def _choose_lambda(ratings_key: int, ratings_bytes: bytes, shape: tuple[int, int]) -> float:
+def _choose_lambda(ratings_bytes: bytes, shape: tuple[int, int]) -> float:
+    """Cached on the ratings' bytes: evaluating several exports of one data set tunes once."""
     ratings = np.frombuffer(ratings_bytes, dtype=np.int64).reshape(shape)
     train, _ = fit_and_held_out(ratings, "test")
     fit, validation = carve_validation(train)
-    user_index = {u: n for n, u in enumerate(np.unique(ratings[:, 0]))}
-    item_index = {i: n for n, i in enumerate(np.unique(ratings[:, 1]))}
+    _, user_index, item_index = _indexes(ratings)
     interactions = _interactions(fit, user_index, item_index)
     hit_rates = {l2: _hit_rate(_top_unseen(ease_scores(interactions, l2), interactions, 10), validation,
                                user_index, item_index, 10) for l2 in EASE_LAMBDAS}
@@ -61,11 +68,9 @@ def ease_lists(data: MovieLens, holdout: str, users: list[str],
     ratings = np.ascontiguousarray(data.ratings)
     if len(np.unique(ratings[:, 0])) * len(np.unique(ratings[:, 1])) > EASE_MAX_CELLS:
         return None
-    l2 = _choose_lambda(hash(ratings.tobytes()), ratings.tobytes(), ratings.shape)
+    l2 = _choose_lambda(ratings.tobytes(), ratings.shape)
     fit, _ = fit_and_held_out(ratings, holdout)
-    all_users, all_items = np.unique(ratings[:, 0]), np.unique(ratings[:, 1])
-    user_index = {u: n for n, u in enumerate(all_users)}
-    item_index = {i: n for n, i in enumerate(all_items)}
+    all_items, user_index, item_index = _indexes(ratings)
     interactions = _interactions(fit, user_index, item_index)
     top = _top_unseen(ease_scores(interactions, l2), interactions, count)
     return {user: [str(all_items[i]) for i in top[user_index[int(user)]]] for user in users}, l2

@@ -23,51 +23,47 @@ class CountingBackend(InProcessBackend):
         return super().retrieve(*args, **kwargs)
 
 
-def test_concurrent_requests_are_merged_and_answered_individually(models_dir):
+@pytest.fixture()
+def gated(models_dir):
+    """A batcher over real models whose retrieval waits for `backend.gate`."""
     backend = CountingBackend(models_dir)
     assert backend.refresh()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
     batcher = RequestBatcher(pipeline, max_batch_size=32)
+    yield backend, pipeline, batcher
+    backend.gate.set()
+    batcher.close()
+
+
+def test_concurrent_requests_are_merged_and_answered_individually(gated):
+    backend, pipeline, batcher = gated
     users = [str(n) for n in range(1, 17)] + ["nobody"]
-    try:
-        with futures.ThreadPoolExecutor(len(users)) as pool:
-            pending = [pool.submit(batcher.recommend, [Query(user, k=5)], 30) for user in users]
-            backend.gate.set()
-            batched = [future.result()[0] for future in pending]
-        assert backend.retrieve_calls < len(users)
-        for user, items in zip(users, batched):
-            alone = pipeline.recommend([Query(user, k=5)])[0]
-            assert [item.item_id for item in items] == [item.item_id for item in alone]
-            assert [item.score for item in items] == pytest.approx([item.score for item in alone], abs=1e-5)
-    finally:
-        batcher.close()
-
-
-def test_a_caller_past_its_deadline_gets_deadline_exceeded(models_dir):
-    backend = CountingBackend(models_dir)
-    assert backend.refresh()
-    batcher = RequestBatcher(Pipeline(backend, CatalogStore(models_dir)))
-    try:
-        with pytest.raises(DeadlineExceeded):
-            batcher.recommend([Query("42")], timeout=0.05)  # the gate holds retrieval longer than that
+    with futures.ThreadPoolExecutor(len(users)) as pool:
+        pending = [pool.submit(batcher.recommend, [Query(user, k=5)], 30) for user in users]
         backend.gate.set()
-        assert len(batcher.recommend([Query("42")], timeout=10)[0]) == 10
-    finally:
-        batcher.close()
+        batched = [future.result()[0] for future in pending]
+    assert backend.retrieve_calls < len(users)
+    for user, items in zip(users, batched):
+        alone = pipeline.recommend([Query(user, k=5)])[0]
+        assert [item.item_id for item in items] == [item.item_id for item in alone]
+        assert [item.score for item in items] == pytest.approx([item.score for item in alone], abs=1e-5)
 
 
-def test_a_caller_that_went_away_costs_no_model_call(models_dir):
-    backend = CountingBackend(models_dir)
-    assert backend.refresh()
-    batcher = RequestBatcher(Pipeline(backend, CatalogStore(models_dir)))
-    try:
-        with futures.ThreadPoolExecutor(2) as pool:
-            blocker = pool.submit(batcher.recommend, [Query("1")], 30)  # holds the batcher at the gate
-            gone = pool.submit(batcher.recommend, [Query("42")], 30, None, lambda: True)
-            backend.gate.set()
-            assert len(blocker.result()[0]) == 10
-            with pytest.raises(Cancelled):
-                gone.result()
-        assert backend.retrieve_calls == 1
-    finally:
-        batcher.close()
+def test_a_caller_past_its_deadline_gets_deadline_exceeded(gated):
+    backend, _, batcher = gated
+    with pytest.raises(DeadlineExceeded):
+        batcher.recommend([Query("42")], timeout=0.05)  # the gate holds retrieval longer than that
+    backend.gate.set()
+    assert len(batcher.recommend([Query("42")], timeout=10)[0]) == 10
+
+
+def test_a_caller_that_went_away_costs_no_model_call(gated):
+    backend, _, batcher = gated
+    with futures.ThreadPoolExecutor(2) as pool:
+        blocker = pool.submit(batcher.recommend, [Query("1")], 30)  # holds the batcher at the gate
+        gone = pool.submit(batcher.recommend, [Query("42")], 30, None, lambda: True)
+        backend.gate.set()
+        assert len(blocker.result()[0]) == 10
+        with pytest.raises(Cancelled):
+            gone.result()
+    assert backend.retrieve_calls == 1
