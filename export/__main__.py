@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from export.data import DATASETS, DataFormatError, DataSourceError
+from export.data import DATASETS, DEFAULT_SHUFFLE_BUFFER, DataFormatError, DataSourceError
 from export.presets import PRESETS
 
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
@@ -36,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--synthetic-items", type=int, default=0, metavar="N",
                        help="benchmarks only: pad the retrieval index with N synthetic movies (ids 'synthetic-<n>', "
                             "random embeddings, no titles) to measure retrieval cost at catalog scale")
+    train.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                       help="read the ratings through tf.data from the file, block by block, instead of loading "
+                            "them into memory: for data larger than memory. Same split, same export. "
+                            "Default: on for ml-20m and ml-25m, off otherwise")
+    train.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER, metavar="ROWS",
+                       help="with --stream: rows held in the shuffle buffer; MovieLens files are sorted by user, "
+                            "so larger mixes better (default: %(default)s)")
 
     evaluate = commands.add_parser("evaluate", help="score the newest exported version with the baselines, on the test "
                                                     "split (or the validation split, for a --holdout validation export)")
@@ -52,18 +60,38 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--data-dir", help=DATA_HELP)
     report.add_argument("--plot", type=Path, help="also write a PNG of HR@k, k = 1..100, for every system")
 
+    bench = commands.add_parser("data-bench", help="measure reading the ratings for training, streamed (--stream) "
+                                                   "and in memory: prepare time, one epoch, peak RSS, each mode in "
+                                                   "its own process")
+    bench.add_argument("--data-dir", help=DATA_HELP)
+    bench.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
+    bench.add_argument("--synthetic-rows", type=int, default=0, metavar="N",
+                       help="instead of --data-dir, write N synthetic ratings in ML-25M's format to a temporary "
+                            "directory and measure those")
+    bench.add_argument("--batch-size", type=int, default=8192, help="rows per batch (default: %(default)s)")
+    bench.add_argument("--measure", choices=("stream", "memory"), help=argparse.SUPPRESS)
+
     args = parser.parse_args(argv)
+    if args.command == "data-bench":
+        return data_bench(args)
     from export.data import load_movielens
 
+    dataset = getattr(args, "dataset", "ml-100k")
+    stream = args.command == "train" and (DATASETS[dataset].stream_by_default if args.stream is None else args.stream)
     try:
-        data = load_movielens(args.data_dir, getattr(args, "dataset", "ml-100k"))
+        data = load_movielens(args.data_dir, dataset, with_ratings=not stream)
     except (DataSourceError, DataFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":
         from export.train import train_and_export
 
-        train_and_export(data, PRESETS[args.preset], args.out, args.holdout, args.synthetic_items, args.strategy)
+        try:
+            train_and_export(data, PRESETS[args.preset], args.out, args.holdout, args.synthetic_items, args.strategy,
+                             args.shuffle_buffer)
+        except DataFormatError as error:  # a streamed file is checked as it is read
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "report":
         from export.report import run_report
@@ -84,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         write_plot({system: metrics["hr_curve"][system] for system in metrics["hr_curve"]}, args.plot,
                    f"model version {metrics['model_version']} ({metrics['preset']}), {metrics['holdout']} split")
+    return 0
+
+
+def data_bench(args: argparse.Namespace) -> int:
+    from export import data_bench as bench
+
+    try:
+        if args.measure:  # one mode, in the child process `run` starts
+            print(json.dumps(bench.measure(args.measure, args.data_dir, args.dataset, args.batch_size)))
+        else:
+            print(bench.format_results(bench.run(args.data_dir, args.dataset, args.synthetic_rows, args.batch_size)))
+    except (DataSourceError, DataFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

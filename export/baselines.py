@@ -5,7 +5,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from export.data import MovieLens, carve_validation, fit_and_held_out
+from export.data import MovieLens, fit_and_held_out
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 # EASE inverts an items x items matrix and scores a dense users x items one.
@@ -52,8 +52,7 @@ def _indexes(ratings: np.ndarray) -> tuple[np.ndarray, dict[int, int], dict[int,
 def _choose_lambda(ratings_bytes: bytes, shape: tuple[int, int]) -> float:
     """Cached on the ratings' bytes: evaluating several exports of one data set tunes once."""
     ratings = np.frombuffer(ratings_bytes, dtype=np.int64).reshape(shape)
-    train, _ = fit_and_held_out(ratings, "test")
-    fit, validation = carve_validation(train)
+    fit, validation = fit_and_held_out(ratings, "validation")
     _, user_index, item_index = _indexes(ratings)
     interactions = _interactions(fit, user_index, item_index)
     hit_rates = {l2: _hit_rate(_top_unseen(ease_scores(interactions, l2), interactions, 10), validation,

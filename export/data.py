@@ -27,6 +27,8 @@ LOCAL_DATA_DIR = LOCAL_DATA_ROOT / "ml-100k"
 REQUIRED_FILES = ("u.data", "u.item", "u.user")
 TRAIN_FRACTION = 0.8  # 80,000 of ML-100k's 100,000 ratings
 SPLIT_SEED = 42
+# Rows in the shuffle buffer when training streams the ratings (export/examples.py).
+DEFAULT_SHUFFLE_BUFFER = 500_000
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -67,12 +69,16 @@ class MovieLens:
     half-star ones (ML-20M, ML-25M), so every column stays an exact integer.
     """
 
-    ratings: np.ndarray
+    ratings: np.ndarray | None  # None when loaded for streaming (`load_movielens(with_ratings=False)`)
     items: dict[str, Item]
     users: dict[str, User]
     source: Path = field(default=Path("."))
     rating_scale: float = 1.0
     dataset: str = "ml-100k"
+
+    @property
+    def spec(self) -> "DatasetSpec":
+        return DATASETS[self.dataset]
 
     def stars(self, rows: np.ndarray) -> np.ndarray:
         return rows[:, 2].astype(np.float32) * self.rating_scale
@@ -266,22 +272,6 @@ def read_ml1m_users(path: Path) -> dict[str, User]:
     return users
 
 
-def _ml100k(directory: Path) -> tuple[np.ndarray, dict[str, Item], dict[str, User]]:
-    return read_ratings(directory / "u.data"), read_items(directory / "u.item"), read_users(directory / "u.user")
-
-
-def _ml1m(directory: Path) -> tuple[np.ndarray, dict[str, Item], dict[str, User]]:
-    return (read_ratings_table(directory / "ratings.dat", "::", 1.0),
-            read_movies_table(directory / "movies.dat", "::", "latin-1"),
-            read_ml1m_users(directory / "users.dat"))
-
-
-def _ml_csv(directory: Path) -> tuple[np.ndarray, dict[str, Item], dict[str, User]]:
-    return (read_ratings_table(directory / "ratings.csv", ",", 0.5, header="userId,movieId,rating,timestamp"),
-            read_movies_table(directory / "movies.csv", ",", "utf-8", header="movieId,title,genres"),
-            {})
-
-
 @dataclass(frozen=True)
 class DatasetSpec:
     title: str
@@ -289,40 +279,63 @@ class DatasetSpec:
     sha256: str
     required_files: tuple[str, ...]
     rating_scale: float
-    read: Callable[[Path], tuple[np.ndarray, dict[str, Item], dict[str, User]]]
+    # The ratings file as delimited text: read whole by `read_ratings`, or streamed (export/examples.py).
+    ratings_file: str
+    separator: str
+    header: str | None
+    read_ratings: Callable[[Path], np.ndarray]
+    read_catalog: Callable[[Path], tuple[dict[str, Item], dict[str, User]]]
+    # Whether training streams the ratings through tf.data by default instead of loading them.
+    stream_by_default: bool = False
 
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+CSV_RATINGS_HEADER = "userId,movieId,rating,timestamp"
+
+
+def _csv_spec(name: str, title: str, sha256: str) -> DatasetSpec:
+    return DatasetSpec(
+        title, f"{GROUPLENS}/{name}.zip", sha256, ("ratings.csv", "movies.csv"), 0.5, "ratings.csv", ",",
+        CSV_RATINGS_HEADER,
+        lambda directory: read_ratings_table(directory / "ratings.csv", ",", 0.5, header=CSV_RATINGS_HEADER),
+        lambda directory: (read_movies_table(directory / "movies.csv", ",", "utf-8", header="movieId,title,genres"),
+                           {}),
+        stream_by_default=True)
+
+
 DATASETS: dict[str, DatasetSpec] = {
-    "ml-100k": DatasetSpec("MovieLens 100k", ML100K_URL, ML100K_SHA256, REQUIRED_FILES, 1.0, _ml100k),
-    "ml-1m": DatasetSpec("MovieLens 1M", f"{GROUPLENS}/ml-1m.zip",
-                         "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
-                         ("ratings.dat", "movies.dat", "users.dat"), 1.0, _ml1m),
-    "ml-20m": DatasetSpec("MovieLens 20M", f"{GROUPLENS}/ml-20m.zip",
-                          "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
-                          ("ratings.csv", "movies.csv"), 0.5, _ml_csv),
-    "ml-25m": DatasetSpec("MovieLens 25M", f"{GROUPLENS}/ml-25m.zip",
-                          "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa",
-                          ("ratings.csv", "movies.csv"), 0.5, _ml_csv),
+    "ml-100k": DatasetSpec(
+        "MovieLens 100k", ML100K_URL, ML100K_SHA256, REQUIRED_FILES, 1.0, "u.data", "\t", None,
+        lambda directory: read_ratings(directory / "u.data"),
+        lambda directory: (read_items(directory / "u.item"), read_users(directory / "u.user"))),
+    "ml-1m": DatasetSpec(
+        "MovieLens 1M", f"{GROUPLENS}/ml-1m.zip", "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        ("ratings.dat", "movies.dat", "users.dat"), 1.0, "ratings.dat", "::", None,
+        lambda directory: read_ratings_table(directory / "ratings.dat", "::", 1.0),
+        lambda directory: (read_movies_table(directory / "movies.dat", "::", "latin-1"),
+                           read_ml1m_users(directory / "users.dat"))),
+    "ml-20m": _csv_spec("ml-20m", "MovieLens 20M", "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3"),
+    "ml-25m": _csv_spec("ml-25m", "MovieLens 25M", "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa"),
 }
 
 
-def load_movielens(data_dir: str | os.PathLike | None = None, dataset: str = "ml-100k") -> MovieLens:
+def load_movielens(data_dir: str | os.PathLike | None = None, dataset: str = "ml-100k",
+                   with_ratings: bool = True) -> MovieLens:
+    """The data set; `with_ratings=False` reads only movies and users, for training that streams the ratings."""
     spec = DATASETS[dataset]
     directory = resolve_data_dir(data_dir, dataset=dataset)
-    ratings, items, users = spec.read(directory)
-    unknown = set(map(str, np.unique(ratings[:, 1]))) - items.keys()
-    if unknown:
-        raise DataFormatError(f"{directory}: rated movie ids missing from the movie list: {sorted(unknown)[:5]}")
+    items, users = spec.read_catalog(directory)
+    ratings = spec.read_ratings(directory) if with_ratings else None
+    if ratings is not None:
+        check_rated_movies_known(directory, np.unique(ratings[:, 1]), items)
     return MovieLens(ratings=ratings, items=items, users=users, source=directory, rating_scale=spec.rating_scale,
                      dataset=dataset)
 
 
-def split_ratings(ratings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The project's one train/test split: a seeded permutation of the rows in file order."""
-    permutation = np.random.default_rng(SPLIT_SEED).permutation(len(ratings))
-    cut = round(len(ratings) * TRAIN_FRACTION)
-    return ratings[permutation[:cut]], ratings[permutation[cut:]]
+def check_rated_movies_known(directory: Path, rated_item_ids: np.ndarray, items: dict[str, Item]) -> None:
+    unknown = set(map(str, rated_item_ids.tolist())) - items.keys()
+    if unknown:
+        raise DataFormatError(f"{directory}: rated movie ids missing from the movie list: {sorted(unknown)[:5]}")
 
 
 VALIDATION_FRACTION = 0.1
@@ -330,22 +343,31 @@ VALIDATION_SEED = 7
 HOLDOUTS = ("test", "validation")
 
 
-def carve_validation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A validation split carved out of train (10%, seeded), for tuning; test is never touched."""
-    permutation = np.random.default_rng(VALIDATION_SEED).permutation(len(train))
-    cut = int(len(train) * (1 - VALIDATION_FRACTION))
-    return train[permutation[:cut]], train[permutation[cut:]]
+def split_row_numbers(row_count: int, holdout: str) -> tuple[np.ndarray, np.ndarray]:
+    """The project's one split, as 0-based row numbers in file order: (rows to fit on, rows to score against).
 
-
-def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to train on and rows to score against.
-
-    "test": train / test of the fixed split (reported numbers).
-    "validation": train minus the validation split / the validation split (tuning).
+    "test": a seeded permutation of the rows, the first 80% train and the rest test (reported numbers).
+    "validation": train minus a validation split carved out of it (10%, seeded), for tuning; test is
+    never touched. Row numbers rather than rows, so a file too large for memory is split the same way.
     """
-    train, test = split_ratings(ratings)
+    permutation = np.random.default_rng(SPLIT_SEED).permutation(row_count)
+    cut = round(row_count * TRAIN_FRACTION)
+    train, test = permutation[:cut], permutation[cut:]
     if holdout == "test":
         return train, test
     if holdout == "validation":
-        return carve_validation(train)
+        carve = np.random.default_rng(VALIDATION_SEED).permutation(len(train))
+        fit_count = int(len(train) * (1 - VALIDATION_FRACTION))
+        return train[carve[:fit_count]], train[carve[fit_count:]]
     raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
+
+
+def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to train on and rows to score against (see `split_row_numbers`)."""
+    fit, held_out = split_row_numbers(len(ratings), holdout)
+    return ratings[fit], ratings[held_out]
+
+
+def split_ratings(ratings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed train / test split."""
+    return fit_and_held_out(ratings, "test")

@@ -4,14 +4,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from export.data import MovieLens, fit_and_held_out
+from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out
+from export.examples import FitData, from_rows, from_stream
 from export.models import RankingModel, RetrievalModel, make_optimizer
 from export.presets import Preset
 from export.savedmodel import RankingServing, RetrievalServing, write_export
@@ -32,24 +32,6 @@ class EpochLine(tf.keras.callbacks.Callback):
                            if key in ("loss", "total_loss", "rmse", "root_mean_squared_error"))
         print(f"  [{self.stage}] epoch {epoch + 1}/{self.epochs} {metrics} "
               f"({time.perf_counter() - self.started:.1f}s)", flush=True)
-
-
-def as_features(rows: np.ndarray, rating_scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {
-        "user_id": rows[:, 0].astype(str),
-        "item_id": rows[:, 1].astype(str),
-        "rating": rows[:, 2].astype(np.float32) * rating_scale,
-    }
-
-
-def dataset(rows: np.ndarray, batch_size: int, seed: int, rating_scale: float = 1.0) -> tf.data.Dataset:
-    """Reshuffled every epoch; shuffles row indices and gathers, which is far cheaper than shuffling strings."""
-    columns = {name: tf.constant(values) for name, values in as_features(rows, rating_scale).items()}
-    return (tf.data.Dataset.range(len(rows))
-            .shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size)
-            .map(lambda index: {name: tf.gather(values, index) for name, values in columns.items()})
-            .prefetch(tf.data.AUTOTUNE))
 
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -74,41 +56,37 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
                                              and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def train_retrieval(train: np.ndarray, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]],
-                    preset: Preset, strategy: tf.distribute.Strategy | None = None) -> RetrievalModel:
+def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
+                    strategy: tf.distribute.Strategy | None = None) -> RetrievalModel:
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = RetrievalModel(user_ids, item_ids, history, preset)
+        model = RetrievalModel(fit.user_ids, item_ids, fit.rated_item_ids, preset)
         model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
-    model.fit(dataset(train, preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
+    model.fit(fit.batches(preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
               verbose=0, callbacks=[EpochLine("retrieval", preset.retrieval_epochs)])
     return model
 
 
-def train_ranking(train: np.ndarray, user_ids: list[str], item_ids: list[str], preset: Preset,
-                  rating_scale: float = 1.0, strategy: tf.distribute.Strategy | None = None) -> RankingModel:
+def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
+                  strategy: tf.distribute.Strategy | None = None) -> RankingModel:
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = RankingModel(user_ids, item_ids, preset)
+        model = RankingModel(fit.user_ids, item_ids, preset)
         model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
     every = max(1, preset.ranking_epochs // 10)
-    model.fit(dataset(train, preset.ranking_batch_size, preset.seed + 1, rating_scale), epochs=preset.ranking_epochs,
+    model.fit(fit.batches(preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,
               verbose=0, callbacks=[EpochLine("ranking", preset.ranking_epochs, every)])
     return model
 
 
-def build_metadata(data: MovieLens, train: np.ndarray, preset: Preset) -> dict:
+def build_metadata(data: MovieLens, fit: FitData, preset: Preset) -> dict:
     """What the server needs beside the graphs: display data, popularity, who rated what."""
-    counts = Counter(train[:, 1].tolist())
     # Most rated first; ties broken by movie id so the order is reproducible.
-    popular = sorted(data.items, key=lambda item_id: (-counts.get(int(item_id), 0), int(item_id)))
-    rated: dict[str, list[str]] = {}
-    for user, item in train[:, :2].tolist():
-        rated.setdefault(str(user), []).append(str(item))
+    popular = sorted(data.items, key=lambda item_id: (-fit.rating_counts.get(item_id, 0), int(item_id)))
     return {
         "preset": preset.to_dict(),
         "candidate_count": preset.candidate_count,
         "items": {item_id: {"title": item.title, "genres": list(item.genres)} for item_id, item in data.items.items()},
         "popular_item_ids": popular,
-        "rated_item_ids": rated,
+        "rated_item_ids": fit.rated_item_ids,
         "data_source": str(data.source),
     }
 
@@ -135,7 +113,8 @@ def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, see
 
 
 def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test",
-                     synthetic_items: int = 0, strategy: str = "default") -> TrainedExport | None:
+                     synthetic_items: int = 0, strategy: str = "default",
+                     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> TrainedExport | None:
     """Train retrieval then ranking and write them as the next version.
 
     holdout="test" trains on the fixed train split (what is served and reported);
@@ -143,21 +122,27 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     synthetic_items pads the retrieval index for catalog-scale benchmarks (never for serving users).
     With strategy "multi-worker" every worker trains its shard of each batch and only the
     chief writes the export; the others return None.
+    Data loaded without ratings (`load_movielens(with_ratings=False)`) are streamed from the
+    ratings file through a shuffle buffer of `shuffle_buffer` rows instead of held in memory.
     """
     distribution = make_strategy(strategy)
     tf.keras.utils.set_random_seed(preset.seed)
-    train, _ = fit_and_held_out(data.ratings, holdout)
-    user_ids = sorted({str(u) for u in train[:, 0]}, key=int)
-    item_ids = sorted(data.items, key=int)
-    metadata = build_metadata(data, train, preset)
+    if data.ratings is None:
+        fit = from_stream(data, holdout, shuffle_buffer)
+        print(f"streaming {fit.row_count} fit rows from {data.source / data.spec.ratings_file}", flush=True)
+    else:
+        fit = from_rows(fit_and_held_out(data.ratings, holdout)[0], data.rating_scale)
+    user_ids, item_ids = fit.user_ids, sorted(data.items, key=int)
+    metadata = build_metadata(data, fit, preset)
     metadata["holdout"] = holdout
     metadata["dataset"] = data.dataset
+    metadata["streamed"] = data.ratings is None
     started = time.perf_counter()
-    retrieval = train_retrieval(train, user_ids, item_ids, metadata["rated_item_ids"], preset, distribution)
+    retrieval = train_retrieval(fit, item_ids, preset, distribution)
     retrieval_seconds = time.perf_counter() - started
     print(f"retrieval trained in {retrieval_seconds:.1f}s", flush=True)
     started = time.perf_counter()
-    ranking = train_ranking(train, user_ids, item_ids, preset, data.rating_scale, distribution)
+    ranking = train_ranking(fit, item_ids, preset, distribution)
     ranking_seconds = time.perf_counter() - started
     print(f"ranking trained in {ranking_seconds:.1f}s", flush=True)
 

@@ -1,9 +1,15 @@
 """ML-1M, ML-20M and ML-25M parsers, on small files written here in the exact formats
 (the real archives cannot be downloaded on the build machines)."""
+import json
+
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from export.data import DataFormatError, fit_and_held_out, load_movielens
+from export.__main__ import main as export_cli
+from export.data import DataFormatError, fit_and_held_out, load_movielens, split_row_numbers
+from export.examples import from_rows, from_stream
+from server.layout import complete_versions, metadata_path
 
 ML1M = {
     "ratings.dat": "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n2::3408::1::978300275\n",
@@ -55,3 +61,83 @@ def test_malformed_larger_files_name_file_and_line(tmp_path):
     bad = dict(ML_CSV, **{"movies.csv": "id,title,genres\n"})
     with pytest.raises(DataFormatError, match=r"movies\.csv:1: expected the header"):
         load_movielens(_write(tmp_path / "c", bad), "ml-25m")
+
+
+# Streaming: the large sets are trained from the file through tf.data, never loaded whole.
+
+def test_streamed_fit_rows_are_the_in_memory_split(data_dir):
+    """Same split, same users, same rated movies and counts, whichever way the rows are read."""
+    in_memory = load_movielens(data_dir)
+    lazy = load_movielens(data_dir, with_ratings=False)
+    assert lazy.ratings is None
+    for holdout in ("test", "validation"):
+        expected = from_rows(fit_and_held_out(in_memory.ratings, holdout)[0])
+        streamed = from_stream(lazy, holdout)
+        assert streamed.row_count == expected.row_count
+        assert streamed.user_ids == expected.user_ids
+        assert streamed.rating_counts == expected.rating_counts
+        assert ({user: sorted(items) for user, items in streamed.rated_item_ids.items()}
+                == {user: sorted(items) for user, items in expected.rated_item_ids.items()})
+    batch = next(iter(streamed.batches(256, seed=0)))
+    assert {name: tensor.dtype for name, tensor in batch.items()} == {
+        "user_id": tf.string, "item_id": tf.string, "rating": tf.float32}
+    assert batch["rating"].shape == (256,)
+    epoch = [row for rows in streamed.batches(4096, seed=0) for row in zip(
+        rows["user_id"].numpy().tolist(), rows["item_id"].numpy().tolist())]
+    assert len(epoch) == expected.row_count
+    assert epoch[:50] != sorted(epoch[:50]), "the stream must be shuffled, not in file order"
+
+
+def _generated_ml25m(directory, users=40, movies=300, seed=0):
+    """A small ratings.csv in ML-25M's exact format, sorted by user as the real one is."""
+    rng = np.random.default_rng(seed)
+    lines = ["userId,movieId,rating,timestamp"]
+    for user in range(1, users + 1):
+        for movie in sorted(rng.choice(np.arange(1, movies + 1), size=rng.integers(5, 30), replace=False)):
+            lines.append(f"{user},{movie},{rng.integers(1, 11) / 2:g},{1_100_000_000 + user * 1000 + movie}")
+    movie_lines = ["movieId,title,genres"] + [f"{movie},Movie {movie} (2001),Drama|Comedy"
+                                              for movie in range(1, movies + 1)]
+    return _write(directory, {"ratings.csv": "\n".join(lines) + "\n", "movies.csv": "\n".join(movie_lines) + "\n"})
+
+
+def test_ml25m_trains_streamed_by_default_end_to_end(tmp_path, capsys):
+    directory = _generated_ml25m(tmp_path / "ml-25m")
+    out = tmp_path / "models"
+    assert export_cli(["train", "--dataset", "ml-25m", "--data-dir", str(directory), "--preset", "seed",
+                       "--out", str(out), "--shuffle-buffer", "100"]) == 0
+    in_memory = load_movielens(directory, "ml-25m")
+    expected = from_rows(fit_and_held_out(in_memory.ratings, "test")[0], in_memory.rating_scale)
+    assert f"streaming {expected.row_count} fit rows" in capsys.readouterr().out
+    assert complete_versions(out) == [1]
+    metadata = json.loads(metadata_path(out, 1).read_text())
+    assert metadata["streamed"] is True and metadata["dataset"] == "ml-25m"
+    assert ({user: sorted(items) for user, items in metadata["rated_item_ids"].items()}
+            == {user: sorted(items) for user, items in expected.rated_item_ids.items()})
+    retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
+    user = expected.user_ids[0]
+    candidates = retrieval.signatures["serving_default"](user_id=tf.constant([user]))["item_ids"].numpy()[0]
+    rated = set(expected.rated_item_ids[user])
+    assert len(candidates) and not {item.decode() for item in candidates} & rated
+
+
+def test_malformed_streamed_rows_fail_with_the_file(tmp_path):
+    for number, (bad_line, message) in enumerate([("1,2,3.3,1112486027", "a rating is not a multiple of 0.5"),
+                                                  ("1,2,4.0", "a row does not have 4 fields separated by ,"),
+                                                  ("1,two,4.0,1112486027", "could not correctly convert string: two")]):
+        directory = _generated_ml25m(tmp_path / f"bad{number}")
+        lines = (directory / "ratings.csv").read_text().splitlines()
+        fit_row = int(split_row_numbers(len(lines) - 1, "test")[0][0])
+        lines[1 + fit_row] = bad_line
+        (directory / "ratings.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataFormatError, match=rf"ratings\.csv: {message}"):
+            from_stream(load_movielens(directory, "ml-25m", with_ratings=False), "test")
+
+
+def test_data_bench_measures_both_modes_on_the_same_rows(capsys):
+    assert export_cli(["data-bench", "--synthetic-rows", "20000", "--batch-size", "1024"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["mode", "fit", "rows", "prepare", "s", "epoch", "s", "peak", "RSS", "MB"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert set(rows) == {"stream", "memory"}
+    assert rows["stream"][0] == rows["memory"][0] == "16000"
+    assert all(float(value) > 0 for values in rows.values() for value in values[2:])
