@@ -18,7 +18,8 @@ from server.backend import Backend, InProcessBackend
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
 from server.layout import metadata_path
-from server.pipeline import MAX_BATCH_USERS, Pipeline, Query
+from server.limits import MAX_BATCH_USERS
+from server.pipeline import Pipeline, Query
 
 LIST_LENGTH = 100
 

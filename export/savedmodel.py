@@ -45,19 +45,51 @@ class ExcludingBruteForce(tfrs.layers.factorized_top_k.BruteForce):
         return values, tf.gather(self._identifiers, top)
 
 
+OUT_OF_VOCABULARY_PROBE = "\x00out-of-vocabulary"
+TABLE_CHUNK = 4096
+
+
+def tower_table(tower: tf.keras.Model, vocabulary: list[str]) -> np.ndarray:
+    """The tower's output for every id of `vocabulary`, after a row 0 with its output for an
+    unknown id: the same layout as a StringLookup over `vocabulary` with one OOV bucket."""
+    ids = [OUT_OF_VOCABULARY_PROBE] + vocabulary
+    return np.concatenate([tower(tf.constant(ids[start:start + TABLE_CHUNK])).numpy()
+                           for start in range(0, len(ids), TABLE_CHUNK)])
+
+
+class LookupTower(tf.keras.layers.Layer):
+    """Id -> a precomputed row (row 0 for unknown ids).
+
+    At serving time a tower's output depends only on the id, so the export stores its
+    outputs instead of its layers: a lookup and one gather per request instead of the
+    history sums, embedding lookups and first MLP layer.
+    """
+
+    def __init__(self, vocabulary: list[str], table: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary, mask_token=None)
+        self.table = tf.Variable(table, trainable=False, name="table")
+
+    def rows(self, ids: tf.Tensor) -> tf.Tensor:
+        return self.lookup(ids)
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.table, self.lookup(ids))
+
+
 class RetrievalServing(tf.Module):
     """User id -> top `candidate_count` movie ids and scores from a BruteForce index.
 
-    Movies the user rated in training are baked in as a ragged table of catalog positions
-    and excluded by `serving_default`; `include_rated` skips that filter.
+    The user tower is stored as its output per known user (`LookupTower`). Movies each user
+    rated in training are a ragged table of catalog positions in the same row order, excluded
+    by `serving_default`; `include_rated` skips that filter.
     """
 
-    def __init__(self, user_model: tf.keras.Model, item_embeddings: tf.Tensor, item_ids: list[str],
-                 rated_by_user: dict[str, list[str]], candidate_count: int):
+    def __init__(self, user_model: tf.keras.Model, user_ids: list[str], item_embeddings: tf.Tensor,
+                 item_ids: list[str], rated_by_user: dict[str, list[str]], candidate_count: int):
         super().__init__()
         position = {item_id: index for index, item_id in enumerate(item_ids)}
-        users = sorted(rated_by_user)
-        rated_positions = [[position[item] for item in rated_by_user[user]] for user in users]
+        rated_positions = [[position[item] for item in rated_by_user.get(user, [])] for user in user_ids]
         max_rated = max((len(row) for row in rated_positions), default=0)
         if candidate_count + max_rated > len(item_ids):
             raise ValueError(
@@ -66,19 +98,20 @@ class RetrievalServing(tf.Module):
             )
         self.candidate_count = candidate_count
         self.item_ids = tf.Variable(item_ids, dtype=tf.string, trainable=False, name="item_ids")
-        self.index = ExcludingBruteForce(user_model, k=candidate_count)
+        self.user_tower = LookupTower(user_ids, tower_table(user_model, user_ids), name="user_tower")
+        self.index = ExcludingBruteForce(self.user_tower, k=candidate_count)
         self.index.index(tf.convert_to_tensor(item_embeddings), identifiers=tf.range(len(item_ids)))
         # Row 0 is for users the table does not know: nothing to exclude.
-        self.user_lookup = tf.keras.layers.StringLookup(vocabulary=users, mask_token=None)
         lengths = [0] + [len(row) for row in rated_positions]
         self.rated_values = tf.Variable(
             np.asarray([p for row in rated_positions for p in row], dtype=np.int32), trainable=False, name="rated_values")
-        self.rated_row_splits = tf.Variable(np.cumsum([0] + lengths).astype(np.int64), trainable=False, name="rated_row_splits")
+        self.rated_row_splits = tf.Variable(np.cumsum([0] + lengths).astype(np.int64), trainable=False,
+                                            name="rated_row_splits")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
         rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits)
-        excluded = tf.gather(rated, self.user_lookup(user_id))
+        excluded = tf.gather(rated, self.user_tower.rows(user_id))
         scores, positions = self.index.query_excluding_positions(user_id, excluded, k=self.candidate_count)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
@@ -94,28 +127,46 @@ class RankingServing(tf.Module):
     With a watch head, `score` = the ranker's watch logit + the retrieval towers' dot
     product: two independently trained estimates of log p(movie | user) up to a
     per-user constant, so their sum orders each user's candidates like an ensemble.
-    The retrieval towers are copied into this SavedModel as frozen weights (training
+    The retrieval towers are copied into this SavedModel as frozen outputs (training
     the ranker never touches them). Without a watch head, `score` is the rating.
+
+    Served from precomputed tables, equal to the trained model up to float rounding:
+    the two dot products are one dot product of concatenated [watch, retrieval] vectors,
+    and the rating MLP's first layer W [user; movie] + b is split into a per-user and a
+    per-movie part, so a pair costs two gathers, an add and the remaining small layers.
     """
 
-    def __init__(self, ranking_model: tf.keras.Model, retrieval_user_model: tf.keras.Model | None = None,
+    def __init__(self, ranking_model: tf.keras.Model, user_ids: list[str], item_ids: list[str],
+                 retrieval_user_model: tf.keras.Model | None = None,
                  retrieval_item_model: tf.keras.Model | None = None):
         super().__init__()
-        self.model = ranking_model
+        first, *rest = ranking_model.mlp.layers
+        rating_users = tower_table(ranking_model.rating_user_model, user_ids)
+        rating_items = tower_table(ranking_model.rating_item_model, item_ids)
+        kernel, bias = first.kernel.numpy(), first.bias.numpy()
+        self.first_activation = first.activation
+        self.rest = rest
+        self.user_hidden = LookupTower(user_ids, rating_users @ kernel[:rating_users.shape[1]], name="user_hidden")
+        self.item_hidden = LookupTower(item_ids, rating_items @ kernel[rating_users.shape[1]:] + bias,
+                                       name="item_hidden")
         self.orders_by_watch = bool(ranking_model.watch_weight)
         if self.orders_by_watch:
-            self.retrieval_user_model = retrieval_user_model
-            self.retrieval_item_model = retrieval_item_model
+            self.user_vectors = LookupTower(user_ids, np.concatenate(
+                [tower_table(ranking_model.watch_user_model, user_ids), tower_table(retrieval_user_model, user_ids)],
+                axis=1), name="user_vectors")
+            self.item_vectors = LookupTower(item_ids, np.concatenate(
+                [tower_table(ranking_model.watch_item_model, item_ids), tower_table(retrieval_item_model, item_ids)],
+                axis=1), name="item_vectors")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id"),
                                   tf.TensorSpec([None], tf.string, name="item_id")])
     def rank(self, user_id: tf.Tensor, item_id: tf.Tensor) -> dict[str, tf.Tensor]:
-        features = {"user_id": user_id, "item_id": item_id}
-        predicted_rating = self.model(features)[:, 0]
+        hidden = self.first_activation(self.user_hidden(user_id) + self.item_hidden(item_id))
+        for layer in self.rest:
+            hidden = layer(hidden)
+        predicted_rating = hidden[:, 0]
         if self.orders_by_watch:
-            retrieval_logit = tf.reduce_sum(
-                self.retrieval_user_model(user_id) * self.retrieval_item_model(item_id), axis=1)
-            score = self.model.watch_logit(features) + retrieval_logit
+            score = tf.reduce_sum(self.user_vectors(user_id) * self.item_vectors(item_id), axis=1)
         else:
             score = tf.identity(predicted_rating)
         return {"predicted_rating": predicted_rating, "score": score}

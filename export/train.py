@@ -96,6 +96,8 @@ class TrainedExport:
     version: int
     retrieval: RetrievalServing
     ranking: RankingServing
+    retrieval_model: RetrievalModel
+    ranking_model: RankingModel
 
 
 SYNTHETIC_PREFIX = "synthetic-"
@@ -155,14 +157,14 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     index_item_ids, item_embeddings = pad_catalog(item_ids, retrieval.item_model(tf.constant(item_ids)),
                                                   synthetic_items, preset.seed)
     metadata["synthetic_items"] = synthetic_items
-    retrieval_serving = RetrievalServing(retrieval.user_model, item_embeddings, index_item_ids,
+    retrieval_serving = RetrievalServing(retrieval.user_model, user_ids, item_embeddings, index_item_ids,
                                          metadata["rated_item_ids"], preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
-    ranking_serving = RankingServing(ranking, retrieval.user_model, retrieval.item_model)
+    ranking_serving = RankingServing(ranking, user_ids, item_ids, retrieval.user_model, retrieval.item_model)
     version = write_export(target, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
     if not chief:
         shutil.rmtree(target, ignore_errors=True)
         print("worker done; the chief writes the export", flush=True)
         return None
     print(f"exported version {version} to {out_dir} in {time.perf_counter() - started:.1f}s", flush=True)
-    return TrainedExport(version, retrieval_serving, ranking_serving)
+    return TrainedExport(version, retrieval_serving, ranking_serving, retrieval, ranking)

@@ -49,6 +49,11 @@ class ReadinessMonitor:
     def stop(self) -> None:
         self._stopped.set()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for a model load in progress to finish (see RequestBatcher.close)."""
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     def check(self) -> bool:
         try:
             ready = self.backend.refresh()
@@ -119,6 +124,7 @@ class RecommenderServer:
                 self._metrics_http.shutdown()
             if isinstance(self.servicer.pipeline, RequestBatcher):
                 self.servicer.pipeline.close()
+            self.monitor.join(LAME_DUCK_QUIET_SECONDS + (grace or 0.0))
             self.backend.close()
             stopped.set()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +35,17 @@ class Scores:
     model_version: str
 
 
+@dataclass(frozen=True)
+class RankedCandidates:
+    """Each user's retrieved candidates (retrieval order) with the ranker's outputs for each."""
+
+    item_ids: np.ndarray  # str [users, candidate_count]
+    retrieval_scores: np.ndarray  # float32 [users, candidate_count]
+    score: np.ndarray  # float32 [users, candidate_count]
+    predicted_rating: np.ndarray  # float32 [users, candidate_count]
+    model_version: str
+
+
 class Backend(abc.ABC):
     """Where the SavedModels run. `timeout` is the seconds left of the caller's deadline."""
 
@@ -49,6 +61,24 @@ class Backend(abc.ABC):
     def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
              timeout: float | None = None) -> Scores:
         """Score pairs with the ranking model of `model_version` (the one that retrieved them)."""
+
+    def retrieve_and_rank(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None,
+                          stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
+        """Both stages for every candidate of every user: retrieve, then rank all candidates in one call
+        with the same model version. `stage_seconds` accumulates "retrieval" and "ranking" time."""
+        timings = stage_seconds if stage_seconds is not None else {}
+        started = time.perf_counter()
+        expires = None if timeout is None else time.monotonic() + timeout
+        candidates = self.retrieve(user_ids, include_rated, timeout)
+        timings["retrieval"] = timings.get("retrieval", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
+        shape = candidates.item_ids.shape
+        remaining = None if expires is None else max(0.0, expires - time.monotonic())
+        ranked = self.rank(np.repeat(np.asarray(user_ids, dtype=object), shape[1]).tolist(),
+                           candidates.item_ids.ravel().tolist(), candidates.model_version, remaining)
+        timings["ranking"] = timings.get("ranking", 0.0) + time.perf_counter() - started
+        return RankedCandidates(candidates.item_ids, candidates.scores, ranked.score.reshape(shape),
+                                ranked.predicted_rating.reshape(shape), candidates.model_version)
 
     @abc.abstractmethod
     def refresh(self) -> bool:
@@ -79,7 +109,25 @@ class LoadedPair:
     model_version: str
     retrieve: dict[bool, object]  # include_rated -> concrete signature function
     rank: object
+    # include_rated -> one tf.function running both signatures: a request costs one TF call, not two.
+    retrieve_and_rank: dict[bool, object]
     signatures: dict[tuple[str, str], object]  # (model, signature name) -> function, for warmup
+    saved_models: tuple[object, object]  # retrieval, ranking: they own the variables the functions use
+
+
+def fuse(retrieve, rank):
+    """retrieve, then rank every candidate, in one graph: the signatures exactly as exported."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
+    def retrieve_and_rank(user_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        candidates = retrieve(user_id=user_id)
+        shape = tf.shape(candidates["item_ids"])
+        ranked = rank(user_id=tf.repeat(user_id, shape[1]), item_id=tf.reshape(candidates["item_ids"], [-1]))
+        return {"item_ids": candidates["item_ids"], "retrieval_scores": candidates["scores"],
+                "score": tf.reshape(ranked["score"], shape),
+                "predicted_rating": tf.reshape(ranked["predicted_rating"], shape)}
+
+    return retrieve_and_rank
 
 
 def load_pair(models_dir: Path, version: int) -> LoadedPair:
@@ -87,11 +135,15 @@ def load_pair(models_dir: Path, version: int) -> LoadedPair:
     ranking = tf.saved_model.load(str(models_dir / RANKING_MODEL / str(version)))
     signatures = {(RETRIEVAL_MODEL, name): fn for name, fn in retrieval.signatures.items()}
     signatures.update({(RANKING_MODEL, name): fn for name, fn in ranking.signatures.items()})
+    retrieve = {False: retrieval.signatures[DEFAULT_SIGNATURE], True: retrieval.signatures[INCLUDE_RATED_SIGNATURE]}
+    rank = ranking.signatures[DEFAULT_SIGNATURE]
     return LoadedPair(
         model_version=str(version),
-        retrieve={False: retrieval.signatures[DEFAULT_SIGNATURE], True: retrieval.signatures[INCLUDE_RATED_SIGNATURE]},
-        rank=ranking.signatures[DEFAULT_SIGNATURE],
+        retrieve=retrieve,
+        rank=rank,
+        retrieve_and_rank={include_rated: fuse(function, rank) for include_rated, function in retrieve.items()},
         signatures=signatures,
+        saved_models=(retrieval, ranking),
     )
 
 
@@ -114,6 +166,8 @@ def warm_up(models_dir: Path, pair: LoadedPair) -> int:
             replayed += 1
     if not replayed:
         raise ValueError(f"version {pair.model_version} has no warmup requests")
+    for function in pair.retrieve_and_rank.values():  # traces the fused call before it serves
+        function(tf.constant(["warmup"]))
     return replayed
 
 
@@ -183,6 +237,16 @@ class InProcessBackend(Backend):
         pair = self._serving_pair()
         outputs = pair.retrieve[include_rated](user_id=tf.constant(user_ids, dtype=tf.string))
         return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)
+
+    def retrieve_and_rank(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None,
+                          stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
+        pair = self._serving_pair()
+        started = time.perf_counter()
+        outputs = pair.retrieve_and_rank[include_rated](tf.constant(user_ids, dtype=tf.string))
+        if stage_seconds is not None:  # one graph: the stages cannot be timed apart
+            stage_seconds["models"] = stage_seconds.get("models", 0.0) + time.perf_counter() - started
+        return RankedCandidates(_strings(outputs["item_ids"]), outputs["retrieval_scores"].numpy(),
+                                outputs["score"].numpy(), outputs["predicted_rating"].numpy(), pair.model_version)
 
     def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
              timeout: float | None = None) -> Scores:

@@ -65,8 +65,12 @@ class RequestBatcher:
             pending.future.cancel()
             raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop taking batches and wait for the running one: a thread still inside TensorFlow
+        when the interpreter exits aborts the process."""
         self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _take_batch(self, first: _Pending) -> list[_Pending]:
         batch, size = [first], len(first.queries)

@@ -38,7 +38,8 @@ class Metrics:
         self.requests = Counter("recsys_requests", "RPCs handled, by method and gRPC status code",
                                 ["method", "code"], registry=self.registry)
         self.latency = Histogram("recsys_stage_latency_seconds",
-                                 "Latency per pipeline stage (retrieval, ranking) and per request (total)",
+                                 "Latency of the model calls (models in process; retrieval, ranking behind "
+                                 "TF Serving) and per request (total)",
                                  ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.fallback_items = Counter("recsys_fallback_items", "Items served from the popularity fallback",
                                       registry=self.registry)

@@ -14,12 +14,8 @@ import numpy as np
 from server.backend import Backend
 from server.catalog import Catalog, CatalogStore
 from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable
+from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
 
-DEFAULT_K = 10
-MAX_K = 100
-MAX_EXCLUDED_ITEMS = 10_000
-MAX_USER_ID_LENGTH = 128
-MAX_BATCH_USERS = 100
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,8 @@ class Pipeline:
                   is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
         """Recommendations for each query, best first, in the order of `queries`.
 
-        `stage_seconds`, if given, accumulates the time spent in "retrieval" and "ranking".
+        `stage_seconds`, if given, accumulates the time spent in the models, per stage where the
+        backend can tell them apart ("retrieval", "ranking"), else as "models".
         """
         if not queries:
             return []
@@ -110,49 +107,31 @@ class Pipeline:
 
     def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline,
                          timings: dict[str, float]) -> list[list[Recommendation]]:
-        user_ids = list(dict.fromkeys(query.user_id for query in queries))
-        started = time.perf_counter()
-        candidates = self.backend.retrieve(user_ids, include_rated, deadline.remaining())
-        timings["retrieval"] = timings.get("retrieval", 0.0) + time.perf_counter() - started
-        catalog = self.catalogs.get(candidates.model_version)
+        # Users no model knows need no model call: they get the popularity fallback.
+        known = self.current_catalog()
+        user_ids = list(dict.fromkeys(query.user_id for query in queries if known.is_known_user(query.user_id)))
+        ranked, catalog = None, known
+        if user_ids:
+            ranked = self.backend.retrieve_and_rank(user_ids, include_rated, deadline.remaining(), timings)
+            catalog = self.catalogs.get(ranked.model_version)
         row_of_user = {user_id: row for row, user_id in enumerate(user_ids)}
-
-        # Surviving candidates of every known user, scored by the ranker in one call.
-        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        results = []
         for query in queries:
-            if not catalog.is_known_user(query.user_id):
-                kept.append((np.empty(0, dtype=str), np.empty(0, dtype=np.float32)))
-                continue
-            row = row_of_user[query.user_id]
-            item_ids, scores = candidates.item_ids[row], candidates.scores[row]
-            if query.exclude_item_ids:
-                keep = np.fromiter((item not in query.exclude_item_ids for item in item_ids), bool, len(item_ids))
-                item_ids, scores = item_ids[keep], scores[keep]
-            kept.append((item_ids, scores))
-        pair_users = np.concatenate([np.full(len(ids), q.user_id, dtype=object) for q, (ids, _) in zip(queries, kept)])
-        pair_items = np.concatenate([ids for ids, _ in kept]).astype(object)
-        if len(pair_items):
-            started = time.perf_counter()
-            ranked = self.backend.rank(pair_users.tolist(), pair_items.tolist(), candidates.model_version,
-                                       deadline.remaining())
-            timings["ranking"] = timings.get("ranking", 0.0) + time.perf_counter() - started
-        results, offset = [], 0
-        for query, (item_ids, retrieval_scores) in zip(queries, kept):
-            count = len(item_ids)
+            row = row_of_user.get(query.user_id)
             items: list[Recommendation] = []
-            if count:
-                score = ranked.score[offset:offset + count]
-                predicted = ranked.predicted_rating[offset:offset + count]
-                # Stable: ties keep retrieval order, so the list is deterministic.
-                order = np.argsort(-score, kind="stable")[:query.k]
+            if row is not None and catalog.is_known_user(query.user_id):
+                item_ids, score = ranked.item_ids[row], ranked.score[row]
+                order = np.argsort(-score, kind="stable")  # ties keep retrieval order: deterministic
+                if query.exclude_item_ids:
+                    order = order[~np.isin(item_ids[order], list(query.exclude_item_ids))]
                 items = [
                     Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
                                    genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
-                                   retrieval_score=float(retrieval_scores[i]), predicted_rating=float(predicted[i]),
+                                   retrieval_score=float(ranked.retrieval_scores[row, i]),
+                                   predicted_rating=float(ranked.predicted_rating[row, i]),
                                    model_version=catalog.model_version, fallback=False)
-                    for position, i in enumerate(order)
+                    for position, i in enumerate(order[:query.k])
                 ]
-            offset += count
             results.append(self._fill_with_popular(items, query, catalog))
         return results
 

@@ -8,8 +8,8 @@ from server.backend import Backend
 from server.batching import RequestBatcher
 from server.errors import InvalidRequest, ModelsUnavailable, map_errors
 from server.observability import CallRecord, Observer
-from server.pipeline import (DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH, Pipeline,
-                             Query, Recommendation, make_query)
+from server.limits import DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
+from server.pipeline import Pipeline, Query, Recommendation, make_query
 
 
 def _query(request: recommender_pb2.RecommendRequest) -> Query:

@@ -1,7 +1,15 @@
 """The load generator's output format and correctness (not speed: speed is a benchmark)."""
 import json
+import re
+import subprocess
+import sys
+
+import grpc
+import pytest
 
 from client.__main__ import main as client_main
+from protos import recommender_pb2, recommender_pb2_grpc
+from tests.conftest import REPO_ROOT
 from client.bench import UNKNOWN_USER_SHARE, user_mix
 
 
@@ -39,3 +47,24 @@ def test_bench_in_process(models_dir, tmp_path, capsys):
     summary = json.loads(out.read_text())
     _check(summary, 1)
     assert summary["target"].startswith("in-process")
+
+
+@pytest.mark.parametrize("flags", [[], ["--aio"]])
+def test_bench_against_the_transport_floor(tmp_path, flags):
+    """server.floor answers the real contract with canned items: the bench's gRPC-only reference."""
+    process = subprocess.Popen([sys.executable, "-m", "server.floor", "--port", "0", *flags], cwd=REPO_ROOT,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        port = next(int(found.group(1)) for line in process.stderr
+                    if (found := re.search(r"listening on port (\d+)", line)))
+        out = tmp_path / "floor.json"
+        assert client_main(["bench", "--target", f"127.0.0.1:{port}", "--concurrency", "2", "--duration", "1",
+                            "--users", "20", "--json", str(out)]) == 0
+        _check(json.loads(out.read_text()), 2)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            items = list(recommender_pb2_grpc.RecommenderStub(channel).Recommend(
+                recommender_pb2.RecommendRequest(user_id="1", k=3), timeout=5))
+        assert [item.rank for item in items] == [1, 2, 3]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

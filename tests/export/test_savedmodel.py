@@ -76,6 +76,29 @@ def test_ranking_round_trip_matches(loaded, trained):
     assert np.all((after["predicted_rating"].numpy() > 0) & (after["predicted_rating"].numpy() < 6))
 
 
+def test_precomputed_tables_serve_what_the_trained_towers_compute(loaded, trained):
+    """The export stores tower outputs instead of towers; served scores must be the trained models' own."""
+    retrieval, ranking = loaded
+    result = trained[1]
+    users = ["1", "1", "42", "943", "unknown"]
+    items = ["1", "50", "181", "1682", "nope"]
+    features = {"user_id": tf.constant(users), "item_id": tf.constant(items)}
+    model = result.ranking_model
+    served = ranking.signatures["serving_default"](user_id=features["user_id"], item_id=features["item_id"])
+    np.testing.assert_allclose(served["predicted_rating"].numpy(), model(features)[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    towers = result.retrieval_model
+    expected_score = model.watch_logit(features) + tf.reduce_sum(
+        towers.user_model(features["user_id"]) * towers.item_model(features["item_id"]), axis=1)
+    np.testing.assert_allclose(served["score"].numpy(), expected_score.numpy(), rtol=1e-4, atol=1e-4)
+
+    catalog = result.retrieval.item_ids.numpy()
+    everything = tf.matmul(towers.user_model(tf.constant(users)), towers.item_model(tf.constant(catalog)),
+                           transpose_b=True).numpy()
+    candidates = retrieval.signatures["include_rated"](user_id=tf.constant(users))
+    top = np.sort(everything, axis=1)[:, ::-1][:, :candidates["scores"].shape[1]]
+    np.testing.assert_allclose(candidates["scores"].numpy(), top, rtol=1e-4, atol=1e-4)
+
+
 def test_rated_movies_are_excluded_for_the_heaviest_user(loaded, heaviest_user, split):
     retrieval, _ = loaded
     rated = {str(item) for user, item in split[0][:, :2] if str(user) == heaviest_user}

@@ -14,18 +14,18 @@ from server.pipeline import Pipeline, Query
 class CountingBackend(InProcessBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.retrieve_calls = 0
+        self.model_calls = 0
         self.gate = threading.Event()
 
-    def retrieve(self, *args, **kwargs):
+    def retrieve_and_rank(self, *args, **kwargs):
         self.gate.wait(10)  # hold the first batch so the others queue up behind it
-        self.retrieve_calls += 1
-        return super().retrieve(*args, **kwargs)
+        self.model_calls += 1
+        return super().retrieve_and_rank(*args, **kwargs)
 
 
 @pytest.fixture()
 def gated(models_dir):
-    """A batcher over real models whose retrieval waits for `backend.gate`."""
+    """A batcher over real models whose model calls wait for `backend.gate`."""
     backend = CountingBackend(models_dir)
     assert backend.refresh()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
@@ -42,7 +42,7 @@ def test_concurrent_requests_are_merged_and_answered_individually(gated):
         pending = [pool.submit(batcher.recommend, [Query(user, k=5)], 30) for user in users]
         backend.gate.set()
         batched = [future.result()[0] for future in pending]
-    assert backend.retrieve_calls < len(users)
+    assert backend.model_calls < len(users)
     for user, items in zip(users, batched):
         alone = pipeline.recommend([Query(user, k=5)])[0]
         assert [item.item_id for item in items] == [item.item_id for item in alone]
@@ -66,4 +66,4 @@ def test_a_caller_that_went_away_costs_no_model_call(gated):
         assert len(blocker.result()[0]) == 10
         with pytest.raises(Cancelled):
             gone.result()
-    assert backend.retrieve_calls == 1
+    assert backend.model_calls == 1

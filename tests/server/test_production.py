@@ -269,7 +269,7 @@ def test_one_structured_log_line_per_request(client, caplog):
         ("42", "OK", 7), ("someone-new", "OK", 3), ("42", "INVALID_ARGUMENT", 0)]
     assert lines[1]["fallback_items"] == 3
     assert all(len(line["request_id"]) >= 8 for line in lines)
-    assert {"total", "retrieval", "ranking"} <= set(lines[0]["ms"])
+    assert {"total", "models"} <= set(lines[0]["ms"])  # in-process: both stages in one graph
     assert lines[0]["model_version"] == "1"
 
 
@@ -294,7 +294,7 @@ def test_prometheus_metrics(running_server, client):
     assert value(after, ok) - value(before, ok) == 2
     assert value(after, invalid) - value(before, invalid) == 1
     assert value(after, "recsys_fallback_items_total") - value(before, "recsys_fallback_items_total") == 4
-    for stage in ("retrieval", "ranking", "total"):
+    for stage in ("models", "total"):
         assert f'recsys_stage_latency_seconds_bucket{{le="0.005",stage="{stage}"}}' in after
     assert value(after, "recsys_model_version") == 1
     assert value(after, "recsys_model_load_failures_total") == 0

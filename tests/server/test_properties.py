@@ -4,7 +4,7 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.pipeline import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
+from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
 
 user_ids = st.one_of(st.text(max_size=MAX_USER_ID_LENGTH + 20), st.integers(-5, 2000).map(str),
                      st.sampled_from(["", " ", "\t", "42", "0", "943", "944", "\x00", "ß" * 129]))

@@ -110,7 +110,7 @@ def test_model_info(client):
 class ExplodingBackend(InProcessBackend):
     """Fails the way a bug would, to prove the wire sees INTERNAL and nothing more."""
 
-    def rank(self, *args, **kwargs):
+    def retrieve_and_rank(self, *args, **kwargs):
         raise RuntimeError("secret stack detail")
 
 
@@ -123,7 +123,7 @@ def test_unexpected_errors_become_internal_without_details(models_dir):
             code, details = status_of(lambda: client.recommend("42"))
             assert code == grpc.StatusCode.INTERNAL
             assert "secret" not in details and "RuntimeError" not in details
-            assert client.recommend("nobody")[0].fallback, "a cold-start call needs no ranking and still works"
+            assert client.recommend("nobody")[0].fallback, "a cold-start call needs no model and still works"
     finally:
         recommender.stop(0).wait()
 
