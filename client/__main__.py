@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -45,9 +46,16 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         tally, wall = bench.run_in_process(args.models, args.duration, args.k, user_ids)
         summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
     else:
-        tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
-                                               args.processes, args.timeout)
+        try:
+            sampler = bench.RssSampler(args.server_pid, args.rss_every) if args.server_pid else None
+        except ValueError as error:
+            parser.error(str(error))
+        with sampler or contextlib.nullcontext():
+            tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
+                                                   args.processes, args.timeout)
         summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
+        if sampler:
+            summary["server_rss_mb"] = sampler.summary()
     print(bench.format_summary(summary))
     if args.json:
         bench.write_json(summary, args.json)
@@ -94,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                             "thread (needs --models)")
     bench.add_argument("--models", type=Path, help="models directory, for --in-process (and its user ids)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
+    bench.add_argument("--server-pid", type=int, metavar="PID",
+                       help="sample this server process's resident memory during the run (start, end, max; "
+                            "Linux): growth over a long run is how a leak shows")
+    bench.add_argument("--rss-every", type=float, default=10.0, metavar="SECONDS",
+                       help="with --server-pid: seconds between samples (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return run_bench(args, parser)

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import resource
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,6 +45,43 @@ class Tally:
         self.latencies_ms += other.latencies_ms
         self.errors.update(other.errors)
         self.cpu_seconds += other.cpu_seconds
+
+
+class RssSampler:
+    """Samples another process's resident memory (Linux /proc) while the load runs: growth
+    over a long run is how a leak shows."""
+
+    def __init__(self, pid: int, every_seconds: float = 10.0):
+        self.path = Path(f"/proc/{pid}/status")
+        if not self.path.is_file():
+            raise ValueError(f"no process {pid} to sample (needs Linux /proc)")
+        self.every_seconds = every_seconds
+        self.samples_mb: list[float] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        for line in self.path.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                self.samples_mb.append(round(int(line.split()[1]) / 1024, 1))
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.every_seconds):
+            self._sample()
+
+    def __enter__(self) -> "RssSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self._sample()
+
+    def summary(self) -> dict:
+        return {"start": self.samples_mb[0], "end": self.samples_mb[-1], "max": max(self.samples_mb),
+                "samples": self.samples_mb}
 
 
 def _cpu_seconds() -> float:
@@ -158,7 +196,8 @@ def format_summary(summary: dict) -> str:
         f"throughput {summary['throughput_rps']} req/s",
         f"latency ms  p50 {latency['p50']}  p90 {latency['p90']}  p99 {latency['p99']}  max {latency['max']}",
         f"load generator cpu {summary['client_cpu_percent_of_one_core']}% of one core",
-    ])
+    ] + ([f"server rss MB  start {rss['start']}  end {rss['end']}  max {rss['max']}  "
+          f"({len(rss['samples'])} samples)"] if (rss := summary.get("server_rss_mb")) else []))
 
 
 def write_json(summary: dict, path: Path) -> None:

@@ -1,5 +1,6 @@
 """The load generator's output format and correctness (not speed: speed is a benchmark)."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,12 +33,17 @@ def _check(summary, concurrency):
 def test_bench_against_the_server(running_server, models_dir, tmp_path, capsys):
     _, port = running_server
     out = tmp_path / "bench.json"
+    # The server runs in this test process, so its memory is this process's.
     assert client_main(["bench", "--target", f"127.0.0.1:{port}", "--concurrency", "4", "--duration", "2",
-                        "--models", str(models_dir), "--json", str(out)]) == 0
+                        "--models", str(models_dir), "--json", str(out), "--server-pid", str(os.getpid()),
+                        "--rss-every", "0.5"]) == 0
     printed = capsys.readouterr().out
-    for label in ("requests", "throughput", "req/s", "p50", "p90", "p99", "max", "load generator cpu"):
+    for label in ("requests", "throughput", "req/s", "p50", "p90", "p99", "max", "load generator cpu", "server rss MB"):
         assert label in printed
-    _check(json.loads(out.read_text()), 4)
+    summary = json.loads(out.read_text())
+    _check(summary, 4)
+    rss = summary["server_rss_mb"]
+    assert len(rss["samples"]) >= 4 and rss["max"] == max(rss["samples"]) and rss["start"] > 100
 
 
 def test_bench_in_process(models_dir, tmp_path, capsys):
