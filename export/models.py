@@ -123,10 +123,16 @@ class RankingModel(tfrs.Model):
       pulling the watch embeddings towards "well rated" instead of "watched".
     """
 
-    def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset):
+    def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset,
+                 history: dict[str, list[str]] | None = None):
         super().__init__()
         self.watch_weight = preset.watch_weight
-        self.rating_user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "rating_user_tower")
+        self.rating_history = preset.rating_user_history
+        if self.rating_history:
+            self.rating_user_model = HistoryUserTower(user_ids, item_ids, history or {}, preset.embedding_dim,
+                                                      preset.rating_l2, name="rating_history_user_tower")
+        else:
+            self.rating_user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "rating_user_tower")
         self.rating_item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "rating_item_tower")
         self.mlp = tf.keras.Sequential(
             [tf.keras.layers.Dense(units, activation="relu") for units in preset.ranking_layers]
@@ -144,9 +150,14 @@ class RankingModel(tfrs.Model):
             self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
 
-    def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Predicted star rating, [batch, 1]."""
-        user_embeddings = self.rating_user_model(features["user_id"])
+    def call(self, features: dict[str, tf.Tensor], leave_out_rated: bool = False) -> tf.Tensor:
+        """Predicted star rating, [batch, 1]. `leave_out_rated` (training): the example's movie is
+        dropped from the user's history, as it will not be there for a movie to predict."""
+        if self.rating_history and leave_out_rated:
+            user_embeddings = self.rating_user_model({"user_id": features["user_id"],
+                                                      "leave_out_item_id": features["item_id"]})
+        else:
+            user_embeddings = self.rating_user_model(features["user_id"])
         item_embeddings = self.rating_item_model(features["item_id"])
         return self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
 
@@ -157,7 +168,7 @@ class RankingModel(tfrs.Model):
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         batch = tf.shape(features["rating"])[0]
         # Labels as [batch, 1] like the predictions, so the summed loss is per example.
-        summed = self.rating_task(labels=features["rating"][:, None], predictions=self(features))
+        summed = self.rating_task(labels=features["rating"][:, None], predictions=self(features, leave_out_rated=True))
         loss = mean_over_global_batch(summed, batch)
         if self.watch_weight:
             logits = catalog_logits(self.watch_user_model(features["user_id"]), self.watch_item_model,

@@ -32,6 +32,8 @@ class Preset:
     watch_weight: float
     # Candidates the retrieval SavedModel returns per user (fixed at export).
     candidate_count: int = 200
+    # The rating head's user tower adds the user's rated movies (SVD++'s implicit feedback).
+    rating_user_history: bool = False
     seed: int = 0
 
     def to_dict(self) -> dict:

@@ -69,7 +69,7 @@ def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
 def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
                   strategy: tf.distribute.Strategy | None = None) -> RankingModel:
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = RankingModel(fit.user_ids, item_ids, preset)
+        model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids)
         model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
     every = max(1, preset.ranking_epochs // 10)
     model.fit(fit.batches(preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-seconds", type=float, default=10.0,
                         help="on SIGTERM/SIGINT: NOT_SERVING and UNAVAILABLE for new calls at once, in-flight calls "
                              "finish, exit within this many seconds (default: %(default)s)")
-    parser.add_argument("--max-workers", type=int, default=16, help="RPC worker threads (default: %(default)s)")
+    parser.add_argument("--max-workers", type=int, default=16,
+                        help="threads running the pipeline when batching is off (--max-batch-size 1); RPCs run on "
+                             "one grpc.aio event loop (default: %(default)s)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-rpcs", type=int,
                         help="RPCs in flight beyond this get RESOURCE_EXHAUSTED (default: no limit)")

@@ -1,12 +1,14 @@
-"""Server lifecycle: the gRPC server, health, reflection, readiness polling, shutdown."""
+"""Server lifecycle: the gRPC server (grpc.aio, on an event loop thread of its own), health,
+reflection, readiness polling, shutdown. Callers see a plain synchronous object."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Coroutine
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,7 +17,7 @@ from prometheus_client import start_http_server
 
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
-from server.batching import RequestBatcher
+from server.batching import RequestBatcher, ThreadedPipeline
 from server.catalog import CatalogStore
 from server.observability import Metrics, Observer
 from server.pipeline import Pipeline
@@ -29,13 +31,31 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 LAME_DUCK_QUIET_SECONDS = 0.5
 
 
+class EventLoopThread:
+    """An asyncio loop on a daemon thread: grpc.aio runs there, everything else submits to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine, timeout: float | None = None) -> Any:
+        """Run a coroutine on the loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
 class ReadinessMonitor:
     """Calls backend.refresh() every poll interval and mirrors the answer into health and metrics."""
 
-    def __init__(self, backend: Backend, health_servicer: health.HealthServicer, poll_seconds: float,
+    def __init__(self, backend: Backend, set_health: Callable[[str, int], None], poll_seconds: float,
                  metrics: Metrics):
         self.backend = backend
-        self.health = health_servicer
+        self.set_health = set_health
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self._failures_reported = 0
@@ -71,7 +91,7 @@ class ReadinessMonitor:
             # Only on change: every set() is pushed to Watch subscribers.
             self._status = status
             for service in ("", SERVICE_NAME):
-                self.health.set(service, status)
+                self.set_health(service, status)
         return ready
 
     def _run(self) -> None:
@@ -81,16 +101,20 @@ class ReadinessMonitor:
 
 
 class RecommenderServer:
-    """A grpc.Server plus what must start and stop with it."""
+    """A grpc.aio server plus what must start and stop with it."""
 
-    def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer,
-                 monitor: ReadinessMonitor, backend: Backend, servicer: RecommenderServicer):
+    def __init__(self, grpc_server: grpc.aio.Server, loop_thread: EventLoopThread,
+                 health_servicer: health.aio.HealthServicer, monitor: ReadinessMonitor, backend: Backend,
+                 servicer: RecommenderServicer):
         self.grpc_server = grpc_server
+        self.loop_thread = loop_thread
         self.health = health_servicer
         self.monitor = monitor
         self.backend = backend
         self.servicer = servicer
         self.metrics = servicer.observer.metrics
+        self._stopped = threading.Event()
+        self._stopping = False
 
     def serve_metrics(self, port: int, host: str = "0.0.0.0") -> int:
         """Expose Prometheus metrics over HTTP; returns the bound port (0 picks one)."""
@@ -99,16 +123,18 @@ class RecommenderServer:
         return http_server.server_port
 
     def start(self) -> None:
-        self.grpc_server.start()
+        self.loop_thread.run(self.grpc_server.start())
         self.monitor.start()
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: NOT_SERVING and UNAVAILABLE for new calls at once, let in-flight calls finish
         (up to `grace` seconds), then stop the gRPC server. Returns an event set when stopped."""
+        if self._stopping:
+            return self._stopped
+        self._stopping = True
         self.monitor.stop()
-        self.health.enter_graceful_shutdown()
+        self.loop_thread.run(self.health.enter_graceful_shutdown())
         self.servicer.accepting = False
-        stopped = threading.Event()
 
         def drain() -> None:
             # Lame duck: keep answering (UNAVAILABLE for new calls) until in-flight calls are done
@@ -119,24 +145,26 @@ class RecommenderServer:
             while time.monotonic() < deadline and (
                     observer.active_calls or time.monotonic() - observer.last_call_started < quiet):
                 time.sleep(0.01)
-            self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+            self.loop_thread.run(self.grpc_server.stop(max(0.0, deadline - time.monotonic())))
             if getattr(self, "_metrics_http", None) is not None:
                 self._metrics_http.shutdown()
-            if isinstance(self.servicer.pipeline, RequestBatcher):
-                self.servicer.pipeline.close()
+            self.servicer.pipeline.close()
             self.monitor.join(LAME_DUCK_QUIET_SECONDS + (grace or 0.0))
             self.backend.close()
-            stopped.set()
+            self.loop_thread.close()
+            self._stopped.set()
 
         threading.Thread(target=drain, name="drain", daemon=True).start()
-        return stopped
+        return self._stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc_server.wait_for_termination(timeout)
+        """Block until stopped; True if `timeout` passed first (grpc.Server's convention)."""
+        return not self._stopped.wait(timeout)
 
 
 @dataclass(frozen=True)
 class ServerOptions:
+    # Threads running the pipeline when batching is off (max_batch_size 1).
     max_workers: int = 16
     poll_seconds: float = 5.0
     # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED (None: no limit).
@@ -153,31 +181,44 @@ class ServerOptions:
 def create_server(address: str, backend: Backend, models_dir: Path,
                   options: ServerOptions = ServerOptions()) -> tuple[RecommenderServer, int]:
     """Build (not start) the server on `address`; port 0 binds a free port, which is returned."""
-    interceptors = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-    )
+    loop_thread = EventLoopThread()
     observer = Observer()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
-    if options.max_batch_size > 1:
-        pipeline = RequestBatcher(pipeline, options.max_batch_size)
-    servicer = RecommenderServicer(pipeline, backend, observer)
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, grpc_server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        grpc_server)
-    if options.tls_cert and options.tls_key:
-        port = grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)]))
-    else:
-        port = grpc_server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    monitor = ReadinessMonitor(backend, health_servicer, options.poll_seconds, observer.metrics)
-    return RecommenderServer(grpc_server, health_servicer, monitor, backend, servicer), port
+    runner = (RequestBatcher(pipeline, options.max_batch_size) if options.max_batch_size > 1
+              else ThreadedPipeline(pipeline, options.max_workers))
+    servicer = RecommenderServicer(runner, backend, observer)
+
+    async def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        # grpc.aio objects belong to the loop they are created on.
+        grpc_server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(options.auth_token)] if options.auth_token else None,
+            options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        )
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, grpc_server)
+        health_servicer = health.aio.HealthServicer()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            grpc_server)
+        if options.tls_cert and options.tls_key:
+            credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
+            return grpc_server, health_servicer, grpc_server.add_secure_port(address, credentials)
+        return grpc_server, health_servicer, grpc_server.add_insecure_port(address)
+
+    try:
+        grpc_server, health_servicer, port = loop_thread.run(build())
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+    except BaseException:
+        runner.close()
+        loop_thread.close()
+        raise
+
+    def set_health(service: str, status: int) -> None:
+        loop_thread.run(health_servicer.set(service, status))
+
+    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics)
+    return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer), port

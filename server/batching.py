@@ -33,6 +33,15 @@ class _Pending:
         return self.is_cancelled is not None and self.is_cancelled()
 
 
+def result_within(future: futures.Future, timeout: float | None):
+    """The future's result, or DeadlineExceeded (and the future cancelled) after `timeout` seconds."""
+    try:
+        return future.result(timeout)
+    except futures.TimeoutError:
+        future.cancel()
+        raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
+
+
 def _batch_timeout(batch: list[_Pending]) -> float | None:
     """The longest remaining deadline in the batch: backend calls never outlive every caller."""
     if any(pending.expires is None for pending in batch):
@@ -53,17 +62,19 @@ class RequestBatcher:
     def current_catalog(self):
         return self.pipeline.current_catalog()
 
-    def recommend(self, queries: Sequence[Query], timeout: float | None = None,
-                  stage_seconds: dict[str, float] | None = None,
-                  is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
+    def submit(self, queries: Sequence[Query], timeout: float | None = None,
+               stage_seconds: dict[str, float] | None = None,
+               is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
+        """Queue the queries for the next batch; cancelling the future before it runs drops them."""
         expires = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(queries, expires, stage_seconds=stage_seconds, is_cancelled=is_cancelled)
         self._queue.put(pending)
-        try:
-            return pending.future.result(timeout)
-        except futures.TimeoutError:
-            pending.future.cancel()
-            raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
+        return pending.future
+
+    def recommend(self, queries: Sequence[Query], timeout: float | None = None,
+                  stage_seconds: dict[str, float] | None = None,
+                  is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
+        return result_within(self.submit(queries, timeout, stage_seconds, is_cancelled), timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop taking batches and wait for the running one: a thread still inside TensorFlow
@@ -118,3 +129,22 @@ class RequestBatcher:
                     pending.stage_seconds.update(timings)
                 pending.future.set_result(results[offset:offset + len(pending.queries)])
                 offset += len(pending.queries)
+
+
+class ThreadedPipeline:
+    """Batching off: each request runs the pipeline alone, on a thread of a pool."""
+
+    def __init__(self, pipeline: Pipeline, max_workers: int):
+        self.pipeline = pipeline
+        self._executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pipeline")
+
+    def current_catalog(self):
+        return self.pipeline.current_catalog()
+
+    def submit(self, queries: Sequence[Query], timeout: float | None = None,
+               stage_seconds: dict[str, float] | None = None,
+               is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
+        return self._executor.submit(self.pipeline.recommend, queries, timeout, stage_seconds, is_cancelled)
+
+    def close(self, timeout: float | None = None) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

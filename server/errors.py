@@ -1,6 +1,7 @@
 """Domain errors and their one mapping to gRPC status codes."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -59,33 +60,40 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 def map_errors(method: Callable) -> Callable:
     """The one place errors become statuses: domain errors keep their code and message,
     anything else is a bare INTERNAL. Also opens and closes the call's CallRecord
-    (`self.observer`), which the method receives as its last argument."""
+    (`self.observer`), which the method receives as its last argument.
+
+    For grpc.aio servicer methods: async generators (server streaming) and coroutines.
+    """
     name = method.__name__
-    if inspect.isgeneratorfunction(method):
+    if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
-        def stream(self, request, context):
+        async def stream(self, request, context):
             record = self.observer.begin(name, context)
             try:
-                yield from method(self, request, context, record)
-            except GeneratorExit:  # the client cancelled or the deadline passed mid-stream
+                async for response in method(self, request, context, record):
+                    yield response
+            except (GeneratorExit, asyncio.CancelledError):  # the client cancelled or the deadline passed
                 self.observer.finish(record, grpc.StatusCode.CANCELLED)
                 raise
             except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
                 code, message = _status_of(error)
                 self.observer.finish(record, code)
-                context.abort(code, message)
+                await context.abort(code, message)
             self.observer.finish(record, grpc.StatusCode.OK)
         return stream
 
     @functools.wraps(method)
-    def unary(self, request, context):
+    async def unary(self, request, context):
         record = self.observer.begin(name, context)
         try:
-            response = method(self, request, context, record)
+            response = await method(self, request, context, record)
+        except asyncio.CancelledError:
+            self.observer.finish(record, grpc.StatusCode.CANCELLED)
+            raise
         except Exception as error:  # noqa: BLE001
             code, message = _status_of(error)
             self.observer.finish(record, code)
-            context.abort(code, message)
+            await context.abort(code, message)
         self.observer.finish(record, grpc.StatusCode.OK)
         return response
     return unary

@@ -16,19 +16,19 @@ def read_token(path: Path) -> str:
     return token
 
 
-def _deny(request, context):
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
+async def _deny(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid 'authorization: Bearer <token>' metadata")
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
         self._deny_handler = grpc.unary_unary_rpc_method_handler(_deny)
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(OPEN_SERVICE_PREFIXES):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         supplied = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if isinstance(supplied, str) and hmac.compare_digest(supplied.encode(), self._expected):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return self._deny_handler

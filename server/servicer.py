@@ -1,23 +1,27 @@
-"""The gRPC servicer: validate, delegate to the pipeline, stream. Nothing else lives here."""
+"""The gRPC servicer (grpc.aio): validate, delegate to the pipeline, stream. Nothing else lives here.
+
+The pipeline runs off the event loop (the batcher's thread, or a pool when batching is off);
+the loop only awaits its future, so it keeps serving other calls meanwhile.
+"""
 from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Sequence
 
 import grpc
 
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
-from server.batching import RequestBatcher
-from server.errors import InvalidRequest, ModelsUnavailable, map_errors
-from server.observability import CallRecord, Observer
+from server.batching import RequestBatcher, ThreadedPipeline
+from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, map_errors
 from server.limits import DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
-from server.pipeline import Pipeline, Query, Recommendation, make_query
+from server.observability import CallRecord, Observer
+from server.pipeline import Query, Recommendation, make_query
 
 
 def _query(request: recommender_pb2.RecommendRequest) -> Query:
     return make_query(request.user_id, request.k, request.exclude_item_ids, request.include_rated)
-
-
-def _timeout(context: grpc.ServicerContext) -> float | None:
-    return context.time_remaining()
 
 
 def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
@@ -35,7 +39,7 @@ def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, pipeline: Pipeline | RequestBatcher, backend: Backend, observer: Observer):
+    def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer
@@ -47,19 +51,31 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         if not self.backend.is_ready():
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
 
+    async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
+                         record: CallRecord) -> list[list[Recommendation]]:
+        """Run the pipeline within the caller's deadline; a caller that goes away is dropped from its batch."""
+        gone = threading.Event()
+        context.add_done_callback(lambda _: gone.set())
+        timeout = context.time_remaining()
+        future = self.pipeline.submit(queries, timeout, record.stage_seconds, gone.is_set)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
+
     @map_errors
-    def Recommend(self, request, context, record: CallRecord):
+    async def Recommend(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
         query = _query(request)
         self._ready()
-        results = self.pipeline.recommend([query], timeout=_timeout(context), stage_seconds=record.stage_seconds,
-                                          is_cancelled=lambda: not context.is_active())
+        results = await self._recommend([query], context, record)
         _note(record, results)
         for item in results[0]:
             yield to_proto(item)
 
     @map_errors
-    def RecommendBatch(self, request, context, record: CallRecord):
+    async def RecommendBatch(self, request, context, record: CallRecord):
         record.user_ids = [entry.user_id[:MAX_USER_ID_LENGTH] for entry in request.requests[:MAX_BATCH_USERS]]
         if len(request.requests) > MAX_BATCH_USERS:
             raise InvalidRequest(f"requests has {len(request.requests)} entries; the maximum is {MAX_BATCH_USERS}")
@@ -70,15 +86,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             except InvalidRequest as error:
                 raise InvalidRequest(f"requests[{position}]: {error}") from None
         self._ready()
-        results = self.pipeline.recommend(queries, timeout=_timeout(context), stage_seconds=record.stage_seconds,
-                                          is_cancelled=lambda: not context.is_active())
+        results = await self._recommend(queries, context, record)
         _note(record, results)
         return recommender_pb2.RecommendBatchResponse(results=[
             recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])
             for query, items in zip(queries, results)])
 
     @map_errors
-    def GetModelInfo(self, request, context, record: CallRecord):
+    async def GetModelInfo(self, request, context, record: CallRecord):
         self._ready()
         catalog = self.pipeline.current_catalog()
         return recommender_pb2.ModelInfo(
