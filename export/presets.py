@@ -76,5 +76,6 @@ PRESETS: dict[str, Preset] = {
         ranking_layers=(256, 64),
         rating_l2=1e-3,
         watch_weight=1.0,
+        rating_user_history=True,
     ),
 }
