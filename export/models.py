@@ -133,7 +133,16 @@ class RankingModel(tfrs.Model):
                                                       preset.rating_l2, name="rating_history_user_tower")
         else:
             self.rating_user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "rating_user_tower")
-        self.rating_item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "rating_item_tower")
+        self.rating_item_history = preset.rating_item_history
+        if self.rating_item_history:
+            raters: dict[str, list[str]] = {}
+            for user, items in (history or {}).items():
+                for item in items:
+                    raters.setdefault(item, []).append(user)
+            self.rating_item_model = HistoryUserTower(item_ids, user_ids, raters, preset.embedding_dim,
+                                                      preset.rating_l2, name="rating_history_item_tower")
+        else:
+            self.rating_item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "rating_item_tower")
         self.mlp = tf.keras.Sequential(
             [tf.keras.layers.Dense(units, activation="relu") for units in preset.ranking_layers]
             + [tf.keras.layers.Dense(1)],
@@ -158,7 +167,11 @@ class RankingModel(tfrs.Model):
                                                       "leave_out_item_id": features["item_id"]})
         else:
             user_embeddings = self.rating_user_model(features["user_id"])
-        item_embeddings = self.rating_item_model(features["item_id"])
+        if self.rating_item_history and leave_out_rated:
+            item_embeddings = self.rating_item_model({"user_id": features["item_id"],
+                                                      "leave_out_item_id": features["user_id"]})
+        else:
+            item_embeddings = self.rating_item_model(features["item_id"])
         return self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
 
     def watch_logit(self, features: dict[str, tf.Tensor]) -> tf.Tensor:

@@ -34,6 +34,8 @@ class Preset:
     candidate_count: int = 200
     # The rating head's user tower adds the user's rated movies (SVD++'s implicit feedback).
     rating_user_history: bool = False
+    # ... and its movie tower adds the users who rated the movie.
+    rating_item_history: bool = False
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -74,8 +76,9 @@ PRESETS: dict[str, Preset] = {
         ranking_batch_size=1024,
         ranking_epochs=13,
         ranking_layers=(256, 64),
-        rating_l2=1e-3,
+        rating_l2=2e-3,
         watch_weight=1.0,
         rating_user_history=True,
+        rating_item_history=True,
     ),
 }
