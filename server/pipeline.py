@@ -1,4 +1,7 @@
-"""retrieve -> drop rated and excluded -> rank -> order -> top k, with a popularity fallback.
+"""retrieve (rated movies already dropped by the model) and rank, in one backend call ->
+drop the request's exclusions -> order by score -> top k, with a popularity fallback.
+Ranking every candidate and filtering after gives the same lists as filtering first,
+since each pair's score is its own.
 
 Written once; it does not know which backend runs the models. Offline evaluation
 calls this same code, so its numbers are what the service returns.
@@ -15,7 +18,6 @@ from server.backend import Backend
 from server.catalog import Catalog, CatalogStore
 from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable
 from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
-
 
 
 @dataclass(frozen=True)
