@@ -279,25 +279,29 @@ class DatasetSpec:
     sha256: str
     required_files: tuple[str, ...]
     rating_scale: float
-    # The ratings file as delimited text: read whole by `read_ratings`, or streamed (export/examples.py).
+    # The ratings file as delimited text: read whole (`read_ratings`) or streamed (export/examples.py).
     ratings_file: str
     separator: str
     header: str | None
-    read_ratings: Callable[[Path], np.ndarray]
     read_catalog: Callable[[Path], tuple[dict[str, Item], dict[str, User]]]
     # Whether training streams the ratings through tf.data by default instead of loading them.
     stream_by_default: bool = False
+    # A reader of its own for the ratings file; by default `read_ratings_table` with the fields above.
+    ratings_reader: Callable[[Path], np.ndarray] | None = None
+
+    def read_ratings(self, directory: Path) -> np.ndarray:
+        if self.ratings_reader is not None:
+            return self.ratings_reader(directory / self.ratings_file)
+        return read_ratings_table(directory / self.ratings_file, self.separator, self.rating_scale, self.header)
 
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
-CSV_RATINGS_HEADER = "userId,movieId,rating,timestamp"
 
 
 def _csv_spec(name: str, title: str, sha256: str) -> DatasetSpec:
     return DatasetSpec(
         title, f"{GROUPLENS}/{name}.zip", sha256, ("ratings.csv", "movies.csv"), 0.5, "ratings.csv", ",",
-        CSV_RATINGS_HEADER,
-        lambda directory: read_ratings_table(directory / "ratings.csv", ",", 0.5, header=CSV_RATINGS_HEADER),
+        "userId,movieId,rating,timestamp",
         lambda directory: (read_movies_table(directory / "movies.csv", ",", "utf-8", header="movieId,title,genres"),
                            {}),
         stream_by_default=True)
@@ -306,12 +310,11 @@ def _csv_spec(name: str, title: str, sha256: str) -> DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "ml-100k": DatasetSpec(
         "MovieLens 100k", ML100K_URL, ML100K_SHA256, REQUIRED_FILES, 1.0, "u.data", "\t", None,
-        lambda directory: read_ratings(directory / "u.data"),
-        lambda directory: (read_items(directory / "u.item"), read_users(directory / "u.user"))),
+        lambda directory: (read_items(directory / "u.item"), read_users(directory / "u.user")),
+        ratings_reader=read_ratings),  # stricter: whole stars 1..5, messages quote the raw line
     "ml-1m": DatasetSpec(
         "MovieLens 1M", f"{GROUPLENS}/ml-1m.zip", "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
         ("ratings.dat", "movies.dat", "users.dat"), 1.0, "ratings.dat", "::", None,
-        lambda directory: read_ratings_table(directory / "ratings.dat", "::", 1.0),
         lambda directory: (read_movies_table(directory / "movies.dat", "::", "latin-1"),
                            read_ml1m_users(directory / "users.dat"))),
     "ml-20m": _csv_spec("ml-20m", "MovieLens 20M", "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3"),

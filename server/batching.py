@@ -33,15 +33,6 @@ class _Pending:
         return self.is_cancelled is not None and self.is_cancelled()
 
 
-def result_within(future: futures.Future, timeout: float | None):
-    """The future's result, or DeadlineExceeded (and the future cancelled) after `timeout` seconds."""
-    try:
-        return future.result(timeout)
-    except futures.TimeoutError:
-        future.cancel()
-        raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
-
-
 def _batch_timeout(batch: list[_Pending]) -> float | None:
     """The longest remaining deadline in the batch: backend calls never outlive every caller."""
     if any(pending.expires is None for pending in batch):
@@ -74,7 +65,12 @@ class RequestBatcher:
     def recommend(self, queries: Sequence[Query], timeout: float | None = None,
                   stage_seconds: dict[str, float] | None = None,
                   is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
-        return result_within(self.submit(queries, timeout, stage_seconds, is_cancelled), timeout)
+        future = self.submit(queries, timeout, stage_seconds, is_cancelled)
+        try:
+            return future.result(timeout)
+        except futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop taking batches and wait for the running one: a thread still inside TensorFlow
@@ -146,5 +142,5 @@ class ThreadedPipeline:
                is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
         return self._executor.submit(self.pipeline.recommend, queries, timeout, stage_seconds, is_cancelled)
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
