@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train = commands.add_parser("train", help="train both stages and export them as the next model version")
     train.add_argument("--preset", choices=sorted(PRESETS), default="default", help="hyperparameter set (default: %(default)s)")
+    train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                       help="override one field of the preset, e.g. --set ensemble_size=1 (repeatable; tuples as "
+                            "256,64); the export's metadata records the values trained with")
     train.add_argument("--data-dir", help=DATA_HELP)
     train.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
     train.add_argument("--out", required=True, type=Path, help="models directory (TF Serving layout); a new version is added")
@@ -72,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--measure", choices=("stream", "memory"), help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            preset = PRESETS[args.preset].with_overrides(args.overrides)
+        except ValueError as error:
+            parser.error(str(error))
     if args.command == "data-bench":
         return data_bench(args)
     from export.data import load_movielens
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from export.train import train_and_export
 
         try:
-            train_and_export(data, PRESETS[args.preset], args.out, args.holdout, args.synthetic_items, args.strategy,
+            train_and_export(data, preset, args.out, args.holdout, args.synthetic_items, args.strategy,
                              args.shuffle_buffer)
         except DataFormatError as error:  # a streamed file is checked as it is read
             print(f"error: {error}", file=sys.stderr)

@@ -3,7 +3,7 @@
 Both give training the same `FitData`. Streaming is for data sets larger than memory (ML-20M and
 ML-25M by default): rows are read, split and parsed in blocks inside tf.data and never gathered
 into one array. What stays in memory is one bit per row (which side of the split it is on) and the
-per-user rated-movie ids, which the history tower and the served exclusions are made of.
+per-user rated-movie ids and stars, which the history towers and the served exclusions are made of.
 """
 from __future__ import annotations
 
@@ -26,21 +26,24 @@ class FitData:
 
     user_ids: list[str]  # users with fit rows, in id order
     rated_item_ids: dict[str, list[str]]  # user -> movies they rated in the fit rows
+    rated_stars: dict[str, np.ndarray]  # user -> the stars they gave those movies, in the same order
     rating_counts: dict[str, int]  # movie -> how often it was rated in the fit rows
     row_count: int
     # (batch size, seed) -> batches of {"user_id", "item_id", "rating" (stars)}, in a new order every epoch.
     batches: Callable[[int, int], tf.data.Dataset]
 
 
-def _summarise(users: np.ndarray, items: np.ndarray) -> tuple[list[str], dict[str, list[str]], dict[str, int]]:
-    """Users, who rated what (in row order) and rating counts, from parallel id columns."""
+def _summarise(users: np.ndarray, items: np.ndarray,
+               stars: np.ndarray) -> tuple[list[str], dict[str, list[str]], dict[str, np.ndarray], dict[str, int]]:
+    """Users, who rated what with how many stars (in row order) and rating counts, from parallel columns."""
     order = np.argsort(users, kind="stable")
-    users, items = users[order], items[order]
+    users, items, stars = users[order], items[order], stars[order]
     starts = np.flatnonzero(np.diff(users)) + 1
-    rated = {str(user): chunk.astype(str).tolist()
-             for user, chunk in zip(users[np.r_[0, starts]].tolist(), np.split(items, starts))} if len(users) else {}
+    firsts = users[np.r_[0, starts]].astype(str).tolist() if len(users) else []
+    rated = dict(zip(firsts, (chunk.astype(str).tolist() for chunk in np.split(items, starts))))
+    rated_stars = dict(zip(firsts, np.split(stars, starts)))
     movies, counts = np.unique(items, return_counts=True)
-    return list(rated), rated, dict(zip(movies.astype(str).tolist(), counts.tolist()))
+    return list(rated), rated, rated_stars, dict(zip(movies.astype(str).tolist(), counts.tolist()))
 
 
 def from_rows(rows: np.ndarray, rating_scale: float = 1.0) -> FitData:
@@ -57,7 +60,7 @@ def from_rows(rows: np.ndarray, rating_scale: float = 1.0) -> FitData:
                 .map(lambda index: {name: tf.gather(values, index) for name, values in tensors.items()})
                 .prefetch(tf.data.AUTOTUNE))
 
-    return FitData(*_summarise(rows[:, 0], rows[:, 1]), row_count=len(rows), batches=batches)
+    return FitData(*_summarise(rows[:, 0], rows[:, 1], columns["rating"]), row_count=len(rows), batches=batches)
 
 
 def count_rows(path: Path, has_header: bool) -> int:
@@ -131,7 +134,7 @@ def from_stream(data: MovieLens, holdout: str, shuffle_buffer: int = DEFAULT_SHU
     in_fit = np.zeros(row_count, dtype=bool)
     in_fit[split_row_numbers(row_count, holdout)[0]] = True
     blocks = stream_blocks(data, in_fit)
-    user_parts, item_parts = [], []
+    user_parts, item_parts, star_parts = [], [], []
     try:
         for block in blocks.prefetch(2).as_numpy_iterator():
             if len(block) and block[:, :2].max() >= 2**31:
@@ -139,9 +142,10 @@ def from_stream(data: MovieLens, holdout: str, shuffle_buffer: int = DEFAULT_SHU
             # int32 halves the one O(rows) structure kept in memory.
             user_parts.append(block[:, 0].astype(np.int32))
             item_parts.append(block[:, 1].astype(np.int32))
+            star_parts.append((block[:, 2] * data.rating_scale).astype(np.float32))
     except tf.errors.InvalidArgumentError as error:
         raise DataFormatError(f"{path}: {row_error(error)}") from None
-    users, items = np.concatenate(user_parts), np.concatenate(item_parts)
+    users, items, stars = np.concatenate(user_parts), np.concatenate(item_parts), np.concatenate(star_parts)
     check_rated_movies_known(data.source, np.unique(items), data.items)
 
     def batches(batch_size: int, seed: int) -> tf.data.Dataset:
@@ -153,4 +157,4 @@ def from_stream(data: MovieLens, holdout: str, shuffle_buffer: int = DEFAULT_SHU
                                    "rating": tf.cast(rows[:, 2], tf.float32) * data.rating_scale})
                 .prefetch(tf.data.AUTOTUNE))
 
-    return FitData(*_summarise(users, items), row_count=len(users), batches=batches)
+    return FitData(*_summarise(users, items, stars), row_count=len(users), batches=batches)

@@ -23,46 +23,90 @@ def id_tower(vocabulary: list[str], dim: int, l2: float, name: str) -> tf.keras.
 class HistoryUserTower(tf.keras.Model):
     """User id -> id embedding + normalised sum of the embeddings of the movies they rated.
 
-    The rated movies are a table inside the tower, so serving still needs only the
-    user id. In training, the example's own movie is left out of the history so the
-    tower cannot learn to copy it.
+    With `stars` (per user, parallel to `history`), a second sum weighs another embedding of
+    each rated movie by its stars minus `mean_stars`: how much the user liked it, not only
+    that they rated it. The rated movies are a table inside the tower, so serving still needs
+    only the user id. In training, the example's own movie (and its stars) is left out of the
+    history so the tower cannot learn to copy it.
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], dim: int,
-                 l2: float, name: str = "history_user_tower"):
+                 l2: float, name: str = "history_user_tower", stars: dict[str, np.ndarray] | None = None,
+                 mean_stars: float = 0.0):
         super().__init__(name=name)
         regularizer = tf.keras.regularizers.l2(l2) if l2 else None
         self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
         self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
         self.user_embedding = tf.keras.layers.Embedding(len(user_ids) + 1, dim, embeddings_regularizer=regularizer)
-        self.history_embedding = tf.keras.layers.Embedding(len(item_ids) + 1, dim, embeddings_regularizer=regularizer)
+        # With stars, each movie's row holds both of its embeddings, [rated | liked], so one
+        # lookup and one segment sum serve the two sums.
+        self.dim, self.with_stars = dim, stars is not None
+        self.history_embedding = tf.keras.layers.Embedding(len(item_ids) + 1, dim * (2 if self.with_stars else 1),
+                                                           embeddings_regularizer=regularizer)
         position = {item_id: index + 1 for index, item_id in enumerate(item_ids)}
         rows = [[]] + [[position[item] for item in history.get(user, [])] for user in user_ids]
         self.history_values = tf.Variable(np.asarray([p for row in rows for p in row], dtype=np.int64),
                                           trainable=False, name="history_values")
         self.history_row_splits = tf.Variable(np.cumsum([0] + [len(row) for row in rows]).astype(np.int64),
                                               trainable=False, name="history_row_splits")
+        self.mean_stars = mean_stars
+        if self.with_stars:
+            weights = [np.zeros(0, np.float32)] + [np.asarray(stars.get(user, []), np.float32) - mean_stars
+                                                   for user in user_ids]
+            self.history_weights = tf.Variable(np.concatenate(weights), trainable=False, name="history_weights")
+
+    def _weighted(self, embeddings: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """[rated | liked] rows scaled by [1 | stars - mean]."""
+        scale = tf.stack([tf.ones_like(weights), weights], axis=1)
+        return embeddings * tf.repeat(scale, self.dim, axis=1)
 
     def call(self, inputs) -> tf.Tensor:
-        """`inputs`: user ids, or {"user_id", "leave_out_item_id"} while training.
+        """`inputs`: user ids, or {"user_id", "leave_out_item_id"[, "leave_out_stars"]} while training.
 
-        A left-out movie must be in the user's history, as every training row is.
+        A left-out movie must be in the user's history, as every training row is; with
+        `stars`, its stars must be given too.
         """
         leave_out = None
         if isinstance(inputs, dict):
-            inputs, leave_out = inputs["user_id"], inputs.get("leave_out_item_id")
+            inputs, leave_out = inputs["user_id"], inputs
         users = self.user_lookup(inputs)
         # Sum each distinct user's history once, however many rows of the batch they have.
         unique_users, row_of_example = tf.unique(users, out_idx=tf.int64)
         history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits), unique_users)
-        summed = tf.math.unsorted_segment_sum(self.history_embedding(history.values), history.value_rowids(),
+        rows = self.history_embedding(history.values)
+        if self.with_stars:
+            weights = tf.gather(tf.RaggedTensor.from_row_splits(self.history_weights, self.history_row_splits),
+                                unique_users)
+            rows = self._weighted(rows, weights.values)
+        summed = tf.math.unsorted_segment_sum(rows, history.value_rowids(),
                                               tf.shape(unique_users, out_type=tf.int64)[0])
         summed = tf.gather(summed, row_of_example)
         count = tf.cast(tf.gather(history.row_lengths(), row_of_example), tf.float32)
         if leave_out is not None:
-            summed -= self.history_embedding(self.item_lookup(leave_out))
+            own = self.history_embedding(self.item_lookup(leave_out["leave_out_item_id"]))
+            if self.with_stars:
+                own = self._weighted(own, tf.cast(leave_out["leave_out_stars"], tf.float32) - self.mean_stars)
+            summed -= own
             count -= 1.0
+        if self.with_stars:
+            summed = summed[:, :self.dim] + summed[:, self.dim:]
         return self.user_embedding(users) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
+
+
+class ConcatTowers(tf.keras.Model):
+    """Several independently trained towers as one: their outputs side by side.
+
+    The dot product of two such towers is the sum of the members' dot products, so an
+    ensemble of two-tower models is still one two-tower model with a wider embedding and
+    serves through the same top-k over item embeddings.
+    """
+
+    def __init__(self, towers: list[tf.keras.Model], name: str):
+        super().__init__(name=name)
+        self.towers = towers
+
+    def call(self, inputs) -> tf.Tensor:
+        return tf.concat([tower(inputs) for tower in self.towers], axis=1)
 
 
 def mean_over_global_batch(loss_sum: tf.Tensor, replica_batch_size: tf.Tensor) -> tf.Tensor:
@@ -77,46 +121,125 @@ def catalog_logits(user_embeddings: tf.Tensor, item_model: tf.keras.Model, catal
     return tf.matmul(user_embeddings, item_model(catalog_item_ids), transpose_b=True)
 
 
+class CatalogSoftmax(tf.keras.layers.Layer):
+    """Summed softmax cross-entropy over the whole catalog, each ensemble member on its own.
+
+    Members share batches but not parameters or loss terms, so each trains as it would alone;
+    their summed logits, what the concatenated towers serve, are the ensemble's score.
+    """
+
+    def __init__(self, item_ids: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.catalog_item_ids = tf.constant(item_ids)
+        self.catalog_position = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None, num_oov_indices=0)
+        self.loss = tf.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
+
+    def call(self, user_members: list[tf.Tensor], item_models: list[tf.keras.Model], item_id: tf.Tensor) -> tf.Tensor:
+        labels = self.catalog_position(item_id)
+        return tf.add_n([self.loss(labels, catalog_logits(users, items, self.catalog_item_ids))
+                         for users, items in zip(user_members, item_models)])
+
+
 class RetrievalModel(tfrs.Model):
     """Two towers whose dot product scores (user, movie).
 
     `full_softmax` trains against every movie in the catalog (1,682 is cheap to
-    score), `in_batch` is the TFRS tutorial's in-batch sampled softmax.
+    score), `in_batch` is the TFRS tutorial's in-batch sampled softmax. With
+    `preset.ensemble_size` > 1, that many tower pairs train side by side from
+    different initialisations and serve as one pair of concatenated towers.
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], preset: Preset):
         super().__init__()
         self.loss_kind = preset.retrieval_loss
         self.uses_history = preset.user_history
-        if preset.user_history:
-            self.user_model = HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim, preset.retrieval_l2)
-        else:
-            self.user_model = id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2, "user_tower")
-        self.item_model = id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, "item_tower")
-        self.catalog_item_ids = tf.constant(item_ids)
+        user_members, item_members = [], []
+        for member in range(preset.ensemble_size):
+            if preset.user_history:
+                user_members.append(HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim,
+                                                     preset.retrieval_l2, name=f"history_user_tower_{member}"))
+            else:
+                user_members.append(id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2,
+                                             f"user_tower_{member}"))
+            item_members.append(id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, f"item_tower_{member}"))
+        self.user_model = ConcatTowers(user_members, name="user_model")
+        self.item_model = ConcatTowers(item_members, name="item_model")
         self.task = tfrs.tasks.Retrieval()
-        self.softmax_loss = tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
+        self.catalog_softmax = CatalogSoftmax(item_ids)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        user_input = features["user_id"]
         if self.uses_history:
-            user_embeddings = self.user_model({"user_id": features["user_id"], "leave_out_item_id": features["item_id"]})
+            user_input = {"user_id": features["user_id"], "leave_out_item_id": features["item_id"]}
+        user_members = [tower(user_input) for tower in self.user_model.towers]
+        if self.loss_kind == "in_batch":
+            return tf.add_n([self.task(users, items(features["item_id"]), compute_metrics=False)
+                             for users, items in zip(user_members, self.item_model.towers)])
+        summed = self.catalog_softmax(user_members, self.item_model.towers, features["item_id"])
+        return mean_over_global_batch(summed, tf.shape(features["item_id"])[0])
+
+
+class RatingHead(tf.keras.Model):
+    """Stars from an MLP over a user and a movie embedding.
+
+    With history, the user embedding adds the user's rated movies and the movie embedding
+    the users who rated it (SVD++'s implicit feedback, both ways).
+    """
+
+    def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset, history: dict[str, list[str]],
+                 stars: dict[str, np.ndarray], name: str):
+        super().__init__(name=name)
+        self.user_history, self.item_history = preset.rating_user_history, preset.rating_item_history
+        taste = preset.rating_taste
+        mean_stars = float(np.mean(np.concatenate(list(stars.values())))) if taste and stars else 0.0
+        if self.user_history:
+            self.user_model = HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim, preset.rating_l2,
+                                               name="history_user_tower", stars=stars if taste else None,
+                                               mean_stars=mean_stars)
+        else:
+            self.user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "user_tower")
+        if self.item_history:
+            raters: dict[str, list[str]] = {}
+            rater_stars: dict[str, list[float]] = {}
+            for user, items in history.items():
+                for item, user_stars in zip(items, stars.get(user, np.zeros(len(items))).tolist()):
+                    raters.setdefault(item, []).append(user)
+                    rater_stars.setdefault(item, []).append(user_stars)
+            self.item_model = HistoryUserTower(item_ids, user_ids, raters, preset.embedding_dim, preset.rating_l2,
+                                               name="history_item_tower",
+                                               stars={item: np.asarray(values, np.float32)
+                                                      for item, values in rater_stars.items()} if taste else None,
+                                               mean_stars=mean_stars)
+        else:
+            self.item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "item_tower")
+        self.mlp = tf.keras.Sequential(
+            [tf.keras.layers.Dense(units, activation="relu") for units in preset.ranking_layers]
+            + [tf.keras.layers.Dense(1)],
+            name="mlp",
+        )
+
+    def call(self, features: dict[str, tf.Tensor], leave_out_rated: bool = False) -> tf.Tensor:
+        """Predicted stars, [batch, 1]. `leave_out_rated` (training): the example's movie is dropped
+        from the user's history and the user from the movie's raters, as they will not be there
+        for a pair to predict."""
+        if self.user_history and leave_out_rated:
+            user_embeddings = self.user_model({"user_id": features["user_id"], "leave_out_item_id": features["item_id"],
+                                               "leave_out_stars": features["rating"]})
         else:
             user_embeddings = self.user_model(features["user_id"])
-        if self.loss_kind == "in_batch":
+        if self.item_history and leave_out_rated:
+            item_embeddings = self.item_model({"user_id": features["item_id"], "leave_out_item_id": features["user_id"],
+                                               "leave_out_stars": features["rating"]})
+        else:
             item_embeddings = self.item_model(features["item_id"])
-            return self.task(user_embeddings, item_embeddings, compute_metrics=False)
-        # Every movie in the catalog is a candidate; the label is the rated movie's catalog position.
-        logits = catalog_logits(user_embeddings, self.item_model, self.catalog_item_ids)
-        labels = self.item_model.layers[0](features["item_id"]) - 1
-        return mean_over_global_batch(self.softmax_loss(labels, logits), tf.shape(labels)[0])
+        return self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
 
 
 class RankingModel(tfrs.Model):
     """Two heads, each with its own user and movie towers.
 
-    - rating: an MLP over rating embeddings predicting the star rating (MSE), reported
-      as `predicted_rating`;
+    - rating: a `RatingHead` predicting the star rating (MSE), reported as `predicted_rating`;
     - watch (when `preset.watch_weight` > 0): the dot product of watch embeddings,
       trained as a softmax over the catalog ("which movie does this user rate next"),
       which is what the service orders by. Separate towers keep the rating loss from
@@ -124,73 +247,49 @@ class RankingModel(tfrs.Model):
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset,
-                 history: dict[str, list[str]] | None = None):
+                 history: dict[str, list[str]] | None = None, stars: dict[str, np.ndarray] | None = None):
+        """`history`: user -> movies rated in the fit rows; `stars`: user -> their stars, in the same order."""
         super().__init__()
         self.watch_weight = preset.watch_weight
-        self.rating_history = preset.rating_user_history
-        if self.rating_history:
-            self.rating_user_model = HistoryUserTower(user_ids, item_ids, history or {}, preset.embedding_dim,
-                                                      preset.rating_l2, name="rating_history_user_tower")
-        else:
-            self.rating_user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "rating_user_tower")
-        self.rating_item_history = preset.rating_item_history
-        if self.rating_item_history:
-            raters: dict[str, list[str]] = {}
-            for user, items in (history or {}).items():
-                for item in items:
-                    raters.setdefault(item, []).append(user)
-            self.rating_item_model = HistoryUserTower(item_ids, user_ids, raters, preset.embedding_dim,
-                                                      preset.rating_l2, name="rating_history_item_tower")
-        else:
-            self.rating_item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "rating_item_tower")
-        self.mlp = tf.keras.Sequential(
-            [tf.keras.layers.Dense(units, activation="relu") for units in preset.ranking_layers]
-            + [tf.keras.layers.Dense(1)],
-            name="rating_mlp",
-        )
+        self.rating = RatingHead(user_ids, item_ids, preset, history or {}, stars or {}, name="rating")
         self.rating_task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.MeanSquaredError(reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")],
         )
         if self.watch_weight:
-            self.watch_user_model = id_tower(user_ids, preset.embedding_dim, 0.0, "watch_user_tower")
-            self.watch_item_model = id_tower(item_ids, preset.embedding_dim, 0.0, "watch_item_tower")
-            self.catalog_item_ids = tf.constant(item_ids)
-            self.watch_loss = tf.keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
+            self.watch_user_model = ConcatTowers(
+                [id_tower(user_ids, preset.embedding_dim, 0.0, f"watch_user_tower_{member}")
+                 for member in range(preset.ensemble_size)], name="watch_user_model")
+            self.watch_item_model = ConcatTowers(
+                [id_tower(item_ids, preset.embedding_dim, 0.0, f"watch_item_tower_{member}")
+                 for member in range(preset.ensemble_size)], name="watch_item_model")
+            self.catalog_softmax = CatalogSoftmax(item_ids)
 
-    def call(self, features: dict[str, tf.Tensor], leave_out_rated: bool = False) -> tf.Tensor:
-        """Predicted star rating, [batch, 1]. `leave_out_rated` (training): the example's movie is
-        dropped from the user's history, as it will not be there for a movie to predict."""
-        if self.rating_history and leave_out_rated:
-            user_embeddings = self.rating_user_model({"user_id": features["user_id"],
-                                                      "leave_out_item_id": features["item_id"]})
-        else:
-            user_embeddings = self.rating_user_model(features["user_id"])
-        if self.rating_item_history and leave_out_rated:
-            item_embeddings = self.rating_item_model({"user_id": features["item_id"],
-                                                      "leave_out_item_id": features["user_id"]})
-        else:
-            item_embeddings = self.rating_item_model(features["item_id"])
-        return self.mlp(tf.concat([user_embeddings, item_embeddings], axis=1))
+    def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Predicted star rating, [batch, 1]."""
+        return self.rating(features)
 
     def watch_logit(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The watch members' summed dot products."""
         return tf.reduce_sum(self.watch_user_model(features["user_id"]) * self.watch_item_model(features["item_id"]),
                              axis=1)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         batch = tf.shape(features["rating"])[0]
         # Labels as [batch, 1] like the predictions, so the summed loss is per example.
-        summed = self.rating_task(labels=features["rating"][:, None], predictions=self(features, leave_out_rated=True))
+        summed = self.rating_task(labels=features["rating"][:, None],
+                                  predictions=self.rating(features, leave_out_rated=True))
         loss = mean_over_global_batch(summed, batch)
         if self.watch_weight:
-            logits = catalog_logits(self.watch_user_model(features["user_id"]), self.watch_item_model,
-                                    self.catalog_item_ids)
-            labels = self.watch_item_model.layers[0](features["item_id"]) - 1
-            loss += self.watch_weight * mean_over_global_batch(self.watch_loss(labels, logits), batch)
+            user_members = [tower(features["user_id"]) for tower in self.watch_user_model.towers]
+            summed = self.catalog_softmax(user_members, self.watch_item_model.towers, features["item_id"])
+            loss += self.watch_weight * mean_over_global_batch(summed, batch)
         return loss
 
 
-def make_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optimizer:
+def make_optimizer(name: str, learning_rate: float, decay_steps: int = 0) -> tf.keras.optimizers.Optimizer:
+    """With `decay_steps`, the rate follows a cosine from `learning_rate` to 0 over that many steps:
+    training ends at a settled point instead of wherever the last full-rate steps left it."""
     optimizers = {"adagrad": tf.keras.optimizers.Adagrad, "adam": tf.keras.optimizers.Adam}
-    return optimizers[name](learning_rate=learning_rate)
+    schedule = tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
+    return optimizers[name](learning_rate=schedule)

@@ -30,16 +30,49 @@ class Preset:
     # Weight of the ranker's "will watch" softmax head; 0 = rating head only, and the
     # service orders by predicted rating (the tutorial's behaviour).
     watch_weight: float
+    # Independently initialised tower pairs trained side by side for retrieval and for the
+    # watch head, served concatenated (the sum of their scores): an ensemble at one top-k.
+    ensemble_size: int = 1
+    # The ranker's learning rate decays to 0 along a cosine over its epochs (seed to seed,
+    # the rating head's RMSE then varies far less).
+    ranking_cosine_decay: bool = False
     # Candidates the retrieval SavedModel returns per user (fixed at export).
     candidate_count: int = 200
     # The rating head's user tower adds the user's rated movies (SVD++'s implicit feedback).
     rating_user_history: bool = False
     # ... and its movie tower adds the users who rated the movie.
     rating_item_history: bool = False
+    # Those history sums also weigh a second embedding by the stars given (minus the mean):
+    # what the user liked and who liked the movie, not only who rated what.
+    rating_taste: bool = False
     seed: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, assignments: list[str]) -> "Preset":
+        """This preset with `FIELD=VALUE` assignments applied (for tuning on the validation split);
+        the export's metadata records every field as trained."""
+        fields = {field.name: field for field in dataclasses.fields(self) if field.name != "name"}
+        changes = {}
+        for assignment in assignments:
+            key, separator, text = assignment.partition("=")
+            if not separator or key not in fields:
+                raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}; "
+                                 f"got {assignment!r}")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, bool):
+                    if text.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError("expected true or false")
+                    changes[key] = text.lower() in ("true", "1")
+                elif isinstance(current, tuple):
+                    changes[key] = tuple(int(part) for part in text.split(",") if part)
+                else:
+                    changes[key] = type(current)(text)
+            except ValueError as error:
+                raise ValueError(f"--set {assignment}: {error}") from None
+        return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, Preset] = {
@@ -74,11 +107,14 @@ PRESETS: dict[str, Preset] = {
         ranking_optimizer="adam",
         ranking_learning_rate=0.002,
         ranking_batch_size=1024,
-        ranking_epochs=13,
+        ranking_epochs=16,
         ranking_layers=(256, 64),
         rating_l2=2e-3,
         watch_weight=1.0,
+        ranking_cosine_decay=True,
+        ensemble_size=3,
         rating_user_history=True,
         rating_item_history=True,
+        rating_taste=True,
     ),
 }

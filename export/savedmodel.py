@@ -140,9 +140,10 @@ class RankingServing(tf.Module):
                  retrieval_user_model: tf.keras.Model | None = None,
                  retrieval_item_model: tf.keras.Model | None = None):
         super().__init__()
-        first, *rest = ranking_model.mlp.layers
-        rating_users = tower_table(ranking_model.rating_user_model, user_ids)
-        rating_items = tower_table(ranking_model.rating_item_model, item_ids)
+        rating = ranking_model.rating
+        first, *rest = rating.mlp.layers
+        rating_users = tower_table(rating.user_model, user_ids)
+        rating_items = tower_table(rating.item_model, item_ids)
         kernel, bias = first.kernel.numpy(), first.bias.numpy()
         self.first_activation = first.activation
         self.rest = rest

@@ -1,6 +1,7 @@
 """Train both stages on the train split and write them as one export version."""
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -69,8 +70,10 @@ def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
 def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
                   strategy: tf.distribute.Strategy | None = None) -> RankingModel:
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids)
-        model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate))
+        model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids, fit.rated_stars)
+        decay_steps = preset.ranking_epochs * math.ceil(fit.row_count / preset.ranking_batch_size)
+        model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate,
+                                               decay_steps if preset.ranking_cosine_decay else 0))
     every = max(1, preset.ranking_epochs // 10)
     model.fit(fit.batches(preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,
               verbose=0, callbacks=[EpochLine("ranking", preset.ranking_epochs, every)])

@@ -66,7 +66,7 @@ def test_malformed_larger_files_name_file_and_line(tmp_path):
 # Streaming: the large sets are trained from the file through tf.data, never loaded whole.
 
 def test_streamed_fit_rows_are_the_in_memory_split(data_dir):
-    """Same split, same users, same rated movies and counts, whichever way the rows are read."""
+    """Same split, same users, same rated movies (with their stars) and counts, whichever way the rows are read."""
     in_memory = load_movielens(data_dir)
     lazy = load_movielens(data_dir, with_ratings=False)
     assert lazy.ratings is None
@@ -76,8 +76,9 @@ def test_streamed_fit_rows_are_the_in_memory_split(data_dir):
         assert streamed.row_count == expected.row_count
         assert streamed.user_ids == expected.user_ids
         assert streamed.rating_counts == expected.rating_counts
-        assert ({user: sorted(items) for user, items in streamed.rated_item_ids.items()}
-                == {user: sorted(items) for user, items in expected.rated_item_ids.items()})
+        def rated_with_stars(fit):
+            return {user: sorted(zip(items, fit.rated_stars[user].tolist())) for user, items in fit.rated_item_ids.items()}
+        assert rated_with_stars(streamed) == rated_with_stars(expected)
     batch = next(iter(streamed.batches(256, seed=0)))
     assert {name: tensor.dtype for name, tensor in batch.items()} == {
         "user_id": tf.string, "item_id": tf.string, "rating": tf.float32}

@@ -1,0 +1,50 @@
+"""Model pieces on their own: what a training example may see, and how ensembles add up."""
+import numpy as np
+import tensorflow as tf
+
+from export.models import ConcatTowers, HistoryUserTower, id_tower
+
+USERS = ["1", "2", "3"]
+ITEMS = ["10", "20", "30", "40"]
+HISTORY = {"1": ["10", "20", "30"], "2": ["20"], "3": ["10", "40"]}
+STARS = {"1": np.array([5.0, 1.0, 4.0], np.float32), "2": np.array([3.0], np.float32),
+         "3": np.array([2.0, 5.0], np.float32)}
+
+
+def _tower(history: dict, stars: dict) -> HistoryUserTower:
+    tf.keras.utils.set_random_seed(7)
+    tower = HistoryUserTower(USERS, ITEMS, history, dim=4, l2=0.0, stars=stars, mean_stars=3.5)
+    tower(tf.constant(USERS))
+    return tower
+
+
+def test_leaving_out_a_rating_equals_a_history_without_it():
+    """A training example must not see its own movie or its own stars through the history."""
+    full = _tower(HISTORY, STARS)
+    users, items = ["1", "1", "3", "2"], ["20", "10", "40", "20"]
+    stars = [STARS["1"][1], STARS["1"][0], STARS["3"][1], STARS["2"][0]]
+    left_out = full({"user_id": tf.constant(users), "leave_out_item_id": tf.constant(items),
+                     "leave_out_stars": tf.constant(stars)}).numpy()
+    for row, (user, item) in enumerate(zip(users, items)):
+        keep = [n for n, rated in enumerate(HISTORY[user]) if rated != item]
+        without = _tower({**HISTORY, user: [HISTORY[user][n] for n in keep]}, {**STARS, user: STARS[user][keep]})
+        for layer in ("user_embedding", "history_embedding"):
+            getattr(without, layer).set_weights(getattr(full, layer).get_weights())
+        np.testing.assert_allclose(left_out[row], without(tf.constant([user])).numpy()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_stars_change_the_user_embedding():
+    liked = _tower(HISTORY, STARS)
+    disliked = _tower(HISTORY, {user: 6.0 - stars for user, stars in STARS.items()})
+    assert not np.allclose(liked(tf.constant(["1"])).numpy(), disliked(tf.constant(["1"])).numpy())
+
+
+def test_concatenated_towers_score_the_sum_of_their_members():
+    tf.keras.utils.set_random_seed(3)
+    users = [id_tower(USERS, 4, 0.0, f"user_{n}") for n in range(3)]
+    items = [id_tower(ITEMS, 4, 0.0, f"item_{n}") for n in range(3)]
+    user_ids, item_ids = tf.constant(["1", "3", "unknown"]), tf.constant(["40", "10", "20"])
+    concatenated = tf.reduce_sum(ConcatTowers(users, "users")(user_ids) * ConcatTowers(items, "items")(item_ids), axis=1)
+    summed = sum(tf.reduce_sum(user(user_ids) * item(item_ids), axis=1) for user, item in zip(users, items))
+    assert ConcatTowers(users, "users")(user_ids).shape == (3, 12)
+    np.testing.assert_allclose(concatenated.numpy(), summed.numpy(), rtol=1e-5)
