@@ -50,6 +50,13 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             sampler = bench.RssSampler(args.server_pid, args.rss_every) if args.server_pid else None
         except ValueError as error:
             parser.error(str(error))
+        if args.wait:
+            with RecommenderClient(args.target) as client:
+                try:
+                    client.wait_until_serving(args.wait)
+                except TimeoutError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 1
         with sampler or contextlib.nullcontext():
             tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
                                                    args.processes, args.timeout)
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--processes", type=int, default=1,
                        help="load generator processes, each with its own grpc.aio loop (default: %(default)s)")
     bench.add_argument("--timeout", type=float, default=5.0, help="per-request deadline (default: %(default)s)")
+    bench.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="first wait up to this many seconds for the server's health to say SERVING (models "
+                            "loaded), so the run measures a ready server (default: no wait)")
     bench.add_argument("--in-process", action="store_true",
                        help="no gRPC: run the request mix through the serving pipeline in this process, one "
                             "thread (needs --models)")

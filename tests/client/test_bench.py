@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def test_bench_against_the_server(running_server, models_dir, tmp_path, capsys):
     # The server runs in this test process, so its memory is this process's.
     assert client_main(["bench", "--target", f"127.0.0.1:{port}", "--concurrency", "4", "--duration", "2",
                         "--models", str(models_dir), "--json", str(out), "--server-pid", str(os.getpid()),
-                        "--rss-every", "0.5"]) == 0
+                        "--rss-every", "0.5", "--wait", "30"]) == 0
     printed = capsys.readouterr().out
     for label in ("requests", "throughput", "req/s", "p50", "p90", "p99", "max", "load generator cpu", "server rss MB"):
         assert label in printed
@@ -44,6 +45,14 @@ def test_bench_against_the_server(running_server, models_dir, tmp_path, capsys):
     _check(summary, 4)
     rss = summary["server_rss_mb"]
     assert len(rss["samples"]) >= 4 and rss["max"] == max(rss["samples"]) and rss["start"] > 100
+
+
+def test_bench_wait_gives_up_on_a_server_that_never_serves(capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert client_main(["bench", "--target", f"127.0.0.1:{port}", "--duration", "1", "--wait", "1"]) == 1
+    assert "was not SERVING within 1s" in capsys.readouterr().err
 
 
 def test_bench_in_process(models_dir, tmp_path, capsys):
