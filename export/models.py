@@ -147,7 +147,10 @@ class RetrievalModel(tfrs.Model):
     `full_softmax` trains against every movie in the catalog (1,682 is cheap to
     score), `in_batch` is the TFRS tutorial's in-batch sampled softmax. With
     `preset.ensemble_size` > 1, that many tower pairs train side by side from
-    different initialisations and serve as one pair of concatenated towers.
+    different initialisations: `user_model` / `item_model` concatenate them all (the
+    ranker's copy, whose cost grows only with the candidates), `index_user_model` /
+    `index_item_model` are the first pair alone (the top-k index, whose cost grows
+    with the catalog times the embedding width).
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], preset: Preset):
@@ -165,6 +168,7 @@ class RetrievalModel(tfrs.Model):
             item_members.append(id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, f"item_tower_{member}"))
         self.user_model = ConcatTowers(user_members, name="user_model")
         self.item_model = ConcatTowers(item_members, name="item_model")
+        self.index_user_model, self.index_item_model = user_members[0], item_members[0]
         self.task = tfrs.tasks.Retrieval()
         self.catalog_softmax = CatalogSoftmax(item_ids)
 

@@ -31,7 +31,9 @@ class Preset:
     # service orders by predicted rating (the tutorial's behaviour).
     watch_weight: float
     # Independently initialised tower pairs trained side by side for retrieval and for the
-    # watch head, served concatenated (the sum of their scores): an ensemble at one top-k.
+    # watch head. The ranker's score sums all of them (concatenated towers: one dot product);
+    # the retrieval index serves the first retrieval pair alone, so its cost per movie stays
+    # that of one embedding_dim.
     ensemble_size: int = 1
     # The ranker's learning rate decays to 0 along a cosine over its epochs (seed to seed,
     # the rating head's RMSE then varies far less).

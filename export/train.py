@@ -157,10 +157,10 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     # the chief's copy is kept.
     target = out_dir if chief else Path(tempfile.mkdtemp(prefix="recsys-worker-export-"))
     started = time.perf_counter()
-    index_item_ids, item_embeddings = pad_catalog(item_ids, retrieval.item_model(tf.constant(item_ids)),
+    index_item_ids, item_embeddings = pad_catalog(item_ids, retrieval.index_item_model(tf.constant(item_ids)),
                                                   synthetic_items, preset.seed)
     metadata["synthetic_items"] = synthetic_items
-    retrieval_serving = RetrievalServing(retrieval.user_model, user_ids, item_embeddings, index_item_ids,
+    retrieval_serving = RetrievalServing(retrieval.index_user_model, user_ids, item_embeddings, index_item_ids,
                                          metadata["rated_item_ids"], preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     ranking_serving = RankingServing(ranking, user_ids, item_ids, retrieval.user_model, retrieval.item_model)

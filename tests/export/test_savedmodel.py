@@ -92,7 +92,7 @@ def test_precomputed_tables_serve_what_the_trained_towers_compute(loaded, traine
     np.testing.assert_allclose(served["score"].numpy(), expected_score.numpy(), rtol=1e-4, atol=1e-4)
 
     catalog = result.retrieval.item_ids.numpy()
-    everything = tf.matmul(towers.user_model(tf.constant(users)), towers.item_model(tf.constant(catalog)),
+    everything = tf.matmul(towers.index_user_model(tf.constant(users)), towers.index_item_model(tf.constant(catalog)),
                            transpose_b=True).numpy()
     candidates = retrieval.signatures["include_rated"](user_id=tf.constant(users))
     top = np.sort(everything, axis=1)[:, ::-1][:, :candidates["scores"].shape[1]]
