@@ -188,7 +188,9 @@ class RatingHead(tf.keras.Model):
     """Stars from an MLP over a user and a movie embedding.
 
     With history, the user embedding adds the user's rated movies and the movie embedding
-    the users who rated it (SVD++'s implicit feedback, both ways).
+    the users who rated it (SVD++'s implicit feedback, both ways); with `rating_taste`, both
+    sums also weigh a second embedding by the stars given, so the head sees what the user
+    liked and who liked the movie.
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset, history: dict[str, list[str]],
