@@ -169,8 +169,10 @@ class RetrievalModel(tfrs.Model):
         self.user_model = ConcatTowers(user_members, name="user_model")
         self.item_model = ConcatTowers(item_members, name="item_model")
         self.index_user_model, self.index_item_model = user_members[0], item_members[0]
-        self.task = tfrs.tasks.Retrieval()
-        self.catalog_softmax = CatalogSoftmax(item_ids)
+        if self.loss_kind == "in_batch":
+            self.task = tfrs.tasks.Retrieval()
+        else:
+            self.catalog_softmax = CatalogSoftmax(item_ids)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         user_input = features["user_id"]
@@ -209,14 +211,15 @@ class RatingHead(tf.keras.Model):
             raters: dict[str, list[str]] = {}
             rater_stars: dict[str, list[float]] = {}
             for user, items in history.items():
-                for item, user_stars in zip(items, stars.get(user, np.zeros(len(items))).tolist()):
+                for item in items:
                     raters.setdefault(item, []).append(user)
-                    rater_stars.setdefault(item, []).append(user_stars)
-            self.item_model = HistoryUserTower(item_ids, user_ids, raters, preset.embedding_dim, preset.rating_l2,
-                                               name="history_item_tower",
-                                               stars={item: np.asarray(values, np.float32)
-                                                      for item, values in rater_stars.items()} if taste else None,
-                                               mean_stars=mean_stars)
+                if taste:
+                    for item, user_stars in zip(items, stars[user].tolist()):
+                        rater_stars.setdefault(item, []).append(user_stars)
+            self.item_model = HistoryUserTower(
+                item_ids, user_ids, raters, preset.embedding_dim, preset.rating_l2, name="history_item_tower",
+                stars={item: np.asarray(values, np.float32) for item, values in rater_stars.items()} if taste else None,
+                mean_stars=mean_stars)
         else:
             self.item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "item_tower")
         self.mlp = tf.keras.Sequential(
