@@ -184,7 +184,8 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     loop_thread = EventLoopThread()
     observer = Observer()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
-    runner = (RequestBatcher(pipeline, options.max_batch_size) if options.max_batch_size > 1
+    runner = (RequestBatcher(pipeline, options.max_batch_size, observer.metrics.batch_queries.observe)
+              if options.max_batch_size > 1
               else ThreadedPipeline(pipeline, options.max_workers))
     servicer = RecommenderServicer(runner, backend, observer)
 

@@ -43,9 +43,12 @@ def _batch_timeout(batch: list[_Pending]) -> float | None:
 class RequestBatcher:
     """Same `recommend` call as Pipeline, served by one batching thread."""
 
-    def __init__(self, pipeline: Pipeline, max_batch_size: int = 32):
+    def __init__(self, pipeline: Pipeline, max_batch_size: int = 32,
+                 observe_batch: Callable[[int], None] | None = None):
+        """`observe_batch` is told each model call's query count (the batch-size metric)."""
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
+        self.observe_batch = observe_batch
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
@@ -110,9 +113,12 @@ class RequestBatcher:
             batch = self._take_batch(first)
             if not batch:
                 continue
+            queries = [query for pending in batch for query in pending.queries]
+            if self.observe_batch is not None:
+                self.observe_batch(len(queries))
             timings: dict[str, float] = {}
             try:
-                results = self.pipeline.recommend([q for pending in batch for q in pending.queries],
+                results = self.pipeline.recommend(queries,
                                                   timeout=_batch_timeout(batch), stage_seconds=timings,
                                                   is_cancelled=lambda: all(pending.gone() for pending in batch))
             except Exception as error:  # noqa: BLE001 - handed to every caller, mapped there

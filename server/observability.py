@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 request_log = logging.getLogger("recsys.requests")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Metrics:
                                  "Latency of the model calls (models in process; retrieval, ranking behind "
                                  "TF Serving) and per request (total)",
                                  ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_queries = Histogram("recsys_batch_queries",
+                                       "Queries per batch: concurrent requests merged into one model call (--max-batch-size)",
+                                       buckets=BATCH_BUCKETS, registry=self.registry)
         self.fallback_items = Counter("recsys_fallback_items", "Items served from the popularity fallback",
                                       registry=self.registry)
         self.model_version = Gauge("recsys_model_version", "Model version being served (0 = none yet)",

@@ -29,7 +29,8 @@ def gated(models_dir):
     backend = CountingBackend(models_dir)
     assert backend.refresh()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
-    batcher = RequestBatcher(pipeline, max_batch_size=32)
+    backend.batch_sizes = []
+    batcher = RequestBatcher(pipeline, max_batch_size=32, observe_batch=backend.batch_sizes.append)
     yield backend, pipeline, batcher
     backend.gate.set()
     batcher.close()
@@ -43,6 +44,8 @@ def test_concurrent_requests_are_merged_and_answered_individually(gated):
         backend.gate.set()
         batched = [future.result()[0] for future in pending]
     assert backend.model_calls < len(users)
+    # One observation per batch, together covering every query; some batch merged several.
+    assert sum(backend.batch_sizes) == len(users) and len(backend.batch_sizes) < len(users)
     for user, items in zip(users, batched):
         alone = pipeline.recommend([Query(user, k=5)])[0]
         assert [item.item_id for item in items] == [item.item_id for item in alone]
