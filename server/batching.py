@@ -28,6 +28,7 @@ class _Pending:
     future: futures.Future = field(default_factory=futures.Future)
     stage_seconds: dict[str, float] | None = None
     is_cancelled: Callable[[], bool] | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
 
     def gone(self) -> bool:
         return self.is_cancelled is not None and self.is_cancelled()
@@ -113,6 +114,7 @@ class RequestBatcher:
             batch = self._take_batch(first)
             if not batch:
                 continue
+            started = time.perf_counter()
             queries = [query for pending in batch for query in pending.queries]
             if self.observe_batch is not None:
                 self.observe_batch(len(queries))
@@ -128,7 +130,7 @@ class RequestBatcher:
             offset = 0
             for pending in batch:
                 if pending.stage_seconds is not None:
-                    pending.stage_seconds.update(timings)
+                    pending.stage_seconds.update(timings, queue=started - pending.queued_at)
                 pending.future.set_result(results[offset:offset + len(pending.queries)])
                 offset += len(pending.queries)
 
@@ -146,7 +148,14 @@ class ThreadedPipeline:
     def submit(self, queries: Sequence[Query], timeout: float | None = None,
                stage_seconds: dict[str, float] | None = None,
                is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
-        return self._executor.submit(self.pipeline.recommend, queries, timeout, stage_seconds, is_cancelled)
+        queued_at = time.perf_counter()
+
+        def run() -> list[list[Recommendation]]:
+            if stage_seconds is not None:
+                stage_seconds["queue"] = time.perf_counter() - queued_at
+            return self.pipeline.recommend(queries, timeout, stage_seconds, is_cancelled)
+
+        return self._executor.submit(run)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

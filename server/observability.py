@@ -40,7 +40,8 @@ class Metrics:
                                 ["method", "code"], registry=self.registry)
         self.latency = Histogram("recsys_stage_latency_seconds",
                                  "Latency of the model calls (models in process; retrieval, ranking behind "
-                                 "TF Serving) and per request (total)",
+                                 "TF Serving), of the wait for the pipeline thread (queue), of sending a "
+                                 "Recommend call's items (stream) and per request (total)",
                                  ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_queries = Histogram("recsys_batch_queries",
                                        "Queries per batch: concurrent requests merged into one model call (--max-batch-size)",

@@ -269,7 +269,12 @@ def test_one_structured_log_line_per_request(client, caplog):
         ("42", "OK", 7), ("someone-new", "OK", 3), ("42", "INVALID_ARGUMENT", 0)]
     assert lines[1]["fallback_items"] == 3
     assert all(len(line["request_id"]) >= 8 for line in lines)
-    assert {"total", "models"} <= set(lines[0]["ms"])  # in-process: both stages in one graph
+    # In process both stages are one graph ("models"); "queue" is the wait for the batcher
+    # thread, "stream" the sending of the items, both parts of "total".
+    timings = lines[0]["ms"]
+    assert {"total", "models", "queue", "stream"} <= set(timings)
+    assert timings["models"] + timings["queue"] + timings["stream"] <= timings["total"] + 0.002  # rounding
+    assert "models" not in lines[2]["ms"]  # rejected before any model ran
     assert lines[0]["model_version"] == "1"
 
 
@@ -297,7 +302,7 @@ def test_prometheus_metrics(running_server, client):
     # Two valid calls, one after the other: two model calls of one query each.
     assert value(after, "recsys_batch_queries_count") - value(before, "recsys_batch_queries_count") == 2
     assert value(after, "recsys_batch_queries_sum") - value(before, "recsys_batch_queries_sum") == 2
-    for stage in ("models", "total"):
+    for stage in ("models", "queue", "stream", "total"):
         assert f'recsys_stage_latency_seconds_bucket{{le="0.005",stage="{stage}"}}' in after
     assert value(after, "recsys_model_version") == 1
     assert value(after, "recsys_model_load_failures_total") == 0
