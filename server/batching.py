@@ -46,7 +46,7 @@ class RequestBatcher:
 
     def __init__(self, pipeline: Pipeline, max_batch_size: int = 32,
                  observe_batch: Callable[[int], None] | None = None):
-        """`observe_batch` is told each model call's query count (the batch-size metric)."""
+        """`observe_batch` is told each batch's query count (the batch-size metric)."""
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
         self.observe_batch = observe_batch

@@ -44,7 +44,8 @@ class Metrics:
                                  "Recommend call's items (stream) and per request (total)",
                                  ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_queries = Histogram("recsys_batch_queries",
-                                       "Queries per batch: concurrent requests merged into one model call (--max-batch-size)",
+                                       "Queries per batch: concurrent requests merged into one pipeline run, "
+                                       "one model call for their known users (--max-batch-size)",
                                        buckets=BATCH_BUCKETS, registry=self.registry)
         self.fallback_items = Counter("recsys_fallback_items", "Items served from the popularity fallback",
                                       registry=self.registry)

@@ -72,11 +72,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._ready()
         results = await self._recommend([query], context, record)
         _note(record, results)
-        started = time.perf_counter()
+        streaming_started = time.perf_counter()
         for item in results[0]:
             yield to_proto(item)
         # Each streamed item is a message of its own: what the stream costs is worth seeing.
-        record.stage_seconds["stream"] = time.perf_counter() - started
+        record.stage_seconds["stream"] = time.perf_counter() - streaming_started
 
     @map_errors
     async def RecommendBatch(self, request, context, record: CallRecord):

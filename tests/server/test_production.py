@@ -299,7 +299,7 @@ def test_prometheus_metrics(running_server, client):
     assert value(after, ok) - value(before, ok) == 2
     assert value(after, invalid) - value(before, invalid) == 1
     assert value(after, "recsys_fallback_items_total") - value(before, "recsys_fallback_items_total") == 4
-    # Two valid calls, one after the other: two model calls of one query each.
+    # Two valid calls, one after the other: two batches of one query each.
     assert value(after, "recsys_batch_queries_count") - value(before, "recsys_batch_queries_count") == 2
     assert value(after, "recsys_batch_queries_sum") - value(before, "recsys_batch_queries_sum") == 2
     for stage in ("models", "queue", "stream", "total"):
