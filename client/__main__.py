@@ -33,6 +33,16 @@ def connect(args: argparse.Namespace) -> RecommenderClient:
                              token=args.token_file.read_text().strip() if args.token_file else None)
 
 
+def wait_until_serving(client: RecommenderClient, seconds: float) -> bool:
+    """--wait: False (reported on stderr) if the server was not SERVING in time."""
+    try:
+        client.wait_until_serving(seconds)
+    except TimeoutError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return False
+    return True
+
+
 def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from client import bench
 
@@ -52,10 +62,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(str(error))
         if args.wait:
             with RecommenderClient(args.target) as client:
-                try:
-                    client.wait_until_serving(args.wait)
-                except TimeoutError as error:
-                    print(f"error: {error}", file=sys.stderr)
+                if not wait_until_serving(client, args.wait):
                     return 1
         with sampler or contextlib.nullcontext():
             tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
@@ -122,15 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args, parser)
 
     with connect(args) as client:
+        if args.wait and not wait_until_serving(client, args.wait):
+            return 1
         try:
-            if args.wait:
-                client.wait_until_serving(args.wait)
             items = client.recommend(args.user, k=args.k, exclude=args.exclude, include_rated=args.include_rated)
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
-        except TimeoutError as error:
-            print(f"error: {error}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps([json_format.MessageToDict(item, preserving_proto_field_name=True) for item in items], indent=2))

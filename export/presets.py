@@ -55,12 +55,12 @@ class Preset:
     def with_overrides(self, assignments: list[str]) -> "Preset":
         """This preset with `FIELD=VALUE` assignments applied (for tuning on the validation split);
         the export's metadata records every field as trained."""
-        fields = {field.name: field for field in dataclasses.fields(self) if field.name != "name"}
+        names = {field.name for field in dataclasses.fields(self)} - {"name"}
         changes = {}
         for assignment in assignments:
             key, separator, text = assignment.partition("=")
-            if not separator or key not in fields:
-                raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}; "
+            if not separator or key not in names:
+                raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(sorted(names))}; "
                                  f"got {assignment!r}")
             current = getattr(self, key)
             try:
