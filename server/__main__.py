@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
+import queue
 import signal
 import sys
 import threading
@@ -57,18 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_from_thread(logger: logging.Logger, line_format: str) -> logging.handlers.QueueListener:
+    """Sends `logger`'s records to stderr from a thread of their own: a blocking write (a log
+    reader that fell behind, a full pipe) must not stall the event loop that serves every call."""
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(logging.Formatter(line_format))
+    logger.addHandler(logging.handlers.QueueHandler(lines))
+    writer = logging.handlers.QueueListener(lines, stderr)
+    writer.start()
+    return writer
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # Request lines are JSON objects, one per line, for log shippers.
-    request_handler = logging.StreamHandler()
-    request_handler.setFormatter(logging.Formatter("%(message)s"))
-    request_logger = logging.getLogger("recsys.requests")
-    request_logger.addHandler(request_handler)
-    request_logger.propagate = False
+    logging.getLogger().setLevel(logging.INFO)
+    log_writers = [write_from_thread(logging.getLogger(), "%(asctime)s %(levelname)s %(name)s %(message)s"),
+                   # Request lines are JSON objects, one per line, for log shippers.
+                   write_from_thread(logging.getLogger("recsys.requests"), "%(message)s")]
+    logging.getLogger("recsys.requests").propagate = False
 
     from server.app import ServerOptions, create_server
     from server.security import read_token
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     stop_requested.wait()
     log.info("shutting down, grace %.1fs", args.grace_seconds)
     recommender.stop(args.grace_seconds).wait()
+    for writer in log_writers:
+        writer.stop()  # writes the lines still queued
     return 0
 
 

@@ -108,16 +108,22 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
     return error.value.code(), error.value.details()
 
 
-def start_server_process(models_dir: Path, *flags: str) -> tuple[subprocess.Popen, int]:
-    """`python -m server` on a free loopback port; returns the process and the port it reported."""
+def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -> tuple[subprocess.Popen, int]:
+    """`python -m server` on a free loopback port; returns the process and the port it reported.
+
+    The rest of its stderr is collected in `process.log_lines` (`process.log_drain` ends at its
+    EOF), or, with `read_log=False`, never read again: a log reader that stopped."""
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0", *flags],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stderr:
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if match:
-            # Keep draining stderr so the server never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+            if not read_log:
+                return process, int(match.group(1))
+            process.log_lines = []
+            process.log_drain = threading.Thread(target=process.log_lines.extend, args=(process.stderr,), daemon=True)
+            process.log_drain.start()
             return process, int(match.group(1))
     process.kill()
     raise RuntimeError(f"server exited with {process.wait()} before reporting its port")

@@ -165,10 +165,28 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
             assert time.monotonic() - started < 5 + 3
             channel.close()
         assert len(outcomes) == 40
+        # Request log lines are written by a thread of their own; none is lost at shutdown.
+        process.log_drain.join(timeout=10)
+        logged = [json.loads(line) for line in process.log_lines if line.startswith("{")]
+        assert sum(line["method"] == "Recommend" and line["status"] == "OK" for line in logged) == outcomes.count(100)
         unexpected = [outcome for outcome in outcomes
                       if outcome != 100 and not (isinstance(outcome, tuple) and outcome[0] == grpc.StatusCode.UNAVAILABLE)]
         assert unexpected == [], "every call completes in full or gets UNAVAILABLE"
         assert 100 in outcomes
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_serving_goes_on_when_nobody_reads_the_log(models_dir):
+    # 600 request lines are well over a pipe's 64 KiB buffer: written from the event loop,
+    # they would block it, and every call after them would miss its deadline.
+    process, port = start_server_process(models_dir, read_log=False)
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=5) as client:
+            client.wait_until_serving(60)
+            for n in range(600):
+                assert len(client.recommend(str(1 + n % 943))) == 10
     finally:
         process.kill()
         process.wait()
