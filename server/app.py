@@ -19,6 +19,7 @@ from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
 from server.catalog import CatalogStore
+from server.errors import ModelsUnavailable
 from server.observability import Metrics, Observer
 from server.pipeline import Pipeline
 from server.security import BearerTokenInterceptor
@@ -50,15 +51,20 @@ class EventLoopThread:
 
 
 class ReadinessMonitor:
-    """Calls backend.refresh() every poll interval and mirrors the answer into health and metrics."""
+    """Calls backend.refresh() every poll interval and mirrors the answer into health and metrics.
+
+    `load_catalog` loads the serving version's metadata (titles, rated movies) right after a
+    swap, here, rather than in the first request that needs it."""
 
     def __init__(self, backend: Backend, set_health: Callable[[str, int], None], poll_seconds: float,
-                 metrics: Metrics):
+                 metrics: Metrics, load_catalog: Callable[[], object]):
         self.backend = backend
+        self.load_catalog = load_catalog
         self.set_health = set_health
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self._failures_reported = 0
+        self._last_warning = ""
         self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness-monitor", daemon=True)
@@ -77,6 +83,14 @@ class ReadinessMonitor:
     def check(self) -> bool:
         try:
             ready = self.backend.refresh()
+            if ready:
+                self.load_catalog()
+            self._last_warning = ""
+        except ModelsUnavailable as error:  # e.g. no metadata for the version TF Serving serves
+            if str(error) != self._last_warning:  # once, not every poll
+                log.warning("not ready: %s", error)
+            self._last_warning = str(error)
+            ready = False
         except Exception:  # noqa: BLE001 - a failed probe means not ready, never a dead monitor
             log.exception("readiness check failed")
             ready = False
@@ -221,5 +235,5 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     def set_health(service: str, status: int) -> None:
         loop_thread.run(health_servicer.set(service, status))
 
-    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics)
+    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.current_catalog)
     return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer), port

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,23 +38,37 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
     )
 
 
+# Catalogs kept in memory: the version serving, the one before it (in-flight requests may still
+# rank with it) and one more. A server that hot-swaps a new version every day must not keep a
+# catalog (~9 MiB for ML-100k) per version it ever served.
+KEPT_VERSIONS = 3
+
+
 class CatalogStore:
-    """Loads each version's metadata once; the backend says which version answered."""
+    """Loads a version's metadata when first asked for it; the backend says which version answered.
+    Beyond KEPT_VERSIONS, the least recently used catalog is dropped (asked for again, it reloads)."""
 
     def __init__(self, models_dir: Path):
         self.models_dir = Path(models_dir)
-        self._catalogs: dict[str, Catalog] = {}
+        self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, model_version: str) -> Catalog:
-        catalog = self._catalogs.get(model_version)
-        if catalog is not None:
-            return catalog
         with self._lock:
-            if model_version not in self._catalogs:
+            catalog = self._catalogs.get(model_version)
+            if catalog is None:
                 try:
-                    self._catalogs[model_version] = load_catalog(self.models_dir, int(model_version))
+                    catalog = load_catalog(self.models_dir, int(model_version))
                 except (OSError, ValueError, KeyError) as error:
                     raise ModelsUnavailable(
                         f"no metadata for model version {model_version} in {self.models_dir}: {error}") from error
-            return self._catalogs[model_version]
+                self._catalogs[model_version] = catalog
+                while len(self._catalogs) > KEPT_VERSIONS:
+                    self._catalogs.popitem(last=False)
+            self._catalogs.move_to_end(model_version)
+            return catalog
+
+    def kept_versions(self) -> list[str]:
+        """Versions in memory, least recently used first."""
+        with self._lock:
+            return list(self._catalogs)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client import RecommenderClient
 from server.app import ServerOptions, create_server
 from server.backend import InProcessBackend
+from server.catalog import CatalogStore
 from tests.conftest import start_server_process, status_of
 
 
@@ -124,6 +125,32 @@ def _swap_twice_with_a_broken_version_between(recommender, client, traffic, mode
     wait_for(lambda: client.model_info().model_version == "4", what="swap to version 4")
     served_before = traffic.count
     wait_for(lambda: traffic.count > served_before + 20, what="traffic on version 4")
+
+
+def test_a_version_is_served_with_its_catalog_already_loaded(fresh_models):
+    recommender, port = start(fresh_models)
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(60)
+            # Loaded by the readiness check before health said SERVING, not by a request.
+            assert recommender.servicer.pipeline.pipeline.catalogs.kept_versions() == ["1"]
+    finally:
+        recommender.stop(0).wait()
+
+
+def test_catalogs_of_old_versions_are_dropped(models_dir, tmp_path):
+    metadata = json.loads((models_dir / "metadata" / "1.json").read_text())
+    (tmp_path / "metadata").mkdir()
+    for version in range(1, 6):
+        (tmp_path / "metadata" / f"{version}.json").write_text(json.dumps({**metadata, "model_version": version}))
+    catalogs = CatalogStore(tmp_path)
+    for version in "12345":
+        assert catalogs.get(version).model_version == version
+    assert catalogs.kept_versions() == ["3", "4", "5"]
+    catalogs.get("3")
+    assert catalogs.kept_versions() == ["4", "5", "3"], "least recently used goes first"
+    assert catalogs.get("1").model_version == "1", "a dropped catalog reloads when asked for"
+    assert catalogs.kept_versions() == ["5", "3", "1"]
 
 
 def test_pinned_version_is_served_even_when_newer_exist(models_dir, fresh_models):
