@@ -147,13 +147,14 @@ def run_against_server(target: str, concurrency: int, duration: float, k: int, u
 def run_in_process(models_dir: Path, duration: float, k: int, user_ids: list[str]) -> tuple[Tally, float]:
     """The same request mix through the pipeline with no gRPC, one thread."""
     import server  # noqa: F401  (legacy Keras switch before TensorFlow)
-    from server.backend import InProcessBackend
+    from server.backend import InProcessBackend, settle_heap
     from server.catalog import CatalogStore
     from server.pipeline import Pipeline, Query
 
     backend = InProcessBackend(models_dir)
     if not backend.refresh():
         raise SystemExit(f"no loadable model version in {models_dir}")
+    settle_heap()  # as the server does after loading a version
     pipeline = Pipeline(backend, CatalogStore(models_dir))
     pipeline.recommend([Query(user_ids[0], k=k)])  # first call traces; not measured
     tally = Tally()

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from protos import recommender_pb2, recommender_pb2_grpc
-from server.backend import Backend
+from server.backend import Backend, settle_heap
 from server.batching import RequestBatcher, ThreadedPipeline
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
@@ -53,8 +53,9 @@ class EventLoopThread:
 class ReadinessMonitor:
     """Calls backend.refresh() every poll interval and mirrors the answer into health and metrics.
 
-    `load_catalog` loads the serving version's metadata (titles, rated movies) right after a
-    swap, here, rather than in the first request that needs it."""
+    Right after a swap (and at start-up, before SERVING) it also loads the new version's
+    metadata (`load_catalog`: titles, rated movies) rather than leave it to the first request
+    that needs it, and settles the heap (see `settle_heap`)."""
 
     def __init__(self, backend: Backend, set_health: Callable[[str, int], None], poll_seconds: float,
                  metrics: Metrics, load_catalog: Callable[[], object]):
@@ -65,6 +66,7 @@ class ReadinessMonitor:
         self.metrics = metrics
         self._failures_reported = 0
         self._last_warning = ""
+        self._settled_version: str | None = None
         self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness-monitor", daemon=True)
@@ -85,6 +87,9 @@ class ReadinessMonitor:
             ready = self.backend.refresh()
             if ready:
                 self.load_catalog()
+                if self.backend.current_version() != self._settled_version:
+                    settle_heap()
+                    self._settled_version = self.backend.current_version()
             self._last_warning = ""
         except ModelsUnavailable as error:  # e.g. no metadata for the version TF Serving serves
             if str(error) != self._last_warning:  # once, not every poll

@@ -1,5 +1,6 @@
 """Operator promises: hot reload, drain, limits, TLS, auth, logs and metrics, over real channels."""
 import datetime
+import gc
 import ipaddress
 import json
 import logging
@@ -127,13 +128,15 @@ def _swap_twice_with_a_broken_version_between(recommender, client, traffic, mode
     wait_for(lambda: traffic.count > served_before + 20, what="traffic on version 4")
 
 
-def test_a_version_is_served_with_its_catalog_already_loaded(fresh_models):
+def test_a_version_is_served_with_its_catalog_loaded_and_the_heap_frozen(fresh_models):
+    gc.unfreeze()
     recommender, port = start(fresh_models)
     try:
         with RecommenderClient(f"127.0.0.1:{port}") as client:
             client.wait_until_serving(60)
-            # Loaded by the readiness check before health said SERVING, not by a request.
+            # Both done by the readiness check before health said SERVING, not in a request.
             assert recommender.servicer.pipeline.pipeline.catalogs.kept_versions() == ["1"]
+            assert gc.get_freeze_count() > 100_000, "the loaded models' objects are out of the collector's way"
     finally:
         recommender.stop(0).wait()
 
