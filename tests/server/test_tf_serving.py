@@ -1,4 +1,5 @@
 """The TF Serving mode, against a double that speaks the real PredictionService protocol."""
+import shutil
 import time
 
 import grpc
@@ -92,6 +93,22 @@ def test_missing_model_or_version_is_reported_not_unknown(models_dir, tf_serving
         code, details = status_of(lambda: client.recommend("42"))
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "TF Serving" in details and "NOT_FOUND" in details and missing in details
+    finally:
+        client.close()
+        recommender.stop(0).wait()
+
+
+def test_version_without_local_metadata_is_not_serving_until_it_appears(models_dir, tf_serving, tmp_path):
+    recommender, client = _serve(tmp_path, TFServingBackend(f"127.0.0.1:{tf_serving[0]}"))
+    try:
+        time.sleep(0.5)
+        assert client.health() == "NOT_SERVING"
+        code, details = status_of(lambda: client.recommend("42"))
+        assert code == grpc.StatusCode.UNAVAILABLE and "no metadata for model version 1" in details
+        (tmp_path / "metadata").mkdir()
+        shutil.copy(models_dir / "metadata" / "1.json", tmp_path / "metadata" / "1.json")
+        client.wait_until_serving(10)
+        assert len(client.recommend("42")) == 10
     finally:
         client.close()
         recommender.stop(0).wait()
