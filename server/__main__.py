@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
-import queue
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from server.observability import ThreadedLogWriter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,27 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_from_thread(logger: logging.Logger, line_format: str) -> logging.handlers.QueueListener:
-    """Sends `logger`'s records to stderr from a thread of their own: a blocking write (a log
-    reader that fell behind, a full pipe) must not stall the event loop that serves every call."""
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-    stderr = logging.StreamHandler()
-    stderr.setFormatter(logging.Formatter(line_format))
-    logger.addHandler(logging.handlers.QueueHandler(lines))
-    writer = logging.handlers.QueueListener(lines, stderr)
-    writer.start()
-    return writer
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     logging.getLogger().setLevel(logging.INFO)
-    log_writers = [write_from_thread(logging.getLogger(), "%(asctime)s %(levelname)s %(name)s %(message)s"),
+    log_writers = [ThreadedLogWriter(logging.getLogger(), "%(asctime)s %(levelname)s %(name)s %(message)s"),
                    # Request lines are JSON objects, one per line, for log shippers.
-                   write_from_thread(logging.getLogger("recsys.requests"), "%(message)s")]
+                   ThreadedLogWriter(logging.getLogger("recsys.requests"), "%(message)s")]
     logging.getLogger("recsys.requests").propagate = False
 
     from server.app import ServerOptions, create_server
@@ -101,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
     recommender, port = create_server(f"{args.host}:{args.port}", backend, args.models, options)
+    recommender.metrics.log_lines_dropped.set_function(lambda: sum(writer.dropped for writer in log_writers))
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())

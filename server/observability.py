@@ -1,17 +1,24 @@
-"""One structured log line and Prometheus metrics per request."""
+"""One structured log line and Prometheus metrics per request, and the thread that writes the log."""
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 request_log = logging.getLogger("recsys.requests")
+
+# Log lines waiting for a stuck stderr (~30 MB of request lines); beyond this they are dropped.
+MAX_QUEUED_LOG_LINES = 100_000
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -54,6 +61,10 @@ class Metrics:
         self.model_load_failures = Counter("recsys_model_load_failures",
                                            "Model versions that failed to load or answer their warmup",
                                            registry=self.registry)
+        self.log_lines_dropped = Gauge("recsys_log_lines_dropped",
+                                       "Log lines dropped since start, written while stderr was "
+                                       f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m server)",
+                                       registry=self.registry)
 
 
 class Observer:
@@ -99,3 +110,54 @@ class Observer:
             "ms": {"total": round(total * 1000, 3),
                    **{stage: round(seconds * 1000, 3) for stage, seconds in record.stage_seconds.items()}},
         }, ensure_ascii=False))
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    def __init__(self, lines: queue.Queue):
+        super().__init__(lines)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class ThreadedLogWriter:
+    """Writes a logger's records to a stream (stderr) from a thread of its own.
+
+    Written from the event loop, a blocking write (a log reader that fell behind, a full pipe)
+    would stall every call. Queued here instead; if the stream stays stuck for
+    `max_queued` lines, further records are dropped and counted rather than block or grow
+    memory without bound.
+    """
+
+    def __init__(self, logger: logging.Logger, line_format: str, stream: TextIO | None = None,
+                 max_queued: int = MAX_QUEUED_LOG_LINES):
+        self._lines: queue.Queue[logging.LogRecord | None] = queue.Queue(max_queued)
+        self._handler = _DroppingQueueHandler(self._lines)
+        self._target = logging.StreamHandler(stream or sys.stderr)
+        self._target.setFormatter(logging.Formatter(line_format))
+        self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._thread.start()
+        self._logger = logger
+        logger.addHandler(self._handler)
+
+    @property
+    def dropped(self) -> int:
+        return self._handler.dropped
+
+    def _write(self) -> None:
+        while (record := self._lines.get()) is not None:
+            self._target.handle(record)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is still queued, waiting at most `timeout` seconds for a stuck stream."""
+        self._logger.removeHandler(self._handler)
+        deadline = time.monotonic() + timeout
+        try:
+            self._lines.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(max(0.0, deadline - time.monotonic()))

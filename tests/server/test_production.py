@@ -4,6 +4,7 @@ import gc
 import ipaddress
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ from client import RecommenderClient
 from server.app import ServerOptions, create_server
 from server.backend import InProcessBackend
 from server.catalog import CatalogStore
+from server.observability import ThreadedLogWriter
 from tests.conftest import start_server_process, status_of
 
 
@@ -220,6 +222,30 @@ def test_serving_goes_on_when_nobody_reads_the_log(models_dir):
     finally:
         process.kill()
         process.wait()
+
+
+def test_log_writer_drops_and_counts_what_a_stuck_stream_cannot_take():
+    read_end, write_end = os.pipe()
+    logger = logging.getLogger("recsys.test-stuck-stream")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    with os.fdopen(write_end, "w") as stream:
+        writer = ThreadedLogWriter(logger, "%(message)s", stream=stream, max_queued=10)
+        started = time.monotonic()
+        for n in range(300):  # 300 KB of lines: the pipe holds 64 KiB, the queue 10 lines
+            logger.info("%03d %s", n, "x" * 996)
+        assert time.monotonic() - started < 2, "logging never waits for the stream"
+        assert writer.dropped > 100
+        started = time.monotonic()
+        writer.stop(timeout=0.5)
+        assert time.monotonic() - started < 2, "shutting down never hangs on a stuck stream"
+        received = []
+        reader = threading.Thread(target=lambda: received.extend(os.fdopen(read_end).read().splitlines()))
+        reader.start()
+        writer.stop(timeout=10)  # the stream moves again: what was queued is written
+    reader.join(timeout=10)
+    assert len(received) + writer.dropped == 300, "every line is either written whole or counted as dropped"
+    assert [line[:3] for line in received] == sorted(line[:3] for line in received)
 
 
 def test_concurrency_limit_rejects_overflow_and_recovers(models_dir):
