@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     limits.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
                         help="larger request messages get RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--max-connection-age-seconds", type=float, default=300.0,
+                        help="close each client connection after this long (GOAWAY; in-flight calls finish, "
+                             "clients reconnect on their own) so clients of a DNS name spread over replicas "
+                             "added since; 0 = never (default: %(default)s)")
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key, serve TLS only")
     security.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(
         max_workers=args.max_workers, poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
+        max_connection_age_seconds=args.max_connection_age_seconds,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)

@@ -30,6 +30,7 @@ log = logging.getLogger("recsys.server")
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 LAME_DUCK_QUIET_SECONDS = 0.5
+CONNECTION_AGE_GRACE_SECONDS = 30
 
 
 class EventLoopThread:
@@ -190,6 +191,10 @@ class ServerOptions:
     max_concurrent_rpcs: int | None = None
     # Larger request messages get RESOURCE_EXHAUSTED.
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # Each client connection is closed (HTTP/2 GOAWAY, in-flight calls get CONNECTION_AGE_GRACE_SECONDS
+    # to finish) after this long, so clients re-resolve a DNS name and spread over replicas added
+    # since they connected; 0 keeps connections open.
+    max_connection_age_seconds: float = 300.0
     # Concurrent requests merged into one model call; 1 turns batching off.
     max_batch_size: int = 32
     tls_cert: bytes | None = None
@@ -212,7 +217,10 @@ def create_server(address: str, backend: Backend, models_dir: Path,
         # grpc.aio objects belong to the loop they are created on.
         grpc_server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(options.auth_token)] if options.auth_token else None,
-            options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0)],
+            options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0)]
+            + ([("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000)]
+               if options.max_connection_age_seconds > 0 else []),
             maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
         recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, grpc_server)

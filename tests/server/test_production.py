@@ -248,6 +248,24 @@ def test_log_writer_drops_and_counts_what_a_stuck_stream_cannot_take():
     assert [line[:3] for line in received] == sorted(line[:3] for line in received)
 
 
+def test_connections_are_recycled_without_failing_a_call(models_dir):
+    recommender, port = start(models_dir, max_connection_age_seconds=0.5)
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            client.wait_until_serving(60)
+            states = []
+            client.channel.subscribe(states.append)
+            calls, stop_at = 0, time.monotonic() + 3
+            while time.monotonic() < stop_at:
+                assert len(client.recommend(str(1 + calls % 943))) == 10
+                calls += 1
+            client.channel.unsubscribe(states.append)
+            # The server closed the connection (GOAWAY) and the client connected again, unnoticed by the calls.
+            assert states.count(grpc.ChannelConnectivity.READY) >= 3, states
+    finally:
+        recommender.stop(0).wait()
+
+
 def test_concurrency_limit_rejects_overflow_and_recovers(models_dir):
     recommender, port = start(models_dir, max_concurrent_rpcs=1, max_workers=8)
     try:
