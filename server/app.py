@@ -67,7 +67,7 @@ class ReadinessMonitor:
         self.metrics = metrics
         self._failures_reported = 0
         self._last_warning = ""
-        self._settled_version: str | None = None
+        self._prepared_version: str | None = None  # catalog loaded and heap settled for it
         self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness-monitor", daemon=True)
@@ -86,11 +86,11 @@ class ReadinessMonitor:
     def check(self) -> bool:
         try:
             ready = self.backend.refresh()
-            if ready:
+            version = self.backend.current_version()
+            if ready and version != self._prepared_version:  # a swap, or start-up: once per version
                 self.load_catalog()
-                if self.backend.current_version() != self._settled_version:
-                    settle_heap()
-                    self._settled_version = self.backend.current_version()
+                settle_heap()
+                self._prepared_version = version
             self._last_warning = ""
         except ModelsUnavailable as error:  # e.g. no metadata for the version TF Serving serves
             if str(error) != self._last_warning:  # once, not every poll

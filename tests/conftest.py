@@ -119,11 +119,11 @@ def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -
     for line in process.stderr:
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if match:
-            if not read_log:
-                return process, int(match.group(1))
-            process.log_lines = []
-            process.log_drain = threading.Thread(target=process.log_lines.extend, args=(process.stderr,), daemon=True)
-            process.log_drain.start()
+            if read_log:
+                process.log_lines = []
+                process.log_drain = threading.Thread(target=process.log_lines.extend, args=(process.stderr,),
+                                                     daemon=True)
+                process.log_drain.start()
             return process, int(match.group(1))
     process.kill()
     raise RuntimeError(f"server exited with {process.wait()} before reporting its port")
