@@ -147,10 +147,11 @@ def run_against_server(target: str, concurrency: int, duration: float, k: int, u
 def run_in_process(models_dir: Path, duration: float, k: int, user_ids: list[str]) -> tuple[Tally, float]:
     """The same request mix through the pipeline with no gRPC, one thread."""
     import server  # noqa: F401  (legacy Keras switch before TensorFlow)
-    from server.backend import InProcessBackend, settle_heap
+    from server.backend import InProcessBackend, set_tensorflow_threads, settle_heap
     from server.catalog import CatalogStore
     from server.pipeline import Pipeline, Query
 
+    set_tensorflow_threads()  # the server's default thread pools
     backend = InProcessBackend(models_dir)
     if not backend.refresh():
         raise SystemExit(f"no loadable model version in {models_dir}")

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     tf_serving.add_argument("--include-rated-signature", default="include_rated",
                             help="retrieval signature used when a request sets include_rated (default: %(default)s)")
     tf_serving.add_argument("--ranking-signature", default="serving_default", help="ranking signature (default: %(default)s)")
+    threads = parser.add_argument_group("TensorFlow thread pools (in-process models)")
+    threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=1, metavar="N",
+                         help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
+                              "raise it for catalogs of millions of movies on a bigger machine (default: %(default)s)")
+    threads.add_argument("--tensorflow-inter-op-parallelism", type=int, default=1, metavar="N",
+                         help="threads running independent ops side by side; 0 = one per core (default: %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=5.0,
                         help="how often to look for a new model version / probe the backend (default: %(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=10.0,
@@ -67,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) < 0:
+        parser.error("--tensorflow-*-op-parallelism must be 0 (one thread per core) or more")
     logging.getLogger().setLevel(logging.INFO)
     log_writers = [ThreadedLogWriter(logging.getLogger(), "%(asctime)s %(levelname)s %(name)s %(message)s"),
                    # Request lines are JSON objects, one per line, for log shippers.
@@ -82,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         backend = TFServingBackend(args.tf_serving, args.retrieval_model, args.ranking_model, args.retrieval_signature,
                                    args.include_rated_signature, args.ranking_signature, args.model_version)
     else:
-        from server.backend import InProcessBackend
+        from server.backend import InProcessBackend, set_tensorflow_threads
 
+        intra_op, inter_op = set_tensorflow_threads(args.tensorflow_intra_op_parallelism,
+                                                    args.tensorflow_inter_op_parallelism)
+        logging.getLogger("recsys.server").info("TensorFlow threads: intra-op %d, inter-op %d (0 = one per core)",
+                                                intra_op, inter_op)
         backend = InProcessBackend(args.models, args.model_version)
     options = ServerOptions(
         max_workers=args.max_workers, poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,

@@ -111,16 +111,17 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
 def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -> tuple[subprocess.Popen, int]:
     """`python -m server` on a free loopback port; returns the process and the port it reported.
 
-    The rest of its stderr is collected in `process.log_lines` (`process.log_drain` ends at its
-    EOF), or, with `read_log=False`, never read again: a log reader that stopped."""
+    Its stderr is collected in `process.log_lines` (`process.log_drain` ends at its EOF), or,
+    with `read_log=False`, not read past the line reporting the port: a log reader that stopped."""
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0", *flags],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process.log_lines = []
     for line in process.stderr:
+        process.log_lines.append(line)
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if match:
             if read_log:
-                process.log_lines = []
                 process.log_drain = threading.Thread(target=process.log_lines.extend, args=(process.stderr,),
                                                      daemon=True)
                 process.log_drain.start()

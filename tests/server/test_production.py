@@ -197,6 +197,7 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
             assert time.monotonic() - started < 5 + 3
             channel.close()
         assert len(outcomes) == 40
+        assert any("TensorFlow threads: intra-op 1, inter-op 1 " in line for line in process.log_lines)
         # Request log lines are written by a thread of their own; none is lost at shutdown.
         process.log_drain.join(timeout=10)
         logged = [json.loads(line) for line in process.log_lines if line.startswith("{")]
@@ -205,6 +206,20 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
                       if outcome != 100 and not (isinstance(outcome, tuple) and outcome[0] == grpc.StatusCode.UNAVAILABLE)]
         assert unexpected == [], "every call completes in full or gets UNAVAILABLE"
         assert 100 in outcomes
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_tensorflow_thread_pools_are_sized_by_flags(models_dir):
+    process, port = start_server_process(models_dir, "--tensorflow-intra-op-parallelism", "2",
+                                         "--tensorflow-inter-op-parallelism", "0")
+    try:
+        # The sizes are read back from TensorFlow: set too late (after its first op), they would not hold.
+        assert any("TensorFlow threads: intra-op 2, inter-op 0 " in line for line in process.log_lines)
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            client.wait_until_serving(60)
+            assert len(client.recommend("42")) == 10
     finally:
         process.kill()
         process.wait()
