@@ -177,16 +177,21 @@ def warm_up(models_dir: Path, pair: LoadedPair) -> int:
 
 
 def set_tensorflow_threads(intra_op: int = 1, inter_op: int = 1) -> tuple[int, int]:
-    """Size TensorFlow's thread pools (0: one thread per core) before it runs its first op;
-    returns the sizes TensorFlow reports back.
+    """Size TensorFlow's thread pools (0: one thread per core); returns the sizes in effect.
+
+    Only possible before TensorFlow runs its first op: after that (a process that already
+    trained or served) the pools stay as they are, and the returned sizes say so.
 
     One request's model call is small (a 1,682 x 64 matrix product, an MLP over 200
     candidates): splitting its ops over threads costs more than it saves, and the pools'
     idle threads spin on cores the gRPC event loop needs. TF Serving has the same two knobs
     (--tensorflow_intra_op_parallelism, --tensorflow_inter_op_parallelism).
     """
-    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:  # "cannot be modified after initialization"
+        pass
     return (tf.config.threading.get_intra_op_parallelism_threads(),
             tf.config.threading.get_inter_op_parallelism_threads())
 
