@@ -110,7 +110,9 @@ class RetrievalServing(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
-        rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits)
+        # The row splits were built at export: checking them again on every request cost a
+        # conditional Assert in the graph and ~6% of an in-process request.
+        rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits, validate=False)
         excluded = tf.gather(rated, self.user_tower.rows(user_id))
         scores, positions = self.index.query_excluding_positions(user_id, excluded, k=self.candidate_count)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
