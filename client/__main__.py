@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                             "loaded), so the run measures a ready server (default: no wait)")
     bench.add_argument("--in-process", action="store_true",
                        help="no gRPC: run the request mix through the serving pipeline in this process, one "
-                            "thread (needs --models)")
+                            "thread, TensorFlow's thread pools sized as the server's default (needs --models)")
     bench.add_argument("--models", type=Path, help="models directory, for --in-process (and its user ids)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     bench.add_argument("--server-pid", type=int, metavar="PID",
