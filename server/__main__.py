@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-workers", type=int, default=16,
                         help="threads running the pipeline when batching is off (--max-batch-size 1); RPCs run on "
                              "one grpc.aio event loop (default: %(default)s)")
+    parser.add_argument("--inline-lone-calls", action=argparse.BooleanOptionalAction, default=True,
+                        help="in-process models: a call that is the only one in flight runs its model call on the "
+                             "event loop instead of the pipeline thread, which saves the hand-off both ways; "
+                             "--no-inline-lone-calls keeps every model call off the loop (default: on)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-rpcs", type=int,
                         help="RPCs in flight beyond this get RESOURCE_EXHAUSTED (default: no limit)")
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(
         max_workers=args.max_workers, poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
+        lone_calls_inline=args.inline_lone_calls,
         max_connection_age_seconds=args.max_connection_age_seconds,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,

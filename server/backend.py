@@ -51,6 +51,9 @@ class Backend(abc.ABC):
     """Where the SavedModels run. `timeout` is the seconds left of the caller's deadline."""
 
     name: str
+    # True when a model call is computation in this process, bounded and without network waits
+    # (the servicer may then run a lone call on its event loop).
+    in_process: bool = False
     # Model versions that failed to load (in-process) so far; exported as a metric.
     load_failures: int = 0
 
@@ -220,6 +223,7 @@ class InProcessBackend(Backend):
     """
 
     name = "in-process"
+    in_process = True
 
     def __init__(self, models_dir: Path, model_version: int | None = None):
         self.models_dir = Path(models_dir)

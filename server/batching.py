@@ -41,6 +41,13 @@ def _batch_timeout(batch: list[_Pending]) -> float | None:
     return max(0.0, max(pending.expires for pending in batch) - time.monotonic())
 
 
+def _run_here(pipeline: Pipeline, queries: Sequence[Query], timeout: float | None,
+              stage_seconds: dict[str, float] | None) -> list[list[Recommendation]]:
+    if stage_seconds is not None:
+        stage_seconds["queue"] = 0.0  # no hand-off, no wait
+    return pipeline.recommend(queries, timeout, stage_seconds)
+
+
 class RequestBatcher:
     """Same `recommend` call as Pipeline, served by one batching thread."""
 
@@ -75,6 +82,14 @@ class RequestBatcher:
         except futures.TimeoutError:
             future.cancel()
             raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
+
+    def run_here(self, queries: Sequence[Query], timeout: float | None = None,
+                 stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
+        """Run the queries on the calling thread, as a batch of their own: for a caller that knows
+        nothing else is waiting (see RecommenderServicer)."""
+        if self.observe_batch is not None:
+            self.observe_batch(len(queries))
+        return _run_here(self.pipeline, queries, timeout, stage_seconds)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop taking batches and wait for the running one: a thread still inside TensorFlow
@@ -156,6 +171,10 @@ class ThreadedPipeline:
             return self.pipeline.recommend(queries, timeout, stage_seconds, is_cancelled)
 
         return self._executor.submit(run)
+
+    def run_here(self, queries: Sequence[Query], timeout: float | None = None,
+                 stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
+        return _run_here(self.pipeline, queries, timeout, stage_seconds)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

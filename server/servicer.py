@@ -1,7 +1,9 @@
 """The gRPC servicer (grpc.aio): validate, delegate to the pipeline, stream. Nothing else lives here.
 
 The pipeline runs off the event loop (the batcher's thread, or a pool when batching is off);
-the loop only awaits its future, so it keeps serving other calls meanwhile.
+the loop only awaits its future, so it keeps serving other calls meanwhile. The exception is
+a call that is the only one in flight on in-process models: the loop then has nothing else
+to serve, and runs it itself.
 """
 from __future__ import annotations
 
@@ -40,10 +42,14 @@ def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer):
+    def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
+                 lone_calls_inline: bool = True):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer
+        # Only for models computed in this process: a call to TF Serving waits on the network,
+        # and the event loop must never wait on that.
+        self.lone_calls_inline = lone_calls_inline and backend.in_process
         self.accepting = True  # false once shutdown starts: new calls get UNAVAILABLE
 
     def _ready(self) -> None:
@@ -55,6 +61,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
                          record: CallRecord) -> list[list[Recommendation]]:
         """Run the pipeline within the caller's deadline; a caller that goes away is dropped from its batch."""
+        if self.lone_calls_inline and self.observer.active_calls == 1:
+            # The only call in flight: the loop has nothing else to serve during the ~1 ms model call,
+            # and handing the call to the pipeline thread and back would cost more than that here.
+            return self.pipeline.run_here(queries, context.time_remaining(), record.stage_seconds)
         gone = threading.Event()
         context.add_done_callback(lambda _: gone.set())
         timeout = context.time_remaining()

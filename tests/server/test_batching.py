@@ -70,3 +70,41 @@ def test_a_caller_that_went_away_costs_no_model_call(gated):
         with pytest.raises(Cancelled):
             gone.result()
     assert backend.model_calls == 1
+
+
+class ThreadRecordingBackend(InProcessBackend):
+    """The real in-process backend, noting the thread that runs each model call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads: list[str] = []
+
+    def retrieve_and_rank(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return super().retrieve_and_rank(*args, **kwargs)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_lone_call_runs_on_the_event_loop_and_concurrent_ones_on_the_batcher(models_dir, inline):
+    from client import RecommenderClient
+    from server.app import ServerOptions, create_server
+
+    backend = ThreadRecordingBackend(models_dir)
+    recommender, port = create_server("127.0.0.1:0", backend, models_dir,
+                                      ServerOptions(poll_seconds=0.5, lone_calls_inline=inline))
+    recommender.start()
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=30) as client:
+            client.wait_until_serving(60)
+            backend.threads.clear()
+            client.recommend("42")
+            assert backend.threads == (["grpc-aio"] if inline else ["batcher"])  # the event loop's thread
+
+            users = [str(n) for n in range(1, 65)]
+            backend.threads.clear()
+            with futures.ThreadPoolExecutor(16) as pool:
+                concurrent = list(pool.map(lambda user: [item.item_id for item in client.recommend(user)], users))
+            assert "batcher" in backend.threads  # calls in flight together still share model calls
+            assert concurrent == [[item.item_id for item in client.recommend(user)] for user in users]
+    finally:
+        recommender.stop(0).wait()
