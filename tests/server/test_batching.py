@@ -98,13 +98,14 @@ def test_a_lone_call_runs_on_the_event_loop_and_concurrent_ones_on_the_batcher(m
             client.wait_until_serving(60)
             backend.threads.clear()
             client.recommend("42")
-            assert backend.threads == (["grpc-aio"] if inline else ["batcher"])  # the event loop's thread
+            # grpc-aio is the event loop's thread.
+            assert backend.threads == (["grpc-aio"] if inline else ["batcher"])
 
             users = [str(n) for n in range(1, 65)]
             backend.threads.clear()
             with futures.ThreadPoolExecutor(16) as pool:
                 concurrent = list(pool.map(lambda user: [item.item_id for item in client.recommend(user)], users))
-            assert "batcher" in backend.threads  # calls in flight together still share model calls
+            assert "batcher" in backend.threads  # calls in flight together still go to the batcher
             assert concurrent == [[item.item_id for item in client.recommend(user)] for user in users]
     finally:
         recommender.stop(0).wait()
