@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from server import TENSORFLOW_THREADS  # importing `server` sets TF_USE_LEGACY_KERAS before TensorFlow loads
 from server.observability import ThreadedLogWriter
 
 
@@ -32,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="retrieval signature used when a request sets include_rated (default: %(default)s)")
     tf_serving.add_argument("--ranking-signature", default="serving_default", help="ranking signature (default: %(default)s)")
     threads = parser.add_argument_group("TensorFlow thread pools (in-process models)")
-    threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=1, metavar="N",
+    threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=TENSORFLOW_THREADS, metavar="N",
                          help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
                               "raise it for catalogs of millions of movies on a bigger machine (default: %(default)s)")
-    threads.add_argument("--tensorflow-inter-op-parallelism", type=int, default=1, metavar="N",
+    threads.add_argument("--tensorflow-inter-op-parallelism", type=int, default=TENSORFLOW_THREADS, metavar="N",
                          help="threads running independent ops side by side; 0 = one per core (default: %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=5.0,
                         help="how often to look for a new model version / probe the backend (default: %(default)s)")

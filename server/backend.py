@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from server import TENSORFLOW_THREADS
 from server.errors import ModelsUnavailable
 from tensorflow_serving.apis import prediction_log_pb2
 
@@ -179,7 +180,7 @@ def warm_up(models_dir: Path, pair: LoadedPair) -> int:
     return replayed
 
 
-def set_tensorflow_threads(intra_op: int = 1, inter_op: int = 1) -> tuple[int, int]:
+def set_tensorflow_threads(intra_op: int = TENSORFLOW_THREADS, inter_op: int = TENSORFLOW_THREADS) -> tuple[int, int]:
     """Size TensorFlow's thread pools (0: one thread per core); returns the sizes in effect.
 
     Only possible before TensorFlow runs its first op: after that (a process that already

@@ -43,7 +43,7 @@ def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
-                 lone_calls_inline: bool = True):
+                 lone_calls_inline: bool):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer
