@@ -2,8 +2,8 @@
 
 It streams k canned RankedItems per Recommend call, so `python -m client bench` against it
 measures what gRPC in Python costs on this machine: the floor under the real server's
-latency and the ceiling over its throughput. `--aio` serves with grpc.aio instead of the
-thread-pool server the real one uses, to measure what switching would buy.
+latency and the ceiling over its throughput. `--aio` serves with grpc.aio, as the real
+server does; without it, a thread-pool server, for comparison.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""deploy/ cannot run here (no Docker, no cluster): check it parses and agrees with the code."""
+"""server/deploy/ cannot run here (no Docker, no cluster): check it parses and agrees with the code."""
 import yaml
 
 from server.__main__ import build_parser
 from server.app import SERVICE_NAME
 from tests.conftest import REPO_ROOT
 
-DEPLOY = REPO_ROOT / "deploy"
+DEPLOY = REPO_ROOT / "server" / "deploy"
 
 
 def _by_kind_and_name(documents):
@@ -36,5 +36,8 @@ def test_compose_matches_the_server():
     args = build_parser().parse_args(compose["recommender"]["command"])
     assert args.tf_serving == "tf-serving:8500" and "8500:8500" in compose["tf-serving"]["ports"]
     assert f"{args.port}:{args.port}" in compose["recommender"]["ports"]
-    assert compose["recommender"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    build = compose["recommender"]["build"]
+    # The image is built from the repository root (the Dockerfile copies pyproject.toml and the packages).
+    assert (DEPLOY / build["context"]).resolve() == REPO_ROOT.resolve()
+    assert (REPO_ROOT / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
     assert (DEPLOY / "Dockerfile").read_text().count('ENTRYPOINT ["python", "-m", "server"]') == 1
