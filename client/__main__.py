@@ -57,7 +57,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
     else:
         try:
-            sampler = bench.RssSampler(args.server_pid, args.rss_every) if args.server_pid else None
+            sampler = bench.ServerSampler(args.server_pid, args.rss_every) if args.server_pid else None
         except ValueError as error:
             parser.error(str(error))
         if args.wait:
@@ -69,7 +69,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                                    args.processes, args.timeout)
         summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
         if sampler:
-            summary["server_rss_mb"] = sampler.summary()
+            bench.add_server_figures(summary, sampler)
     print(bench.format_summary(summary))
     if args.json:
         bench.write_json(summary, args.json)
@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--models", type=Path, help="models directory, for --in-process (and its user ids)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     bench.add_argument("--server-pid", type=int, metavar="PID",
-                       help="sample this server process's resident memory during the run (start, end, max; "
-                            "Linux): growth over a long run is how a leak shows")
+                       help="also report this server process's CPU use (percent of one core, ms per request) "
+                            "and resident memory (start, end, max) over the run (Linux /proc): CPU per request "
+                            "bounds what the machine can serve, memory growth over a long run is how a leak shows")
     bench.add_argument("--rss-every", type=float, default=10.0, metavar="SECONDS",
                        help="with --server-pid: seconds between samples (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -47,39 +47,48 @@ class Tally:
         self.cpu_seconds += other.cpu_seconds
 
 
-class RssSampler:
-    """Samples another process's resident memory (Linux /proc) while the load runs: growth
-    over a long run is how a leak shows."""
+class ServerSampler:
+    """Samples another process's resident memory and CPU time (Linux /proc) while the load runs:
+    growth over a long run is how a leak shows, and CPU per request says what a machine of
+    this size can serve at most, whatever the latency."""
 
     def __init__(self, pid: int, every_seconds: float = 10.0):
-        self.path = Path(f"/proc/{pid}/status")
-        if not self.path.is_file():
+        self.status_path, self.stat_path = Path(f"/proc/{pid}/status"), Path(f"/proc/{pid}/stat")
+        if not self.status_path.is_file():
             raise ValueError(f"no process {pid} to sample (needs Linux /proc)")
         self.every_seconds = every_seconds
         self.samples_mb: list[float] = []
+        self.cpu_seconds = 0.0
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="server-sampler", daemon=True)
 
     def _sample(self) -> None:
-        for line in self.path.read_text().splitlines():
+        for line in self.status_path.read_text().splitlines():
             if line.startswith("VmRSS:"):
                 self.samples_mb.append(round(int(line.split()[1]) / 1024, 1))
+
+    def _process_cpu_seconds(self) -> float:
+        # Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+        fields = self.stat_path.read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _run(self) -> None:
         while not self._stopped.wait(self.every_seconds):
             self._sample()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> "ServerSampler":
         self._sample()
+        self.cpu_seconds = -self._process_cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.cpu_seconds += self._process_cpu_seconds()
         self._stopped.set()
         self._thread.join()
         self._sample()
 
-    def summary(self) -> dict:
+    def rss_summary(self) -> dict:
         return {"start": self.samples_mb[0], "end": self.samples_mb[-1], "max": max(self.samples_mb),
                 "samples": self.samples_mb}
 
@@ -184,8 +193,20 @@ def summarize(tally: Tally, wall: float, target: str, concurrency: int, k: int) 
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99))}
                       | {"max": round(float(latencies.max()), 3)},
         "client_cpu_percent_of_one_core": round(100 * tally.cpu_seconds / wall, 1),
+        "client_cpu_ms_per_request": _per_request_ms(tally.cpu_seconds, requests),
         "cores": os.cpu_count(),
     }
+
+
+def add_server_figures(summary: dict, sampler: ServerSampler) -> None:
+    """The server's memory and CPU over the run (`--server-pid`)."""
+    summary["server_rss_mb"] = sampler.rss_summary()
+    summary["server_cpu_percent_of_one_core"] = round(100 * sampler.cpu_seconds / summary["duration_s"], 1)
+    summary["server_cpu_ms_per_request"] = _per_request_ms(sampler.cpu_seconds, summary["requests"])
+
+
+def _per_request_ms(cpu_seconds: float, requests: int) -> float:
+    return round(1000 * cpu_seconds / requests, 3) if requests else 0.0
 
 
 def format_summary(summary: dict) -> str:
@@ -197,8 +218,11 @@ def format_summary(summary: dict) -> str:
         f"requests {summary['requests']}  ok {summary['ok']}  errors {errors}",
         f"throughput {summary['throughput_rps']} req/s",
         f"latency ms  p50 {latency['p50']}  p90 {latency['p90']}  p99 {latency['p99']}  max {latency['max']}",
-        f"load generator cpu {summary['client_cpu_percent_of_one_core']}% of one core",
-    ] + ([f"server rss MB  start {rss['start']}  end {rss['end']}  max {rss['max']}  "
+        f"load generator cpu {summary['client_cpu_percent_of_one_core']}% of one core  "
+        f"({summary['client_cpu_ms_per_request']} ms per request)",
+    ] + ([f"server cpu {summary['server_cpu_percent_of_one_core']}% of one core  "
+          f"({summary['server_cpu_ms_per_request']} ms per request)",
+          f"server rss MB  start {rss['start']}  end {rss['end']}  max {rss['max']}  "
           f"({len(rss['samples'])} samples)"] if (rss := summary.get("server_rss_mb")) else []))
 
 

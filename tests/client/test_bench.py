@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from client.__main__ import main as client_main
 from protos import recommender_pb2, recommender_pb2_grpc
 from tests.conftest import REPO_ROOT
-from client.bench import UNKNOWN_USER_SHARE, user_mix
+from client.bench import UNKNOWN_USER_SHARE, ServerSampler, user_mix
 
 
 def test_user_mix_is_mostly_known_users_with_a_few_unknown():
@@ -39,12 +40,28 @@ def test_bench_against_the_server(running_server, models_dir, tmp_path, capsys):
                         "--models", str(models_dir), "--json", str(out), "--server-pid", str(os.getpid()),
                         "--rss-every", "0.5", "--wait", "30"]) == 0
     printed = capsys.readouterr().out
-    for label in ("requests", "throughput", "req/s", "p50", "p90", "p99", "max", "load generator cpu", "server rss MB"):
+    for label in ("requests", "throughput", "req/s", "p50", "p90", "p99", "max", "load generator cpu", "server cpu",
+                  "ms per request", "server rss MB"):
         assert label in printed
     summary = json.loads(out.read_text())
     _check(summary, 4)
     rss = summary["server_rss_mb"]
     assert len(rss["samples"]) >= 4 and rss["max"] == max(rss["samples"]) and rss["start"] > 100
+    # Server and load generator share this process here, so the server's CPU includes the generator's.
+    assert summary["server_cpu_percent_of_one_core"] >= summary["client_cpu_percent_of_one_core"] > 0
+    assert summary["server_cpu_ms_per_request"] >= summary["client_cpu_ms_per_request"] > 0
+
+
+def test_server_sampler_counts_the_process_cpu_time():
+    """/proc's CPU time for a process agrees with what the process itself measures."""
+    with ServerSampler(os.getpid(), every_seconds=0.05) as sampler:
+        before = time.process_time()
+        while time.process_time() - before < 0.5:
+            sum(range(1000))
+        used = time.process_time() - before
+    # Other threads of this process (gRPC, TensorFlow) may add a little; clock ticks are 10 ms.
+    assert used - 0.03 <= sampler.cpu_seconds <= used + 0.25
+    assert len(sampler.samples_mb) >= 3
 
 
 def test_bench_wait_gives_up_on_a_server_that_never_serves(capsys):
