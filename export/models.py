@@ -38,11 +38,12 @@ class HistoryUserTower(tf.keras.Model):
         self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
         self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
         self.user_embedding = tf.keras.layers.Embedding(len(user_ids) + 1, dim, embeddings_regularizer=regularizer)
-        # With stars, each movie's row holds both of its embeddings, [rated | liked], so one
-        # lookup and one segment sum serve the two sums.
+        # With stars, each movie's row holds both of its embeddings, [rated | liked]: one table
+        # (two column blocks) serves the two sums.
         self.dim, self.with_stars = dim, stars is not None
         self.history_embedding = tf.keras.layers.Embedding(len(item_ids) + 1, dim * (2 if self.with_stars else 1),
                                                            embeddings_regularizer=regularizer)
+        self.history_embedding.build((None,))  # its table is read whole (see _history_sums)
         position = {item_id: index + 1 for index, item_id in enumerate(item_ids)}
         rows = [[]] + [[position[item] for item in history.get(user, [])] for user in user_ids]
         self.history_values = tf.Variable(np.asarray([p for row in rows for p in row], dtype=np.int64),
@@ -56,9 +57,30 @@ class HistoryUserTower(tf.keras.Model):
             self.history_weights = tf.Variable(np.concatenate(weights), trainable=False, name="history_weights")
 
     def _weighted(self, embeddings: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-        """[rated | liked] rows scaled by [1 | stars - mean]."""
-        scale = tf.stack([tf.ones_like(weights), weights], axis=1)
-        return embeddings * tf.repeat(scale, self.dim, axis=1)
+        """[rated | liked] rows scaled by [1 | stars - mean], folded into one embedding."""
+        return embeddings[:, :self.dim] + embeddings[:, self.dim:] * weights[:, None]
+
+    def _history_sums(self, unique_users: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Each distinct user's history summed, and its length.
+
+        Summed as a sparse [users x movies] matrix times the embedding table: the table's
+        gradient is then one dense matrix instead of a slice per rated movie, which the
+        optimizer would have to merge (that cost about half a history tower's training step).
+        """
+        history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits),
+                            unique_users)
+        table = self.history_embedding.embeddings
+        indices = tf.stack([history.value_rowids(), history.values], axis=1)
+        shape = tf.stack([tf.shape(unique_users, out_type=tf.int64)[0], tf.shape(table, out_type=tf.int64)[0]])
+        rated = tf.SparseTensor(indices, tf.ones_like(history.values, tf.float32), shape)
+        if not self.with_stars:
+            return tf.sparse.sparse_dense_matmul(rated, table), history.row_lengths()
+        weights = tf.gather(tf.RaggedTensor.from_row_splits(self.history_weights, self.history_row_splits),
+                            unique_users)
+        liked = tf.SparseTensor(indices, weights.values, shape)
+        summed = (tf.sparse.sparse_dense_matmul(rated, table[:, :self.dim])
+                  + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:]))
+        return summed, history.row_lengths()
 
     def call(self, inputs) -> tf.Tensor:
         """`inputs`: user ids, or {"user_id", "leave_out_item_id"[, "leave_out_stars"]} while training.
@@ -72,24 +94,15 @@ class HistoryUserTower(tf.keras.Model):
         users = self.user_lookup(inputs)
         # Sum each distinct user's history once, however many rows of the batch they have.
         unique_users, row_of_example = tf.unique(users, out_idx=tf.int64)
-        history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits), unique_users)
-        rows = self.history_embedding(history.values)
-        if self.with_stars:
-            weights = tf.gather(tf.RaggedTensor.from_row_splits(self.history_weights, self.history_row_splits),
-                                unique_users)
-            rows = self._weighted(rows, weights.values)
-        summed = tf.math.unsorted_segment_sum(rows, history.value_rowids(),
-                                              tf.shape(unique_users, out_type=tf.int64)[0])
+        summed, lengths = self._history_sums(unique_users)
         summed = tf.gather(summed, row_of_example)
-        count = tf.cast(tf.gather(history.row_lengths(), row_of_example), tf.float32)
+        count = tf.cast(tf.gather(lengths, row_of_example), tf.float32)
         if leave_out is not None:
             own = self.history_embedding(self.item_lookup(leave_out["leave_out_item_id"]))
             if self.with_stars:
                 own = self._weighted(own, tf.cast(leave_out["leave_out_stars"], tf.float32) - self.mean_stars)
             summed -= own
             count -= 1.0
-        if self.with_stars:
-            summed = summed[:, :self.dim] + summed[:, self.dim:]
         return self.user_embedding(users) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
 
 

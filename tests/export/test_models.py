@@ -33,6 +33,22 @@ def test_leaving_out_a_rating_equals_a_history_without_it():
         np.testing.assert_allclose(left_out[row], without(tf.constant([user])).numpy()[0], rtol=1e-5, atol=1e-6)
 
 
+def test_the_tower_is_its_formula():
+    """id embedding + (sum of rated [+ (stars - mean) x liked] rows) / sqrt(count); unknown users get their
+    out-of-vocabulary embedding alone."""
+    tower = _tower(HISTORY, STARS)
+    users = ["3", "1", "unknown", "1"]
+    user_rows = tower.user_embedding.get_weights()[0]
+    table = tower.history_embedding.get_weights()[0]
+    rated, liked = table[:, :4], table[:, 4:]
+    for row, user in zip(tower(tf.constant(users)).numpy(), users):
+        positions = [ITEMS.index(item) + 1 for item in HISTORY.get(user, [])]
+        weights = STARS[user] - 3.5 if user in STARS else np.zeros(0, np.float32)
+        history = rated[positions].sum(axis=0) + (liked[positions] * weights[:, None]).sum(axis=0)
+        expected = user_rows[USERS.index(user) + 1 if user in USERS else 0] + history / np.sqrt(max(len(positions), 1))
+        np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_stars_change_the_user_embedding():
     liked = _tower(HISTORY, STARS)
     disliked = _tower(HISTORY, {user: 6.0 - stars for user, stars in STARS.items()})
