@@ -58,7 +58,8 @@ class ServerSampler:
             raise ValueError(f"no process {pid} to sample (needs Linux /proc)")
         self.every_seconds = every_seconds
         self.samples_mb: list[float] = []
-        self.cpu_seconds = 0.0
+        self.cpu_seconds = 0.0  # over the run, once it has ended
+        self._cpu_before = 0.0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="server-sampler", daemon=True)
 
@@ -78,12 +79,12 @@ class ServerSampler:
 
     def __enter__(self) -> "ServerSampler":
         self._sample()
-        self.cpu_seconds = -self._process_cpu_seconds()
+        self._cpu_before = self._process_cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cpu_seconds += self._process_cpu_seconds()
+        self.cpu_seconds = self._process_cpu_seconds() - self._cpu_before
         self._stopped.set()
         self._thread.join()
         self._sample()
