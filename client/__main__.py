@@ -46,30 +46,24 @@ def wait_until_serving(client: RecommenderClient, seconds: float) -> bool:
 def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from client import bench
 
-    if args.in_process and not args.models:
-        parser.error("--in-process needs --models")
     known_users = None
     if args.models:
         known_users = sorted(bench_users(args.models), key=lambda user: (len(user), user))
     user_ids = bench.user_mix(args.users, known_users)
-    if args.in_process:
-        tally, wall = bench.run_in_process(args.models, args.duration, args.k, user_ids)
-        summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
-    else:
-        try:
-            sampler = bench.ServerSampler(args.server_pid, args.rss_every) if args.server_pid else None
-        except ValueError as error:
-            parser.error(str(error))
-        if args.wait:
-            with RecommenderClient(args.target) as client:
-                if not wait_until_serving(client, args.wait):
-                    return 1
-        with sampler or contextlib.nullcontext():
-            tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
-                                                   args.processes, args.timeout)
-        summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
-        if sampler:
-            bench.add_server_figures(summary, sampler)
+    try:
+        sampler = bench.ServerSampler(args.server_pid, args.rss_every) if args.server_pid else None
+    except ValueError as error:
+        parser.error(str(error))
+    if args.wait:
+        with RecommenderClient(args.target) as client:
+            if not wait_until_serving(client, args.wait):
+                return 1
+    with sampler or contextlib.nullcontext():
+        tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
+                                               args.processes, args.timeout)
+    summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
+    if sampler:
+        bench.add_server_figures(summary, sampler)
     print(bench.format_summary(summary))
     if args.json:
         bench.write_json(summary, args.json)
@@ -114,10 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                        help="first wait up to this many seconds for the server's health to say SERVING (models "
                             "loaded), so the run measures a ready server (default: no wait)")
-    bench.add_argument("--in-process", action="store_true",
-                       help="no gRPC: run the request mix through the serving pipeline in this process, one "
-                            "thread, TensorFlow's thread pools sized as the server's default (needs --models)")
-    bench.add_argument("--models", type=Path, help="models directory, for --in-process (and its user ids)")
+    bench.add_argument("--models", type=Path,
+                       help="models directory the server serves: draw known user ids from its newest metadata "
+                            "(default: MovieLens ids 1..943)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     bench.add_argument("--server-pid", type=int, metavar="PID",
                        help="also report this server process's CPU use (percent of one core, ms per request) "

@@ -1,9 +1,8 @@
 """Load generator: drive Recommend with realistic traffic and print throughput and latency.
 
-Against a server it uses grpc.aio (one event loop per process, `--processes` of them) so
-the generator is not the bottleneck; it reports its own CPU use to prove it. With
-`--in-process` it runs the same request mix straight through the serving pipeline, single
-threaded, with no gRPC: the compute limit of this machine for the model.
+It uses grpc.aio (one event loop per process, `--processes` of them) so the generator is
+not the bottleneck, and reports its own CPU use to prove it. The summary and its format are
+shared with `python -m server.bench`, which runs the same request mix without gRPC.
 """
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 ML100K_USER_COUNT = 943
 UNKNOWN_USER_SHARE = 0.03
@@ -94,7 +91,7 @@ class ServerSampler:
                 "samples": self.samples_mb}
 
 
-def _cpu_seconds() -> float:
+def process_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -129,9 +126,9 @@ async def _drive(target: str, concurrency: int, duration: float, k: int, user_id
 
 
 def _process_main(args: tuple) -> Tally:
-    cpu_before = _cpu_seconds()
+    cpu_before = process_cpu_seconds()
     tally = asyncio.run(_drive(*args))
-    tally.cpu_seconds = _cpu_seconds() - cpu_before
+    tally.cpu_seconds = process_cpu_seconds() - cpu_before
     return tally
 
 
@@ -154,45 +151,25 @@ def run_against_server(target: str, concurrency: int, duration: float, k: int, u
     return total, wall
 
 
-def run_in_process(models_dir: Path, duration: float, k: int, user_ids: list[str]) -> tuple[Tally, float]:
-    """The same request mix through the pipeline with no gRPC, one thread."""
-    import server  # noqa: F401  (legacy Keras switch before TensorFlow)
-    from server.backend import InProcessBackend, set_tensorflow_threads, settle_heap
-    from server.catalog import CatalogStore
-    from server.pipeline import Pipeline, Query
-
-    set_tensorflow_threads()  # the server's default thread pools
-    backend = InProcessBackend(models_dir)
-    if not backend.refresh():
-        raise SystemExit(f"no loadable model version in {models_dir}")
-    pipeline = Pipeline(backend, CatalogStore(models_dir))
-    pipeline.recommend([Query(user_ids[0], k=k)])  # first call traces and loads the catalog; not measured
-    settle_heap()  # as the server does once a version and its catalog are loaded
-    tally = Tally()
-    cpu_before = _cpu_seconds()
-    started = time.perf_counter()
-    stop_at = started + duration
-    n = 0
-    while time.perf_counter() < stop_at:
-        begun = time.perf_counter()
-        pipeline.recommend([Query(user_ids[n % len(user_ids)], k=k)])
-        tally.latencies_ms.append((time.perf_counter() - begun) * 1000)
-        n += 1
-    wall = time.perf_counter() - started
-    tally.cpu_seconds = _cpu_seconds() - cpu_before
-    return tally, wall
+def percentile(ordered: list[float], q: float) -> float:
+    """The q-th percentile of sorted values, interpolated linearly between neighbours (numpy's default)."""
+    if not ordered:
+        return 0.0
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def summarize(tally: Tally, wall: float, target: str, concurrency: int, k: int) -> dict:
-    latencies = np.asarray(tally.latencies_ms) if tally.latencies_ms else np.zeros(1)
+    latencies = sorted(tally.latencies_ms)
     requests = len(tally.latencies_ms) + sum(tally.errors.values())
     return {
         "target": target, "concurrency": concurrency, "k": k, "duration_s": round(wall, 2),
         "requests": requests, "ok": len(tally.latencies_ms), "errors": dict(tally.errors),
         "throughput_rps": round(len(tally.latencies_ms) / wall, 1),
-        "latency_ms": {name: round(float(np.percentile(latencies, q)), 3)
-                       for name, q in (("p50", 50), ("p90", 90), ("p99", 99))}
-                      | {"max": round(float(latencies.max()), 3)},
+        "latency_ms": {name: round(percentile(latencies, q), 3) for name, q in (("p50", 50), ("p90", 90), ("p99", 99))}
+                      | {"max": round(latencies[-1] if latencies else 0.0, 3)},
         "client_cpu_percent_of_one_core": round(100 * tally.cpu_seconds / wall, 1),
         "client_cpu_ms_per_request": _per_request_ms(tally.cpu_seconds, requests),
         "cores": os.cpu_count(),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from export.data import DATASETS, DEFAULT_SHUFFLE_BUFFER, DataFormatError, DataSourceError
-from export.presets import PRESETS
+from export.presets import PRESETS, STRATEGIES
 
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
              "$RECSYS_DATA_DIR, then ./data/<dataset>, then download <dataset>.zip from GroupLens into "
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="'test' (default) trains on the fixed train split: the version to serve and report. "
                             "'validation' trains on train minus a validation split carved from it, for tuning; "
                             "'evaluate' then scores that version on the validation split, never on test")
-    train.add_argument("--strategy", choices=("default", "mirrored", "multi-worker"), default="default",
+    train.add_argument("--strategy", choices=STRATEGIES, default="default",
                        help="tf.distribute strategy: 'multi-worker' trains with MultiWorkerMirroredStrategy on the "
                             "cluster in $TF_CONFIG (start the same command on every worker); only the chief "
                             "writes the export (default: %(default)s)")

@@ -1,7 +1,7 @@
 """MovieLens (100k by default; 1M, 20M, 25M too): find it, read it strictly, split it the one fixed way.
 
-Every evaluation in the project uses `split_ratings`, so numbers are comparable
-across presets, baselines and sessions.
+Every evaluation in the project uses `split_row_numbers`, so numbers are comparable
+across presets and baselines.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -23,7 +23,6 @@ ML100K_SHA256 = "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a322
 DATA_DIR_ENV = "RECSYS_DATA_DIR"
 CACHE_DIR_ENV = "RECSYS_CACHE_DIR"
 LOCAL_DATA_ROOT = Path("data")
-LOCAL_DATA_DIR = LOCAL_DATA_ROOT / "ml-100k"
 REQUIRED_FILES = ("u.data", "u.item", "u.user")
 TRAIN_FRACTION = 0.8  # 80,000 of ML-100k's 100,000 ratings
 SPLIT_SEED = 42
@@ -365,12 +364,15 @@ def split_row_numbers(row_count: int, holdout: str) -> tuple[np.ndarray, np.ndar
     raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
 
 
+def popularity_order(item_ids: Iterable[str], rating_counts: Mapping[str, int]) -> list[str]:
+    """Most rated first, ties by movie id (numeric where ids are numbers): the served fallback's
+    order and the popularity baseline's, so the two cannot differ."""
+    return sorted(item_ids, key=lambda item_id: (-rating_counts.get(item_id, 0),
+                                                 (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)))
+
+
 def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows to train on and rows to score against (see `split_row_numbers`)."""
     fit, held_out = split_row_numbers(len(ratings), holdout)
     return ratings[fit], ratings[held_out]
 
-
-def split_ratings(ratings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed train / test split."""
-    return fit_and_held_out(ratings, "test")

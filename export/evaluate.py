@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from export.baselines import ease_lists
-from export.data import MovieLens, fit_and_held_out
+from export.data import MovieLens, fit_and_held_out, popularity_order
 from server.backend import Backend, InProcessBackend
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
@@ -51,16 +51,13 @@ def ranking_metrics(lists: dict[str, list[str]], held_out: dict[str, set[str]]) 
 
 
 def popularity_lists(train: np.ndarray, users: list[str]) -> dict[str, list[str]]:
-    items, counts = np.unique(train[:, 1], return_counts=True)
-    popular = [str(item) for item in items[np.lexsort((items, -counts))]]
+    """Each user's most popular unseen movies, in the served fallback's order (`popularity_order`)."""
+    items, counts = np.unique(train[:, 1].astype(str), return_counts=True)
+    popular = popularity_order(items.tolist(), dict(zip(items.tolist(), counts.tolist())))
     rated = defaultdict(set)
-    for user, item in train[:, :2].tolist():
-        rated[str(user)].add(str(item))
-    lists = {}
-    for user in users:
-        seen = rated[user]
-        lists[user] = [item for item in popular if item not in seen][:LIST_LENGTH]
-    return lists
+    for user, item in train[:, :2].astype(str).tolist():
+        rated[user].add(item)
+    return {user: [item for item in popular if item not in rated[user]][:LIST_LENGTH] for user in users}
 
 
 def held_out_by_user(test: np.ndarray) -> dict[str, set[str]]:

@@ -20,6 +20,24 @@ def id_tower(vocabulary: list[str], dim: int, l2: float, name: str) -> tf.keras.
     )
 
 
+class RaggedTable(tf.keras.layers.Layer):
+    """Per-id rows of values as one ragged table: row 0 (ids outside the vocabulary) is empty,
+    then one row per vocabulary id. Stored as values + row splits, so it saves with the model."""
+
+    def __init__(self, rows: list, dtype: type, **kwargs):
+        super().__init__(**kwargs)
+        self.values = tf.Variable(np.concatenate([np.asarray(row, dtype) for row in rows] + [np.zeros(0, dtype)]),
+                                  trainable=False, name="values")
+        self.row_splits = tf.Variable(np.cumsum([0, 0] + [len(row) for row in rows]).astype(np.int64),
+                                      trainable=False, name="row_splits")
+
+    def rows(self, ids: tf.Tensor, validate: bool = True) -> tf.RaggedTensor:
+        """The rows of `ids` (row numbers, 0 for unknown). `validate=False` skips re-checking the
+        row splits, which were checked when the table was built (a serving graph's per-call cost)."""
+        table = tf.RaggedTensor.from_row_splits(self.values, self.row_splits, validate=validate)
+        return tf.gather(table, ids)
+
+
 class HistoryUserTower(tf.keras.Model):
     """User id -> id embedding + normalised sum of the embeddings of the movies they rated.
 
@@ -45,16 +63,14 @@ class HistoryUserTower(tf.keras.Model):
                                                            embeddings_regularizer=regularizer)
         self.history_embedding.build((None,))  # its table is read whole (see _history_sums)
         position = {item_id: index + 1 for index, item_id in enumerate(item_ids)}
-        rows = [[]] + [[position[item] for item in history.get(user, [])] for user in user_ids]
-        self.history_values = tf.Variable(np.asarray([p for row in rows for p in row], dtype=np.int64),
-                                          trainable=False, name="history_values")
-        self.history_row_splits = tf.Variable(np.cumsum([0] + [len(row) for row in rows]).astype(np.int64),
-                                              trainable=False, name="history_row_splits")
+        # Row 0 (unknown users) is empty; users' rows follow in vocabulary order.
+        self.rated_positions = RaggedTable([[position[item] for item in history.get(user, [])] for user in user_ids],
+                                   np.int64, name="rated_positions")
         self.mean_stars = mean_stars
         if self.with_stars:
-            weights = [np.zeros(0, np.float32)] + [np.asarray(stars.get(user, []), np.float32) - mean_stars
-                                                   for user in user_ids]
-            self.history_weights = tf.Variable(np.concatenate(weights), trainable=False, name="history_weights")
+            self.star_weights = RaggedTable(
+                [np.asarray(stars.get(user, []), np.float32) - mean_stars for user in user_ids], np.float32,
+                name="star_weights")
 
     def _weighted(self, embeddings: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
         """[rated | liked] rows scaled by [1 | stars - mean], folded into one embedding."""
@@ -67,16 +83,14 @@ class HistoryUserTower(tf.keras.Model):
         gradient is then one dense matrix instead of a slice per rated movie, which the
         optimizer would have to merge (that cost about half a history tower's training step).
         """
-        history = tf.gather(tf.RaggedTensor.from_row_splits(self.history_values, self.history_row_splits),
-                            unique_users)
+        history = self.rated_positions.rows(unique_users)
         table = self.history_embedding.embeddings
         indices = tf.stack([history.value_rowids(), history.values], axis=1)
         shape = tf.stack([tf.shape(unique_users, out_type=tf.int64)[0], tf.shape(table, out_type=tf.int64)[0]])
         rated = tf.SparseTensor(indices, tf.ones_like(history.values, tf.float32), shape)
         if not self.with_stars:
             return tf.sparse.sparse_dense_matmul(rated, table), history.row_lengths()
-        weights = tf.gather(tf.RaggedTensor.from_row_splits(self.history_weights, self.history_row_splits),
-                            unique_users)
+        weights = self.star_weights.rows(unique_users)
         liked = tf.SparseTensor(indices, weights.values, shape)
         summed = (tf.sparse.sparse_dense_matmul(rated, table[:, :self.dim])
                   + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:]))
@@ -290,11 +304,6 @@ class RankingModel(tfrs.Model):
     def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         """Predicted star rating, [batch, 1]."""
         return self.rating(features)
-
-    def watch_logit(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-        """The watch members' summed dot products."""
-        return tf.reduce_sum(self.watch_user_model(features["user_id"]) * self.watch_item_model(features["item_id"]),
-                             axis=1)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         batch = tf.shape(features["rating"])[0]

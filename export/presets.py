@@ -5,6 +5,17 @@ import dataclasses
 from dataclasses import dataclass
 
 
+# tf.distribute strategies `python -m export train --strategy` can train with (export/train.py).
+STRATEGIES = ("default", "mirrored", "multi-worker")
+
+# Fields that take one of a fixed set of values (export/models.py implements each).
+CHOICES = {
+    "retrieval_loss": ("in_batch", "full_softmax"),
+    "retrieval_optimizer": ("adagrad", "adam"),
+    "ranking_optimizer": ("adagrad", "adam"),
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -49,6 +60,13 @@ class Preset:
     rating_taste: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.ensemble_size < 1 or self.candidate_count < 1 or self.embedding_dim < 1:
+            raise ValueError("ensemble_size, candidate_count and embedding_dim must be at least 1")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -74,7 +92,10 @@ class Preset:
                     changes[key] = type(current)(text)
             except ValueError as error:
                 raise ValueError(f"--set {assignment}: {error}") from None
-        return dataclasses.replace(self, **changes)
+        try:
+            return dataclasses.replace(self, **changes)
+        except ValueError as error:
+            raise ValueError(f"--set: {error}") from None
 
 
 PRESETS: dict[str, Preset] = {
@@ -115,6 +136,30 @@ PRESETS: dict[str, Preset] = {
         watch_weight=1.0,
         ranking_cosine_decay=True,
         ensemble_size=3,
+        rating_user_history=True,
+        rating_item_history=True,
+        rating_taste=True,
+    ),
+    # Trains in seconds on a small catalog: for smoke tests of the whole system, never for serving.
+    "tiny": Preset(
+        name="tiny",
+        embedding_dim=8,
+        retrieval_loss="full_softmax",
+        retrieval_optimizer="adam",
+        retrieval_learning_rate=0.01,
+        retrieval_batch_size=256,
+        retrieval_epochs=2,
+        retrieval_l2=0.0,
+        user_history=True,
+        ranking_optimizer="adam",
+        ranking_learning_rate=0.01,
+        ranking_batch_size=256,
+        ranking_epochs=2,
+        ranking_layers=(16,),
+        rating_l2=1e-3,
+        watch_weight=1.0,
+        ensemble_size=2,
+        candidate_count=40,
         rating_user_history=True,
         rating_item_history=True,
         rating_taste=True,

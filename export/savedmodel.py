@@ -16,33 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from export.index import BruteForceIndex
+from export.models import RaggedTable
 from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, METADATA_DIR, RANKING_MODEL,
                            RETRIEVAL_MODEL, WARMUP_FILE)
-
-
-class ExcludingBruteForce(tfrs.layers.factorized_top_k.BruteForce):
-    """TFRS BruteForce that can also drop given catalog positions before the top-k.
-
-    TopK.query_with_exclusions compares k + E candidates against E excluded ids per user
-    (E = most movies any user rated, 737 here); setting the excluded scores to -inf costs
-    only one scatter of the user's own rated positions.
-    """
-
-    def query_excluding_positions(self, queries: tf.Tensor, excluded: tf.RaggedTensor,
-                                  k: int) -> tuple[tf.Tensor, tf.Tensor]:
-        if self.query_model is not None:
-            queries = self.query_model(queries)
-        scores = self._compute_score(queries, self._candidates)
-        positions = tf.stack([excluded.value_rowids(), tf.cast(excluded.values, tf.int64)], axis=1)
-        scores = tf.tensor_scatter_nd_update(scores, positions,
-                                             tf.fill([tf.shape(positions)[0]], float("-inf")))
-        values, top = tf.math.top_k(scores, k=k)
-        return values, tf.gather(self._identifiers, top)
 
 
 OUT_OF_VOCABULARY_PROBE = "\x00out-of-vocabulary"
@@ -99,27 +80,21 @@ class RetrievalServing(tf.Module):
         self.candidate_count = candidate_count
         self.item_ids = tf.Variable(item_ids, dtype=tf.string, trainable=False, name="item_ids")
         self.user_tower = LookupTower(user_ids, tower_table(user_model, user_ids), name="user_tower")
-        self.index = ExcludingBruteForce(self.user_tower, k=candidate_count)
-        self.index.index(tf.convert_to_tensor(item_embeddings), identifiers=tf.range(len(item_ids)))
-        # Row 0 is for users the table does not know: nothing to exclude.
-        lengths = [0] + [len(row) for row in rated_positions]
-        self.rated_values = tf.Variable(
-            np.asarray([p for row in rated_positions for p in row], dtype=np.int32), trainable=False, name="rated_values")
-        self.rated_row_splits = tf.Variable(np.cumsum([0] + lengths).astype(np.int64), trainable=False,
-                                            name="rated_row_splits")
+        self.index = BruteForceIndex(item_embeddings, name="index")
+        # Same row order as the user tower's table: row 0 (unknown users) has nothing to exclude.
+        self.rated = RaggedTable(rated_positions, np.int32, name="rated")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
-        # The row splits were built at export: checking them again on every request cost a
-        # conditional Assert in the graph and ~6% of an in-process request.
-        rated = tf.RaggedTensor.from_row_splits(self.rated_values, self.rated_row_splits, validate=False)
-        excluded = tf.gather(rated, self.user_tower.rows(user_id))
-        scores, positions = self.index.query_excluding_positions(user_id, excluded, k=self.candidate_count)
+        # The row splits were checked at export: checking them on every request would add a
+        # conditional Assert to the graph (a measurable share of an in-process request).
+        excluded = self.rated.rows(self.user_tower.rows(user_id), validate=False)
+        scores, positions = self.index(self.user_tower(user_id), self.candidate_count, excluded)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve_including_rated(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
-        scores, positions = self.index(user_id, k=self.candidate_count)
+        scores, positions = self.index(self.user_tower(user_id), self.candidate_count)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out
+from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, popularity_order
 from export.examples import FitData, from_rows, from_stream
 from export.models import RankingModel, RetrievalModel, make_optimizer
-from export.presets import Preset
+from export.presets import STRATEGIES, Preset
 from export.savedmodel import RankingServing, RetrievalServing, write_export
 
 
@@ -35,12 +35,11 @@ class EpochLine(tf.keras.callbacks.Callback):
               f"({time.perf_counter() - self.started:.1f}s)", flush=True)
 
 
-STRATEGIES = ("default", "mirrored", "multi-worker")
-
-
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """default: this process's devices as they are; mirrored: all local devices;
     multi-worker: MultiWorkerMirroredStrategy with the cluster from the standard TF_CONFIG."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi-worker":
@@ -82,13 +81,11 @@ def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
 
 def build_metadata(data: MovieLens, fit: FitData, preset: Preset) -> dict:
     """What the server needs beside the graphs: display data, popularity, who rated what."""
-    # Most rated first; ties broken by movie id so the order is reproducible.
-    popular = sorted(data.items, key=lambda item_id: (-fit.rating_counts.get(item_id, 0), int(item_id)))
     return {
         "preset": preset.to_dict(),
         "candidate_count": preset.candidate_count,
         "items": {item_id: {"title": item.title, "genres": list(item.genres)} for item_id, item in data.items.items()},
-        "popular_item_ids": popular,
+        "popular_item_ids": popularity_order(data.items, fit.rating_counts),
         "rated_item_ids": fit.rated_item_ids,
         "data_source": str(data.source),
     }

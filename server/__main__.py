@@ -8,56 +8,58 @@ import sys
 import threading
 from pathlib import Path
 
-from server import TENSORFLOW_THREADS  # importing `server` sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL
 from server.observability import ThreadedLogWriter
+from server.options import DEFAULTS, ServerOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     parser.add_argument("--models", required=True, type=Path,
                         help="models directory written by 'python -m export train' (SavedModels and item metadata)")
-    parser.add_argument("--host", default="[::]", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to listen on; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--model-version", type=int,
                         help="serve this version instead of the newest (with --tf-serving: pin it in every request)")
     tf_serving = parser.add_argument_group("TF Serving backend (instead of loading the models in-process)")
     tf_serving.add_argument("--tf-serving", metavar="HOST:PORT",
                             help="call both stages through this TF Serving's gRPC PredictionService; item metadata "
                                  "still comes from --models")
-    tf_serving.add_argument("--retrieval-model", default="retrieval", help="TF Serving model name (default: %(default)s)")
-    tf_serving.add_argument("--ranking-model", default="ranking", help="TF Serving model name (default: %(default)s)")
-    tf_serving.add_argument("--retrieval-signature", default="serving_default",
+    tf_serving.add_argument("--retrieval-model", default=RETRIEVAL_MODEL, help="TF Serving model name (default: %(default)s)")
+    tf_serving.add_argument("--ranking-model", default=RANKING_MODEL, help="TF Serving model name (default: %(default)s)")
+    tf_serving.add_argument("--retrieval-signature", default=DEFAULT_SIGNATURE,
                             help="signature that excludes rated movies (default: %(default)s)")
-    tf_serving.add_argument("--include-rated-signature", default="include_rated",
+    tf_serving.add_argument("--include-rated-signature", default=INCLUDE_RATED_SIGNATURE,
                             help="retrieval signature used when a request sets include_rated (default: %(default)s)")
-    tf_serving.add_argument("--ranking-signature", default="serving_default", help="ranking signature (default: %(default)s)")
+    tf_serving.add_argument("--ranking-signature", default=DEFAULT_SIGNATURE, help="ranking signature (default: %(default)s)")
     threads = parser.add_argument_group("TensorFlow thread pools (in-process models)")
-    threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=TENSORFLOW_THREADS, metavar="N",
-                         help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
+    threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=DEFAULTS.tensorflow_intra_op_parallelism,
+                         metavar="N", help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
                               "raise it for catalogs of millions of movies on a bigger machine (default: %(default)s)")
-    threads.add_argument("--tensorflow-inter-op-parallelism", type=int, default=TENSORFLOW_THREADS, metavar="N",
-                         help="threads running independent ops side by side; 0 = one per core (default: %(default)s)")
-    parser.add_argument("--poll-seconds", type=float, default=5.0,
+    threads.add_argument("--tensorflow-inter-op-parallelism", type=int, default=DEFAULTS.tensorflow_inter_op_parallelism,
+                         metavar="N", help="threads running independent ops side by side; 0 = one per core (default: %(default)s)")
+    parser.add_argument("--poll-seconds", type=float, default=DEFAULTS.poll_seconds,
                         help="how often to look for a new model version / probe the backend (default: %(default)s)")
-    parser.add_argument("--grace-seconds", type=float, default=10.0,
+    parser.add_argument("--grace-seconds", type=float, default=DEFAULTS.grace_seconds,
                         help="on SIGTERM/SIGINT: NOT_SERVING and UNAVAILABLE for new calls at once, in-flight calls "
                              "finish, exit within this many seconds (default: %(default)s)")
-    parser.add_argument("--max-workers", type=int, default=16,
+    parser.add_argument("--max-workers", type=int, default=DEFAULTS.max_workers,
                         help="threads running the pipeline when batching is off (--max-batch-size 1); RPCs run on "
                              "one grpc.aio event loop (default: %(default)s)")
-    parser.add_argument("--inline-lone-calls", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--inline-lone-calls", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.lone_calls_inline,
                         help="in-process models: a call that is the only one in flight runs its model call on the "
                              "event loop instead of the pipeline thread, which saves the hand-off both ways; "
                              "--no-inline-lone-calls keeps every model call off the loop (default: on)")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-concurrent-rpcs", type=int,
+    limits.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULTS.max_concurrent_rpcs,
                         help="RPCs in flight beyond this get RESOURCE_EXHAUSTED (default: no limit)")
-    limits.add_argument("--max-batch-size", type=int, default=32,
+    limits.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size,
                         help="merge up to this many concurrent requests into one model call; 1 = no batching "
                              "(default: %(default)s)")
-    limits.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+    limits.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes,
                         help="larger request messages get RESOURCE_EXHAUSTED (default: %(default)s)")
-    parser.add_argument("--max-connection-age-seconds", type=float, default=300.0,
+    parser.add_argument("--max-connection-age-seconds", type=float, default=DEFAULTS.max_connection_age_seconds,
                         help="close each client connection after this long (GOAWAY; in-flight calls finish, "
                              "clients reconnect on their own) so clients of a DNS name spread over replicas "
                              "added since; 0 = never (default: %(default)s)")
@@ -85,9 +87,19 @@ def main(argv: list[str] | None = None) -> int:
                    ThreadedLogWriter(logging.getLogger("recsys.requests"), "%(message)s")]
     logging.getLogger("recsys.requests").propagate = False
 
-    from server.app import ServerOptions, create_server
+    from server.app import create_server
     from server.security import read_token
 
+    options = ServerOptions(
+        host=args.host, port=args.port, grace_seconds=args.grace_seconds,
+        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism, max_workers=args.max_workers,
+        poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs, max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
+        lone_calls_inline=args.inline_lone_calls,
+        max_connection_age_seconds=args.max_connection_age_seconds,
+        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
     if args.tf_serving:
         from server.tf_serving import TFServingBackend
 
@@ -96,20 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from server.backend import InProcessBackend, set_tensorflow_threads
 
-        intra_op, inter_op = set_tensorflow_threads(args.tensorflow_intra_op_parallelism,
-                                                    args.tensorflow_inter_op_parallelism)
+        intra_op, inter_op = set_tensorflow_threads(options.tensorflow_intra_op_parallelism,
+                                                    options.tensorflow_inter_op_parallelism)
         logging.getLogger("recsys.server").info("TensorFlow threads: intra-op %d, inter-op %d (0 = one per core)",
                                                 intra_op, inter_op)
         backend = InProcessBackend(args.models, args.model_version)
-    options = ServerOptions(
-        max_workers=args.max_workers, poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
-        max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
-        lone_calls_inline=args.inline_lone_calls,
-        max_connection_age_seconds=args.max_connection_age_seconds,
-        tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
-        tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
-    recommender, port = create_server(f"{args.host}:{args.port}", backend, args.models, options)
+    recommender, port = create_server(f"{options.host}:{options.port}", backend, args.models, options)
     recommender.metrics.log_lines_dropped.set_function(lambda: sum(writer.dropped for writer in log_writers))
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -122,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("listening on %s:%d (%s, models: %s%s)", args.host, port, "TLS" if args.tls_cert else "plaintext",
              args.models, ", bearer token required" if args.auth_token_file else "")
     stop_requested.wait()
-    log.info("shutting down, grace %.1fs", args.grace_seconds)
-    recommender.stop(args.grace_seconds).wait()
+    log.info("shutting down, grace %.1fs", options.grace_seconds)
+    recommender.stop(options.grace_seconds).wait()
     for writer in log_writers:
         writer.stop()  # writes the lines still queued
     return 0

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
@@ -21,6 +20,7 @@ from server.batching import RequestBatcher, ThreadedPipeline
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
 from server.observability import Metrics, Observer
+from server.options import ServerOptions
 from server.pipeline import Pipeline
 from server.security import BearerTokenInterceptor
 from server.servicer import RecommenderServicer
@@ -28,7 +28,6 @@ from server.servicer import RecommenderServicer
 log = logging.getLogger("recsys.server")
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
 LAME_DUCK_QUIET_SECONDS = 0.5
 CONNECTION_AGE_GRACE_SECONDS = 30
 
@@ -180,29 +179,6 @@ class RecommenderServer:
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until stopped; True if `timeout` passed first (grpc.Server's convention)."""
         return not self._stopped.wait(timeout)
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    # Threads running the pipeline when batching is off (max_batch_size 1).
-    max_workers: int = 16
-    poll_seconds: float = 5.0
-    # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED (None: no limit).
-    max_concurrent_rpcs: int | None = None
-    # Larger request messages get RESOURCE_EXHAUSTED.
-    max_request_bytes: int = MAX_REQUEST_BYTES
-    # Each client connection is closed (HTTP/2 GOAWAY, in-flight calls get CONNECTION_AGE_GRACE_SECONDS
-    # to finish) after this long, so clients re-resolve a DNS name and spread over replicas added
-    # since they connected; 0 keeps connections open.
-    max_connection_age_seconds: float = 300.0
-    # Concurrent requests merged into one model call; 1 turns batching off.
-    max_batch_size: int = 32
-    # With in-process models, a call that is the only one in flight runs on the event loop
-    # instead of being handed to the pipeline thread (lower latency at low load).
-    lone_calls_inline: bool = True
-    tls_cert: bytes | None = None
-    tls_key: bytes | None = None
-    auth_token: str | None = None
 
 
 def create_server(address: str, backend: Backend, models_dir: Path,

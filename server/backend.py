@@ -13,12 +13,12 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from server import TENSORFLOW_THREADS
-from server.errors import ModelsUnavailable
 from tensorflow_serving.apis import prediction_log_pb2
 
+from server.errors import ModelsUnavailable
 from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL, WARMUP_FILE,
                            complete_versions)
+from server.options import DEFAULTS
 
 log = logging.getLogger("recsys.server")
 
@@ -180,7 +180,8 @@ def warm_up(models_dir: Path, pair: LoadedPair) -> int:
     return replayed
 
 
-def set_tensorflow_threads(intra_op: int = TENSORFLOW_THREADS, inter_op: int = TENSORFLOW_THREADS) -> tuple[int, int]:
+def set_tensorflow_threads(intra_op: int = DEFAULTS.tensorflow_intra_op_parallelism,
+                           inter_op: int = DEFAULTS.tensorflow_inter_op_parallelism) -> tuple[int, int]:
     """Size TensorFlow's thread pools (0: one thread per core); returns the sizes in effect.
 
     Only possible before TensorFlow runs its first op: after that (a process that already

@@ -67,8 +67,3 @@ class CatalogStore:
                     self._catalogs.popitem(last=False)
             self._catalogs.move_to_end(model_version)
             return catalog
-
-    def kept_versions(self) -> list[str]:
-        """Versions in memory, least recently used first."""
-        with self._lock:
-            return list(self._catalogs)

@@ -10,9 +10,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Iterable, TextIO
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 request_log = logging.getLogger("recsys.requests")
@@ -78,21 +77,23 @@ class Observer:
     def active_calls(self) -> int:
         return self._active
 
-    def begin(self, method: str, context: grpc.ServicerContext) -> CallRecord:
+    def begin(self, method: str, metadata: Iterable[tuple[str, str]] | None) -> CallRecord:
+        """`metadata`: the call's invocation metadata (key, value) pairs."""
         with self._lock:
             self._active += 1
             self.last_call_started = time.monotonic()
         # A caller-supplied request id ties our log line to theirs.
-        supplied = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        supplied = dict(metadata or ()).get("x-request-id", "")
         request_id = supplied[:64] if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
         return CallRecord(method=method, request_id=request_id)
 
-    def finish(self, record: CallRecord, code: grpc.StatusCode) -> None:
+    def finish(self, record: CallRecord, code: str) -> None:
+        """`code`: the gRPC status code's name (OK, INVALID_ARGUMENT, ...)."""
         with self._lock:
             self._active -= 1
         total = time.perf_counter() - record.started
         metrics = self.metrics
-        metrics.requests.labels(record.method, code.name).inc()
+        metrics.requests.labels(record.method, code).inc()
         metrics.latency.labels("total").observe(total)
         for stage, seconds in record.stage_seconds.items():
             metrics.latency.labels(stage).observe(seconds)
@@ -103,7 +104,7 @@ class Observer:
             "method": record.method,
             "user_id": record.user_ids[0] if len(record.user_ids) == 1 else record.user_ids[:5],
             "users": len(record.user_ids),
-            "status": code.name,
+            "status": code,
             "items": record.item_count,
             "fallback_items": record.fallback_count,
             "model_version": record.model_version,

@@ -17,10 +17,11 @@ import grpc
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
-from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, map_errors
+from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable
 from server.limits import DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
 from server.observability import CallRecord, Observer
 from server.pipeline import Query, Recommendation, make_query
+from server.status import map_errors
 
 
 def _query(request: recommender_pb2.RecommendRequest) -> Query:

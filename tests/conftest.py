@@ -1,32 +1,87 @@
-"""Shared fixtures. TFRS needs Keras 2: the switch is set before anything imports TensorFlow.
+"""Shared fixtures.
 
-The slow part, training, happens once per test session (default preset) and every
-end-to-end test shares that export.
+Two data sets, two tiers:
+- the fast tier's export: the `tiny` preset trained in seconds on a synthetic data set in
+  MovieLens 100k's format (`tests/synthetic.py`). The service contract, end to end, runs on it
+  (`data_dir`, `movielens`, `split`, `trained`, `models_dir`, `running_server`, `client`);
+- the real MovieLens 100k (`ml100k_*`), read by the data tests, and trained with the default
+  preset once per run for the quality floors: every test that needs that export is marked `slow`.
 """
 import os
 import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 
-from pathlib import Path  # noqa: E402
-
-import grpc  # noqa: E402
-import pytest  # noqa: E402
+import grpc
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Fixtures that train on the real data (minutes): a test that uses one must be marked slow.
+SLOW_FIXTURES = {"ml100k_trained", "ml100k_models_dir", "ml100k_evaluation"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"tests that train on the real data must be marked slow: {unmarked}")
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
+def ml100k_dir() -> Path:
     """The real MovieLens 100k; tests never write into it."""
     path = Path(os.environ.get("RECSYS_DATA_DIR") or REPO_ROOT.parent / "shared" / "data" / "ml-100k")
     if not (path / "u.data").is_file():
         pytest.fail(f"MovieLens 100k not found at {path}: set RECSYS_DATA_DIR")
     return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def ml100k(ml100k_dir):
+    from export.data import load_movielens
+
+    return load_movielens(ml100k_dir)
+
+
+@pytest.fixture(scope="session")
+def ml100k_split(ml100k):
+    from export.data import fit_and_held_out
+
+    return fit_and_held_out(ml100k.ratings, "test")
+
+
+@pytest.fixture(scope="session")
+def ml100k_trained(ml100k, tmp_path_factory):
+    """The default preset on the real data, trained once per run and exported as version 1."""
+    from export.presets import PRESETS
+    from export.train import train_and_export
+
+    models_dir = tmp_path_factory.mktemp("ml100k_models")
+    return models_dir, train_and_export(ml100k, PRESETS["default"], models_dir)
+
+
+@pytest.fixture(scope="session")
+def ml100k_models_dir(ml100k_trained) -> Path:
+    return ml100k_trained[0]
+
+
+@pytest.fixture(scope="session")
+def ml100k_evaluation(ml100k_models_dir, ml100k):
+    from export.evaluate import evaluate_export
+
+    return evaluate_export(ml100k_models_dir, ml100k)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The synthetic data set, in MovieLens 100k's format."""
+    from tests.synthetic import write_synthetic_ml100k
+
+    return write_synthetic_ml100k(tmp_path_factory.mktemp("synthetic") / "ml-100k")
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +92,20 @@ def movielens(data_dir):
 
 
 @pytest.fixture(scope="session")
+def split(movielens):
+    from export.data import fit_and_held_out
+
+    return fit_and_held_out(movielens.ratings, "test")
+
+
+@pytest.fixture(scope="session")
 def trained(movielens, tmp_path_factory):
-    """The default preset, trained once and exported as version 1."""
+    """The tiny preset on the synthetic data, exported as version 1."""
     from export.presets import PRESETS
     from export.train import train_and_export
 
     models_dir = tmp_path_factory.mktemp("models")
-    result = train_and_export(movielens, PRESETS["default"], models_dir)
-    return models_dir, result
+    return models_dir, train_and_export(movielens, PRESETS["tiny"], models_dir)
 
 
 @pytest.fixture(scope="session")
@@ -53,15 +114,8 @@ def models_dir(trained) -> Path:
 
 
 @pytest.fixture(scope="session")
-def split(movielens):
-    from export.data import split_ratings
-
-    return split_ratings(movielens.ratings)
-
-
-@pytest.fixture(scope="session")
 def heaviest_user(split) -> str:
-    """The user with the most ratings in train (hundreds): the hardest exclusion case."""
+    """The user with the most ratings in train: the hardest exclusion case."""
     import numpy as np
 
     users, counts = np.unique(split[0][:, 0], return_counts=True)
@@ -69,17 +123,11 @@ def heaviest_user(split) -> str:
 
 
 @pytest.fixture(scope="session")
-def evaluation(models_dir, movielens):
-    from export.evaluate import evaluate_export
-
-    return evaluate_export(models_dir, movielens)
-
-
-@pytest.fixture(scope="session")
 def running_server(models_dir):
     """The real server on a loopback port, serving the session's export in-process."""
     from client import RecommenderClient
-    from server.app import ServerOptions, create_server
+    from server.app import create_server
+    from server.options import ServerOptions
     from server.backend import InProcessBackend
 
     backend = InProcessBackend(models_dir)

@@ -77,9 +77,10 @@ def test_bench_wait_gives_up_on_a_server_that_never_serves(capsys):
 
 
 def test_bench_in_process(models_dir, tmp_path, capsys):
+    from server.bench import main as server_bench_main
+
     out = tmp_path / "bench.json"
-    assert client_main(["bench", "--in-process", "--models", str(models_dir), "--duration", "1",
-                        "--json", str(out)]) == 0
+    assert server_bench_main(["--models", str(models_dir), "--duration", "1", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     _check(summary, 1)
     assert summary["target"].startswith("in-process")

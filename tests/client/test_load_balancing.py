@@ -1,4 +1,5 @@
 """Stateless replicas behind client-side round_robin: both processes get traffic."""
+import pytest
 import re
 import socket
 import urllib.request
@@ -26,6 +27,7 @@ def test_channel_target_lists_several_addresses():
     assert channel_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
 
 
+@pytest.mark.slow
 def test_round_robin_spreads_calls_over_two_server_processes(models_dir):
     replicas = []
     try:

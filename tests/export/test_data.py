@@ -7,38 +7,38 @@ import pytest
 
 from export import data as data_module
 from export.data import (DataFormatError, DataSourceError, download_dataset, load_movielens, read_ratings,
-                         fit_and_held_out, resolve_data_dir, split_ratings)
+                         fit_and_held_out, resolve_data_dir)
 
 
-def test_split_is_the_documented_permutation(movielens):
-    train, test = split_ratings(movielens.ratings)
-    permutation = np.random.default_rng(42).permutation(len(movielens.ratings))
+def test_split_is_the_documented_permutation(ml100k):
+    train, test = fit_and_held_out(ml100k.ratings, "test")
+    permutation = np.random.default_rng(42).permutation(len(ml100k.ratings))
     assert len(train) == 80_000 and len(test) == 20_000
-    np.testing.assert_array_equal(train, movielens.ratings[permutation[:80_000]])
-    np.testing.assert_array_equal(test, movielens.ratings[permutation[80_000:]])
-    again_train, again_test = split_ratings(load_movielens(movielens.source).ratings)
+    np.testing.assert_array_equal(train, ml100k.ratings[permutation[:80_000]])
+    np.testing.assert_array_equal(test, ml100k.ratings[permutation[80_000:]])
+    again_train, again_test = fit_and_held_out(load_movielens(ml100k.source).ratings, "test")
     np.testing.assert_array_equal(train, again_train)
     np.testing.assert_array_equal(test, again_test)
 
 
-def test_validation_is_carved_from_train_only(movielens):
-    train, test = split_ratings(movielens.ratings)
-    fit, validation = fit_and_held_out(movielens.ratings, "validation")
+def test_validation_is_carved_from_train_only(ml100k):
+    train, test = fit_and_held_out(ml100k.ratings, "test")
+    fit, validation = fit_and_held_out(ml100k.ratings, "validation")
     assert len(fit) + len(validation) == len(train) and len(validation) == 8_000
     as_set = lambda rows: {tuple(row) for row in rows.tolist()}  # noqa: E731
     assert as_set(fit) | as_set(validation) == as_set(train)
     assert not as_set(validation) & as_set(test)
-    np.testing.assert_array_equal(fit_and_held_out(movielens.ratings, "test")[1], test)
+    np.testing.assert_array_equal(fit_and_held_out(ml100k.ratings, "test")[1], test)
 
 
-def test_items_are_keyed_by_movie_id_with_metadata(movielens):
-    assert len(movielens.items) == 1682 and len(movielens.users) == 943
-    toy_story = movielens.items["1"]
+def test_items_are_keyed_by_movie_id_with_metadata(ml100k):
+    assert len(ml100k.items) == 1682 and len(ml100k.users) == 943
+    toy_story = ml100k.items["1"]
     assert toy_story.title == "Toy Story (1995)"
     assert toy_story.genres == ("Animation", "Children's", "Comedy")
-    titles = [item.title for item in movielens.items.values()]
+    titles = [item.title for item in ml100k.items.values()]
     assert len(set(titles)) < len(titles), "ML-100k has duplicate titles; ids must be the key"
-    assert movielens.users["1"].occupation == "technician"
+    assert ml100k.users["1"].occupation == "technician"
 
 
 def test_explicit_missing_directory_names_every_way(tmp_path, monkeypatch):
@@ -50,9 +50,9 @@ def test_explicit_missing_directory_names_every_way(tmp_path, monkeypatch):
     assert "download" in message
 
 
-def test_env_var_is_used_and_validated(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("RECSYS_DATA_DIR", str(data_dir))
-    assert resolve_data_dir(None) == data_dir
+def test_env_var_is_used_and_validated(tmp_path, monkeypatch, ml100k_dir):
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(ml100k_dir))
+    assert resolve_data_dir(None) == ml100k_dir
     monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path))
     with pytest.raises(DataSourceError, match="RECSYS_DATA_DIR"):
         resolve_data_dir(None)
@@ -75,30 +75,30 @@ def test_corrupt_line_is_reported_with_file_and_line(tmp_path):
         read_ratings(path)
 
 
-def _zip_of(data_dir, tmp_path):
+def _zip_of(ml100k_dir, tmp_path):
     archive = tmp_path / "ml-100k.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         for name in ("u.data", "u.item", "u.user"):
-            bundle.write(data_dir / name, f"ml-100k/{name}")
+            bundle.write(ml100k_dir / name, f"ml-100k/{name}")
     return archive
 
 
-def test_download_verifies_checksum(tmp_path, data_dir):
-    archive = _zip_of(data_dir, tmp_path)
+def test_download_verifies_checksum(tmp_path, ml100k_dir):
+    archive = _zip_of(ml100k_dir, tmp_path)
     cache = tmp_path / "cache"
     with pytest.raises(DataSourceError, match="checksum mismatch"):
         download_dataset(cache, url=archive.as_uri())
     assert not (cache / "ml-100k.zip").exists(), "a file with the wrong checksum must not be kept"
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     unpacked = download_dataset(cache, url=archive.as_uri(), sha256=digest)
-    assert (unpacked / "u.data").read_bytes() == (data_dir / "u.data").read_bytes()
+    assert (unpacked / "u.data").read_bytes() == (ml100k_dir / "u.data").read_bytes()
 
 
-def test_download_is_the_last_resort(tmp_path, monkeypatch, data_dir):
+def test_download_is_the_last_resort(tmp_path, monkeypatch, ml100k_dir):
     monkeypatch.delenv("RECSYS_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
-    archive = _zip_of(data_dir, tmp_path)
+    archive = _zip_of(ml100k_dir, tmp_path)
     spec = dataclasses.replace(data_module.DATASETS["ml-100k"], url=archive.as_uri(),
                                sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
     monkeypatch.setitem(data_module.DATASETS, "ml-100k", spec)

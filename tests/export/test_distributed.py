@@ -19,6 +19,9 @@ from server.layout import complete_versions
 from tests.conftest import REPO_ROOT
 from tests.export.test_savedmodel import _tf1_run
 
+# Two seed-preset trainings on the real data (two workers, then one process for comparison).
+pytestmark = pytest.mark.slow
+
 
 def _free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
@@ -31,7 +34,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def two_worker_export(tmp_path_factory, data_dir):
+def two_worker_export(tmp_path_factory, ml100k_dir):
     out = tmp_path_factory.mktemp("multi_worker_models")
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     started = time.monotonic()
@@ -40,7 +43,7 @@ def two_worker_export(tmp_path_factory, data_dir):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "export", "train", "--preset", "seed", "--strategy", "multi-worker",
-             "--data-dir", str(data_dir), "--out", str(out)],
+             "--data-dir", str(ml100k_dir), "--out", str(out)],
             cwd=REPO_ROOT, env={**os.environ, "TF_CONFIG": json.dumps(config)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [process.communicate(timeout=600)[0] for process in processes]
@@ -58,21 +61,23 @@ def test_only_the_chief_writes_a_complete_export(two_worker_export):
     assert metadata["preset"]["name"] == "seed"
 
 
-def test_the_chief_export_serves_like_any_export(two_worker_export, heaviest_user, split):
+def test_the_chief_export_serves_like_any_export(two_worker_export, ml100k_split):
     out, _ = two_worker_export
+    users, counts = np.unique(ml100k_split[0][:, 0], return_counts=True)
+    heaviest_user = str(users[np.argmax(counts)])
     retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
     assert set(retrieval.signatures) == {"serving_default", "include_rated"}
     result = _tf1_run(out / "retrieval" / "1", {"user_id": [heaviest_user]}, ["item_ids", "scores"])
-    rated = {str(item) for user, item in split[0][:, :2] if str(user) == heaviest_user}
+    rated = {str(item) for user, item in ml100k_split[0][:, :2] if str(user) == heaviest_user}
     assert not set(result["item_ids"][0].astype(str)) & rated
     ranked = _tf1_run(out / "ranking" / "1", {"user_id": ["42", "42"], "item_id": ["1", "2"]},
                       ["predicted_rating", "score"])
     assert np.all((ranked["predicted_rating"] > 0) & (ranked["predicted_rating"] < 6))
 
 
-def test_quality_matches_a_single_process_run(two_worker_export, movielens, tmp_path):
+def test_quality_matches_a_single_process_run(two_worker_export, ml100k, tmp_path):
     out, _ = two_worker_export
-    train_and_export(movielens, PRESETS["seed"], tmp_path)
-    single = evaluate_export(tmp_path, movielens)["two_stage"]["hr@10"]
-    distributed = evaluate_export(out, movielens)["two_stage"]["hr@10"]
+    train_and_export(ml100k, PRESETS["seed"], tmp_path)
+    single = evaluate_export(tmp_path, ml100k)["two_stage"]["hr@10"]
+    distributed = evaluate_export(out, ml100k)["two_stage"]["hr@10"]
     assert abs(distributed - single) <= 0.01, (distributed, single)

@@ -1,12 +1,14 @@
 """Offline evaluation on the real data, through the serving pipeline."""
 import json
 
+import pytest
+
 from export.__main__ import main as export_main
 from export.evaluate import popularity_lists, ranking_metrics, held_out_by_user
 
 
-def test_popularity_baseline_is_in_its_known_range(split):
-    train, test = split
+def test_popularity_baseline_is_in_its_known_range(ml100k_split):
+    train, test = ml100k_split
     held_out = held_out_by_user(test)
     metrics = ranking_metrics(popularity_lists(train, list(held_out)), held_out)
     assert 0.085 <= metrics["hr@10"] <= 0.095
@@ -22,7 +24,9 @@ def test_ranking_metrics_on_a_hand_made_case():
     assert abs(metrics["ndcg@10"] - (ndcg_a + 1.0) / 2) < 1e-9
 
 
-def test_evaluate_reports_every_system(evaluation):
+@pytest.mark.slow
+def test_evaluate_reports_every_system(ml100k_evaluation):
+    evaluation = ml100k_evaluation
     for system in ("popularity", "ease", "retrieval", "two_stage"):
         assert {"hr@10", "hr@100", "ndcg@10"} <= set(evaluation[system])
         assert all(0.0 <= evaluation[system][key] <= 1.0 for key in ("hr@10", "hr@100", "ndcg@10"))
@@ -34,15 +38,19 @@ def test_evaluate_reports_every_system(evaluation):
     assert 0.16 <= evaluation["ease"]["hr@10"] <= 0.18
 
 
-def test_default_preset_quality_floor(evaluation):
+@pytest.mark.slow
+def test_default_preset_quality_floor(ml100k_evaluation):
     """Regression guard on the real data: see the README's results table for the measured values."""
+    evaluation = ml100k_evaluation
     assert evaluation["two_stage"]["hr@10"] >= 0.17
     assert evaluation["two_stage"]["hr@10"] >= evaluation["popularity"]["hr@10"] + 0.06
     assert evaluation["retrieval"]["hr@100"] >= 0.62
     assert evaluation["ranking"]["rmse"] <= 0.91
 
 
-def test_evaluate_cli_writes_json_and_plot(models_dir, data_dir, tmp_path, capsys, evaluation):
+@pytest.mark.slow
+def test_evaluate_cli_writes_json_and_plot(ml100k_models_dir, ml100k_dir, tmp_path, capsys, ml100k_evaluation):
+    models_dir, data_dir, evaluation = ml100k_models_dir, ml100k_dir, ml100k_evaluation
     out, plot = tmp_path / "metrics.json", tmp_path / "hr.png"
     assert export_main(["evaluate", "--models", str(models_dir), "--data-dir", str(data_dir), "--json", str(out),
                         "--plot", str(plot)]) == 0

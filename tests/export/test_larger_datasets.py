@@ -65,10 +65,10 @@ def test_malformed_larger_files_name_file_and_line(tmp_path):
 
 # Streaming: the large sets are trained from the file through tf.data, never loaded whole.
 
-def test_streamed_fit_rows_are_the_in_memory_split(data_dir):
+def test_streamed_fit_rows_are_the_in_memory_split(ml100k_dir):
     """Same split, same users, same rated movies (with their stars) and counts, whichever way the rows are read."""
-    in_memory = load_movielens(data_dir)
-    lazy = load_movielens(data_dir, with_ratings=False)
+    in_memory = load_movielens(ml100k_dir)
+    lazy = load_movielens(ml100k_dir, with_ratings=False)
     assert lazy.ratings is None
     for holdout in ("test", "validation"):
         expected = from_rows(fit_and_held_out(in_memory.ratings, holdout)[0])
@@ -101,6 +101,7 @@ def _generated_ml25m(directory, users=40, movies=300, seed=0):
     return _write(directory, {"ratings.csv": "\n".join(lines) + "\n", "movies.csv": "\n".join(movie_lines) + "\n"})
 
 
+@pytest.mark.slow
 def test_ml25m_trains_streamed_by_default_end_to_end(tmp_path, capsys):
     directory = _generated_ml25m(tmp_path / "ml-25m")
     out = tmp_path / "models"
@@ -134,6 +135,7 @@ def test_malformed_streamed_rows_fail_with_the_file(tmp_path):
             from_stream(load_movielens(directory, "ml-25m", with_ratings=False), "test")
 
 
+@pytest.mark.slow
 def test_data_bench_measures_both_modes_on_the_same_rows(capsys):
     assert export_cli(["data-bench", "--synthetic-rows", "20000", "--batch-size", "1024"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -87,7 +87,8 @@ class ThreadRecordingBackend(InProcessBackend):
 @pytest.mark.parametrize("inline", [True, False])
 def test_a_lone_call_runs_on_the_event_loop_and_concurrent_ones_on_the_batcher(models_dir, inline):
     from client import RecommenderClient
-    from server.app import ServerOptions, create_server
+    from server.app import create_server
+    from server.options import ServerOptions
 
     backend = ThreadRecordingBackend(models_dir)
     recommender, port = create_server("127.0.0.1:0", backend, models_dir,

@@ -8,7 +8,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from client import RecommenderClient
 from export.evaluate import two_stage_lists
-from server.app import ServerOptions, create_server
+from server.app import create_server
+from server.options import ServerOptions
 from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.pipeline import Pipeline
@@ -100,11 +101,11 @@ def test_batch_equals_single_calls(client):
         assert [item.fallback for item in result.items] == [item.fallback for item in single]
 
 
-def test_model_info(client):
+def test_model_info(client, trained):
     info = client.model_info()
     assert info.model_version == "1" and info.backend == "in-process"
-    assert info.candidate_count == 200 and info.max_k == 100 and info.default_k == 10
-    assert info.max_exclude_item_ids == 10_000 and info.preset == "default"
+    assert info.candidate_count == trained[1].retrieval.candidate_count and info.max_k == 100 and info.default_k == 10
+    assert info.max_exclude_item_ids == 10_000 and info.preset == "tiny"
 
 
 class ExplodingBackend(InProcessBackend):

@@ -9,7 +9,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_grpc
 
 from client import RecommenderClient
-from server.app import ServerOptions, create_server
+from server.app import create_server
+from server.options import ServerOptions
 from server.errors import BackendMisconfigured
 from server.tf_serving import TFServingBackend
 from tests.conftest import status_of

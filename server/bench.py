@@ -1,0 +1,68 @@
+"""python -m server.bench: the load generator's request mix through the serving pipeline in this
+process, one thread, no gRPC: what the models and the pipeline cost on this machine.
+
+Compare with `python -m client bench` against the real server (what gRPC adds) and against
+`python -m server.floor` (what gRPC alone costs). The figures print in the client bench's format.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from client import bench
+from server.options import DEFAULTS
+
+
+def run_in_process(models_dir: Path, duration: float, k: int, users: str) -> tuple[bench.Tally, float]:
+    """The request mix through the pipeline, one call at a time; TensorFlow's pools sized as the server's."""
+    from server.backend import InProcessBackend, set_tensorflow_threads, settle_heap
+    from server.catalog import CatalogStore
+    from server.pipeline import Pipeline, Query
+
+    set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
+    backend = InProcessBackend(models_dir)
+    if not backend.refresh():
+        raise SystemExit(f"no loadable model version in {models_dir}")
+    pipeline = Pipeline(backend, CatalogStore(models_dir))
+    known = sorted(pipeline.current_catalog().rated_item_ids, key=lambda user: (len(user), user))
+    user_ids = bench.user_mix(users, known)
+    pipeline.recommend([Query(user_ids[0], k=k)])  # the first call traces; not measured
+    settle_heap()  # as the server does once a version and its catalog are loaded
+    tally = bench.Tally()
+    cpu_before = bench.process_cpu_seconds()
+    started = time.perf_counter()
+    stop_at = started + duration
+    n = 0
+    while time.perf_counter() < stop_at:
+        begun = time.perf_counter()
+        pipeline.recommend([Query(user_ids[n % len(user_ids)], k=k)])
+        tally.latencies_ms.append((time.perf_counter() - begun) * 1000)
+        n += 1
+    wall = time.perf_counter() - started
+    tally.cpu_seconds = bench.process_cpu_seconds() - cpu_before
+    return tally, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", required=True, type=Path, help="models directory written by 'python -m export train'")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds to run (default: %(default)s)")
+    parser.add_argument("-k", "--k", type=int, default=10, help="items per request (default: %(default)s)")
+    parser.add_argument("--users", default="all",
+                        help="'all' or N: draw user ids from the export's first N users; ~3%% are unknown ids "
+                             "(cold start) (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
+    args = parser.parse_args(argv)
+    tally, wall = run_in_process(args.models, args.duration, args.k, args.users)
+    summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
+    print(bench.format_summary(summary))
+    if args.json:
+        bench.write_json(summary, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The gRPC edge's one map from domain errors to status codes, and the decorator that applies it."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from typing import Callable
+
+import grpc
+
+from server.errors import (BackendMisconfigured, Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable,
+                           Overloaded, RecsysError)
+
+log = logging.getLogger("recsys.server")
+
+STATUS_OF_ERROR: dict[type[RecsysError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelsUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BackendMisconfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """Domain errors keep their message; anything else is a bare INTERNAL (the stack goes to the log)."""
+    if isinstance(error, RecsysError):
+        for kind in type(error).__mro__:
+            if kind in STATUS_OF_ERROR:
+                return STATUS_OF_ERROR[kind], str(error)
+    log.exception("unexpected error")
+    return grpc.StatusCode.INTERNAL, "internal error; see server logs"
+
+
+def map_errors(method: Callable) -> Callable:
+    """The one place errors become statuses. Also opens and closes the call's CallRecord
+    (`self.observer`), which the method receives as its last argument.
+
+    For grpc.aio servicer methods: async generators (server streaming) and coroutines.
+    """
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            record = self.observer.begin(name, context.invocation_metadata())
+            try:
+                async for response in method(self, request, context, record):
+                    yield response
+            except (GeneratorExit, asyncio.CancelledError):  # the client cancelled or the deadline passed
+                self.observer.finish(record, grpc.StatusCode.CANCELLED.name)
+                raise
+            except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
+                code, message = status_of(error)
+                self.observer.finish(record, code.name)
+                await context.abort(code, message)
+            self.observer.finish(record, grpc.StatusCode.OK.name)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        record = self.observer.begin(name, context.invocation_metadata())
+        try:
+            response = await method(self, request, context, record)
+        except asyncio.CancelledError:
+            self.observer.finish(record, grpc.StatusCode.CANCELLED.name)
+            raise
+        except Exception as error:  # noqa: BLE001
+            code, message = status_of(error)
+            self.observer.finish(record, code.name)
+            await context.abort(code, message)
+        self.observer.finish(record, grpc.StatusCode.OK.name)
+        return response
+    return unary
