@@ -5,10 +5,8 @@ PY := $(VENV)/bin/python
 MODELS ?= exported
 PORT ?= 50051
 USER_ID ?= 42
-export TF_USE_LEGACY_KERAS := 1
-export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test protos train evaluate serve clean
+.PHONY: install demo test test-fast lint protos train evaluate serve clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[serve,train,test]'
 	touch $@
 
 # Regenerate the committed stubs (tests check they match the .proto).
@@ -40,8 +38,16 @@ demo: install
 	trap 'kill -TERM $$server_pid 2>/dev/null; wait $$server_pid 2>/dev/null' EXIT; \
 	$(PY) -m client recommend --target 127.0.0.1:$(PORT) --user $(USER_ID) --wait 120 || { cat .demo-server.log; exit 1; }
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+# Everything, the quality floors on the real data included (trains the default preset once).
+test: lint
 	$(PY) -m pytest
+
+# Unit tests and the service contract end to end, on a synthetic data set (no slow tests).
+test-fast: lint
+	$(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) .demo-server.log

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 # tf.distribute strategies `python -m export train --strategy` can train with (export/train.py).
 STRATEGIES = ("default", "mirrored", "multi-worker")
 

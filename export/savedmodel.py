@@ -22,9 +22,14 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from export.index import BruteForceIndex
 from export.models import RaggedTable
-from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, METADATA_DIR, RANKING_MODEL,
-                           RETRIEVAL_MODEL, WARMUP_FILE)
-
+from server.layout import (
+    DEFAULT_SIGNATURE,
+    INCLUDE_RATED_SIGNATURE,
+    METADATA_DIR,
+    RANKING_MODEL,
+    RETRIEVAL_MODEL,
+    WARMUP_FILE,
+)
 
 OUT_OF_VOCABULARY_PROBE = "\x00out-of-vocabulary"
 TABLE_CHUNK = 4096

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", required=True, type=Path,
                         help="models directory written by 'python -m export train' (SavedModels and item metadata)")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULTS.port, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULTS.port,
+                        help="port to listen on; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--model-version", type=int,
                         help="serve this version instead of the newest (with --tf-serving: pin it in every request)")
     tf_serving = parser.add_argument_group("TF Serving backend (instead of loading the models in-process)")
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="N", help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
                               "raise it for catalogs of millions of movies on a bigger machine (default: %(default)s)")
     threads.add_argument("--tensorflow-inter-op-parallelism", type=int, default=DEFAULTS.tensorflow_inter_op_parallelism,
-                         metavar="N", help="threads running independent ops side by side; 0 = one per core (default: %(default)s)")
+                         metavar="N",
+                         help="threads running independent ops side by side; 0 = one per core (default: %(default)s)")
     parser.add_argument("--poll-seconds", type=float, default=DEFAULTS.poll_seconds,
                         help="how often to look for a new model version / probe the backend (default: %(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=DEFAULTS.grace_seconds,
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host, port=args.port, grace_seconds=args.grace_seconds,
         tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism, max_workers=args.max_workers,
-        poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs, max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
-        lone_calls_inline=args.inline_lone_calls,
-        max_connection_age_seconds=args.max_connection_age_seconds,
+        poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
+        lone_calls_inline=args.inline_lone_calls, max_connection_age_seconds=args.max_connection_age_seconds,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)

@@ -12,12 +12,17 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
-
 from tensorflow_serving.apis import prediction_log_pb2
 
 from server.errors import ModelsUnavailable
-from server.layout import (DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL, WARMUP_FILE,
-                           complete_versions)
+from server.layout import (
+    DEFAULT_SIGNATURE,
+    INCLUDE_RATED_SIGNATURE,
+    RANKING_MODEL,
+    RETRIEVAL_MODEL,
+    WARMUP_FILE,
+    complete_versions,
+)
 from server.options import DEFAULTS
 
 log = logging.getLogger("recsys.server")
@@ -101,8 +106,8 @@ class Backend(abc.ABC):
     def current_version(self) -> str | None:
         """The model version new requests will be served by, if known."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: only backends holding connections override it
+        """Release what the backend holds (connections); nothing by default."""
 
 
 def _strings(tensor: tf.Tensor) -> np.ndarray:

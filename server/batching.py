@@ -137,7 +137,7 @@ class RequestBatcher:
             try:
                 results = self.pipeline.recommend(queries,
                                                   timeout=_batch_timeout(batch), stage_seconds=timings,
-                                                  is_cancelled=lambda: all(pending.gone() for pending in batch))
+                                                  is_cancelled=lambda batch=batch: all(pending.gone() for pending in batch))
             except Exception as error:  # noqa: BLE001 - handed to every caller, mapped there
                 for pending in batch:
                     pending.future.set_exception(error)

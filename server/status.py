@@ -9,8 +9,15 @@ from typing import Callable
 
 import grpc
 
-from server.errors import (BackendMisconfigured, Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable,
-                           Overloaded, RecsysError)
+from server.errors import (
+    BackendMisconfigured,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelsUnavailable,
+    Overloaded,
+    RecsysError,
+)
 
 log = logging.getLogger("recsys.server")
 

@@ -14,10 +14,10 @@ import sys
 import threading
 from pathlib import Path
 
-import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-
 import grpc
 import pytest
+
+import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fixtures that train on the real data (minutes): a test that uses one must be marked slow.
@@ -127,8 +127,8 @@ def running_server(models_dir):
     """The real server on a loopback port, serving the session's export in-process."""
     from client import RecommenderClient
     from server.app import create_server
-    from server.options import ServerOptions
     from server.backend import InProcessBackend
+    from server.options import ServerOptions
 
     backend = InProcessBackend(models_dir)
     recommender, port = create_server("127.0.0.1:0", backend, models_dir, ServerOptions(poll_seconds=0.5))

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from client.__main__ import main as client_main
+from client.bench import UNKNOWN_USER_SHARE, ServerSampler, user_mix
 from protos import recommender_pb2, recommender_pb2_grpc
 from tests.conftest import REPO_ROOT
-from client.bench import UNKNOWN_USER_SHARE, ServerSampler, user_mix
 
 
 def test_user_mix_is_mostly_known_users_with_a_few_unknown():

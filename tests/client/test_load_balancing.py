@@ -1,8 +1,9 @@
 """Stateless replicas behind client-side round_robin: both processes get traffic."""
-import pytest
 import re
 import socket
 import urllib.request
+
+import pytest
 
 from client import RecommenderClient
 from client.api import channel_target

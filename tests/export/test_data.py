@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from export import data as data_module
-from export.data import (DataFormatError, DataSourceError, download_dataset, load_movielens, read_ratings,
-                         fit_and_held_out, resolve_data_dir)
+from export.data import (
+    DataFormatError,
+    DataSourceError,
+    download_dataset,
+    fit_and_held_out,
+    load_movielens,
+    read_ratings,
+    resolve_data_dir,
+)
 
 
 def test_split_is_the_documented_permutation(ml100k):

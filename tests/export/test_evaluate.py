@@ -4,7 +4,7 @@ import json
 import pytest
 
 from export.__main__ import main as export_main
-from export.evaluate import popularity_lists, ranking_metrics, held_out_by_user
+from export.evaluate import held_out_by_user, popularity_lists, ranking_metrics
 
 
 def test_popularity_baseline_is_in_its_known_range(ml100k_split):

@@ -23,10 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import RecommenderClient
 from server.app import create_server
-from server.options import ServerOptions
 from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.observability import ThreadedLogWriter
+from server.options import ServerOptions
 from tests.conftest import start_server_process, status_of
 
 

@@ -10,8 +10,8 @@ from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_g
 
 from client import RecommenderClient
 from server.app import create_server
-from server.options import ServerOptions
 from server.errors import BackendMisconfigured
+from server.options import ServerOptions
 from server.tf_serving import TFServingBackend
 from tests.conftest import status_of
 from tests.tf_serving_double import start_tf_serving_double
