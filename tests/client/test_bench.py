@@ -105,3 +105,14 @@ def test_bench_against_the_transport_floor(tmp_path, flags):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_percentiles_interpolate_as_numpy_does():
+    import numpy as np
+
+    from client.bench import percentile
+
+    values = sorted(np.random.default_rng(0).exponential(size=101).tolist())
+    for q in (0, 50, 90, 99, 100):
+        assert abs(percentile(values, q) - float(np.percentile(values, q))) < 1e-12
+    assert percentile([], 50) == 0.0
