@@ -41,3 +41,12 @@ def test_compose_matches_the_server():
     assert (DEPLOY / build["context"]).resolve() == REPO_ROOT.resolve()
     assert (REPO_ROOT / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
     assert (DEPLOY / "Dockerfile").read_text().count('ENTRYPOINT ["python", "-m", "server"]') == 1
+
+
+def test_the_image_installs_the_serve_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    serve = " ".join(extras["serve"])
+    assert "tensorflow==" in serve and "tensorflow-serving-api" in serve and "tensorflow-recommenders" not in serve
+    assert 'pip install --no-cache-dir ".[serve]"' in (DEPLOY / "Dockerfile").read_text()

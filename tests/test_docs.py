@@ -1,0 +1,51 @@
+"""The README and docs/ stay true to the code: the flag table is argparse's, and the README stays short."""
+import argparse
+import re
+
+from server.__main__ import build_parser
+from tests.conftest import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+
+
+def _flag_table() -> dict[str, str]:
+    """`--flag` -> default cell, from the README's "Operating the server" table."""
+    section = README.read_text().split("## Operating the server", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            flag = cells[0].strip("`").split()[0].replace("--[no-]", "--")
+            rows[flag] = cells[1].strip("`")
+    return rows
+
+
+def _shown(action: argparse.Action) -> str | float:
+    if action.required:
+        return "required"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "on" if action.default else "off"
+    if action.default is None:
+        return "none"
+    return float(action.default) if isinstance(action.default, (int, float)) else str(action.default)
+
+
+def test_the_flag_table_is_argparse():
+    table = _flag_table()
+    actions = {action.option_strings[0]: action for action in build_parser()._actions
+               if action.option_strings and action.option_strings[0] != "-h"}
+    assert set(table) == set(actions), "flags missing from the README table, or listed but gone"
+    for flag, action in actions.items():
+        expected = _shown(action)
+        if flag == "--model-version":
+            expected = "newest" if action.default is None else expected
+        shown = float(table[flag]) if isinstance(expected, float) else table[flag]
+        assert shown == expected, f"{flag}: README says {table[flag]!r}, argparse {action.default!r}"
+
+
+def test_the_readme_is_short_and_docs_tell_no_history():
+    assert len(README.read_text().splitlines()) <= 250
+    diary = re.compile(r"this session|earlier session|previous session|one-off|not kept|throwaway", re.IGNORECASE)
+    for path in [README, *(REPO_ROOT / "docs").glob("*.md")]:
+        found = diary.findall(path.read_text())
+        assert not found, f"{path.name} speaks of how it was made: {found[:3]}"
