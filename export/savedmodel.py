@@ -91,6 +91,10 @@ class RetrievalServing(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        # A fed tensor bypasses the placeholder's shape: without this check a scalar or [1, 1]
+        # user_id reaches RaggedGather, whose CHECK aborts the whole TF Serving process
+        # (tensorflow/tensorflow#85242). EnsureShape answers INVALID_ARGUMENT instead.
+        user_id = tf.ensure_shape(user_id, [None])
         # The row splits were checked at export: checking them on every request would add a
         # conditional Assert to the graph (a measurable share of an in-process request).
         excluded = self.rated.rows(self.user_tower.rows(user_id), validate=False)
@@ -99,6 +103,7 @@ class RetrievalServing(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
     def retrieve_including_rated(self, user_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        user_id = tf.ensure_shape(user_id, [None])
         scores, positions = self.index(self.user_tower(user_id), self.candidate_count)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
@@ -144,6 +149,7 @@ class RankingServing(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id"),
                                   tf.TensorSpec([None], tf.string, name="item_id")])
     def rank(self, user_id: tf.Tensor, item_id: tf.Tensor) -> dict[str, tf.Tensor]:
+        user_id, item_id = tf.ensure_shape(user_id, [None]), tf.ensure_shape(item_id, [None])
         hidden = self.first_activation(self.user_hidden(user_id) + self.item_hidden(item_id))
         for layer in self.rest:
             hidden = layer(hidden)

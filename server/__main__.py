@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tf_serving:
         from server.tf_serving import TFServingBackend
 
-        backend = TFServingBackend(args.tf_serving, args.retrieval_model, args.ranking_model, args.retrieval_signature,
-                                   args.include_rated_signature, args.ranking_signature, args.model_version)
+        backend = TFServingBackend(args.tf_serving, args.models, args.retrieval_model, args.ranking_model,
+                                   args.retrieval_signature, args.include_rated_signature, args.ranking_signature,
+                                   args.model_version)
     else:
         from server.backend import InProcessBackend, set_tensorflow_threads
 

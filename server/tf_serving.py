@@ -6,17 +6,24 @@ when TF Serving sends them so); all candidates of one request go in one Predict 
 from __future__ import annotations
 
 import logging
-import threading
+from pathlib import Path
 from typing import Sequence
 
 import grpc
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
-from server.backend import Backend, Candidates, Scores
+from server.backend import Backend, Candidates, RankedCandidates, Scores
 from server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
-from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL
+from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL, metadata_path
 
 log = logging.getLogger("recsys.server")
 
@@ -54,13 +61,24 @@ def to_numpy(proto: tensor_pb2.TensorProto) -> np.ndarray:
 
 
 class TFServingBackend(Backend):
+    """Both stages in a TF Serving, always as one pair: the newest version that both models have
+    AVAILABLE (ModelService.GetModelStatus) and whose metadata is in `models_dir`.
+
+    TF Serving loads each model's versions on its own (core/aspired_versions_manager.cc), so
+    during a rollout retrieval vN can be AVAILABLE seconds before ranking vN, or the reverse;
+    a version can fail its warmup and never become AVAILABLE. Pinning both calls to a version
+    both models have keeps every call answerable, and the served version switches once the
+    whole new pair is there.
+    """
+
     name = "tf-serving"
 
-    def __init__(self, target: str, retrieval_model: str = RETRIEVAL_MODEL, ranking_model: str = RANKING_MODEL,
-                 retrieval_signature: str = DEFAULT_SIGNATURE,
+    def __init__(self, target: str, models_dir: Path, retrieval_model: str = RETRIEVAL_MODEL,
+                 ranking_model: str = RANKING_MODEL, retrieval_signature: str = DEFAULT_SIGNATURE,
                  include_rated_signature: str = INCLUDE_RATED_SIGNATURE,
                  ranking_signature: str = DEFAULT_SIGNATURE, model_version: int | None = None):
         self.target = target
+        self.models_dir = Path(models_dir)
         self.retrieval_model = retrieval_model
         self.ranking_model = ranking_model
         self.retrieval_signatures = {False: retrieval_signature, True: include_rated_signature}
@@ -68,10 +86,11 @@ class TFServingBackend(Backend):
         self.pinned_version = model_version
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self._ready = False
         self._last_error = f"TF Serving at {target} has not been probed yet"
         self._version: str | None = None
-        self._lock = threading.Lock()
+        self._checked_signatures: set[str] = set()  # versions whose signatures were found as configured
 
     def _spec(self, model: str, signature: str, version: int | str | None) -> model_pb2.ModelSpec:
         spec = model_pb2.ModelSpec(name=model, signature_name=signature)
@@ -89,7 +108,9 @@ class TFServingBackend(Backend):
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"deadline exceeded waiting for TF Serving ({what})")
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        if code == grpc.StatusCode.NOT_FOUND:  # e.g. the version was unloaded since the last probe
+            return ModelsUnavailable(f"TF Serving at {self.target} does not have {what} now: {details}; retry")
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             return BackendMisconfigured(f"TF Serving at {self.target} cannot serve {what}: {code.name}: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return Overloaded(f"TF Serving at {self.target} is overloaded ({what}): {details}")
@@ -98,25 +119,66 @@ class TFServingBackend(Backend):
         self._last_error = f"TF Serving at {self.target} is unavailable: {code.name}: {details}"
         return ModelsUnavailable(f"TF Serving at {self.target} is unavailable ({what}): {code.name}: {details}")
 
+    def _available_versions(self, model: str) -> set[int]:
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=model))
+        response = self._call(self.model_stub.GetModelStatus, request, PROBE_TIMEOUT_SECONDS, f"model '{model}'")
+        return {status.version for status in response.model_version_status
+                if status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE}
+
+    def _check_signatures(self, version: int) -> None:
+        """The configured signatures exist in both models of `version` (once per version)."""
+        if str(version) in self._checked_signatures:
+            return
+        for model, wanted in ((self.retrieval_model, set(self.retrieval_signatures.values())),
+                              (self.ranking_model, {self.ranking_signature})):
+            request = get_model_metadata_pb2.GetModelMetadataRequest(
+                model_spec=self._spec(model, "", version), metadata_field=["signature_def"])
+            response = self._call(self.stub.GetModelMetadata, request, PROBE_TIMEOUT_SECONDS,
+                                  f"model '{model}' version {version}")
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signatures)
+            missing = wanted - set(signatures.signature_def)
+            if missing:
+                raise BackendMisconfigured(f"model '{model}' version {version} in TF Serving at {self.target} has no "
+                                           f"signature {', '.join(sorted(missing))}")
+        self._checked_signatures.add(str(version))
+
+    def _servable_pair(self) -> int:
+        """The version to serve: AVAILABLE in both models, with local metadata, the newest (or the pinned one)."""
+        retrieval = self._available_versions(self.retrieval_model)
+        ranking = self._available_versions(self.ranking_model)
+        both = retrieval & ranking
+        if self.pinned_version is not None:
+            if self.pinned_version not in both:
+                raise ModelsUnavailable(
+                    f"pinned version {self.pinned_version} is not AVAILABLE in both models in TF Serving at "
+                    f"{self.target} ('{self.retrieval_model}': {sorted(retrieval)}, "
+                    f"'{self.ranking_model}': {sorted(ranking)})")
+            candidates = [self.pinned_version]
+        else:
+            candidates = sorted((v for v in both if metadata_path(self.models_dir, v).is_file()), reverse=True)
+        if not candidates:
+            raise ModelsUnavailable(
+                f"no version is AVAILABLE in both models in TF Serving at {self.target} with its metadata in "
+                f"{self.models_dir} ('{self.retrieval_model}': {sorted(retrieval)}, "
+                f"'{self.ranking_model}': {sorted(ranking)})")
+        self._check_signatures(candidates[0])
+        return candidates[0]
+
     def refresh(self) -> bool:
-        """Probe both models' metadata: ready when both answer; learn the version being served."""
+        """Probe both models' versions: ready when a complete pair is AVAILABLE; learn which one."""
         try:
-            versions = []
-            for model, signature in ((self.retrieval_model, self.retrieval_signatures[False]),
-                                     (self.ranking_model, self.ranking_signature)):
-                request = get_model_metadata_pb2.GetModelMetadataRequest(
-                    model_spec=self._spec(model, signature, self.pinned_version), metadata_field=["signature_def"])
-                response = self._call(self.stub.GetModelMetadata, request, PROBE_TIMEOUT_SECONDS, f"model '{model}'")
-                versions.append(response.model_spec.version.value)
+            version = str(self._servable_pair())
         except RecsysError as error:
-            if self._ready or self._version is None:
+            if self._ready or self._version is None or str(error) != self._last_error:
                 log.warning("TF Serving not ready: %s", error)
             self._ready = False
             self._last_error = str(error)
             return False
-        self._version = str(versions[0])
-        if not self._ready:
-            log.info("TF Serving at %s ready, retrieval version %s", self.target, self._version)
+        if version != self._version or not self._ready:
+            log.info("TF Serving at %s ready, serving version %s of '%s' and '%s'", self.target, version,
+                     self.retrieval_model, self.ranking_model)
+        self._version = version
         self._ready = True
         return True
 
@@ -129,20 +191,24 @@ class TFServingBackend(Backend):
     def current_version(self) -> str | None:
         return self._version
 
+    def _serving_version(self) -> str:
+        if self._version is None:
+            raise ModelsUnavailable(self._last_error)
+        return self._version
+
     def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
+        version = self._serving_version()
         request = predict_pb2.PredictRequest(
-            model_spec=self._spec(self.retrieval_model, self.retrieval_signatures[include_rated], self.pinned_version),
+            model_spec=self._spec(self.retrieval_model, self.retrieval_signatures[include_rated], version),
             output_filter=["item_ids", "scores"])
         request.inputs["user_id"].CopyFrom(string_tensor(list(user_ids)))
-        response = self._call(self.stub.Predict, request, timeout, f"model '{self.retrieval_model}'")
-        version = str(response.model_spec.version.value)
-        self._version = version
+        response = self._call(self.stub.Predict, request, timeout, f"model '{self.retrieval_model}' version {version}")
         return Candidates(to_numpy(response.outputs["item_ids"]).astype(str),
-                          to_numpy(response.outputs["scores"]).astype(np.float32), version)
+                          to_numpy(response.outputs["scores"]).astype(np.float32), str(response.model_spec.version.value))
 
     def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
              timeout: float | None = None) -> Scores:
-        # Pin ranking to the version that retrieved: the pair is never mixed mid-rollout.
+        # Pinned to the version that retrieved: the pair is never mixed.
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.ranking_model, self.ranking_signature, model_version),
             output_filter=["predicted_rating", "score"])
@@ -152,6 +218,19 @@ class TFServingBackend(Backend):
                               f"model '{self.ranking_model}' version {model_version}")
         return Scores(to_numpy(response.outputs["predicted_rating"]).astype(np.float32),
                       to_numpy(response.outputs["score"]).astype(np.float32), str(response.model_spec.version.value))
+
+    def retrieve_and_rank(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None,
+                          stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
+        """Both stages with one version; if TF Serving unloaded it since the last probe (a rollout
+        moved on), probe again and run the whole pair once more with the version now served."""
+        version = self._serving_version()
+        try:
+            return super().retrieve_and_rank(user_ids, include_rated, timeout, stage_seconds)
+        except ModelsUnavailable:
+            if not self.refresh() or self._version == version:
+                raise
+            log.info("version %s left TF Serving mid-call; retrying with version %s", version, self._version)
+            return super().retrieve_and_rank(user_ids, include_rated, timeout, stage_seconds)
 
     def close(self) -> None:
         self.channel.close()

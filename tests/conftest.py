@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -156,6 +157,13 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
     return error.value.code(), error.value.details()
 
 
+def wait_for(predicate, seconds: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -> tuple[subprocess.Popen, int]:
     """`python -m server` on a free loopback port; returns the process and the port it reported.
 
@@ -176,3 +184,31 @@ def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -
             return process, int(match.group(1))
     process.kill()
     raise RuntimeError(f"server exited with {process.wait()} before reporting its port")
+
+
+def start_tf_serving(model_config_file: Path, *flags: str, port: int = 0) -> tuple[subprocess.Popen, int]:
+    """The TF Serving stand-in (`python -m tests.tf_serving`) as a process; returns it and its port
+    once it reports serving (after its initial load, as tensorflow_model_server does).
+    Its log is collected in `process.log_lines`."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.tf_serving", f"--model_config_file={model_config_file}", f"--port={port}",
+         "--file_system_poll_wait_seconds=0.2", *flags],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process.log_lines = []
+    for line in process.stderr:
+        process.log_lines.append(line)
+        match = re.search(r"Running gRPC ModelServer at 127\.0\.0\.1:(\d+)", line)
+        if match:
+            threading.Thread(target=process.log_lines.extend, args=(process.stderr,), daemon=True).start()
+            return process, int(match.group(1))
+    raise RuntimeError(f"the TF Serving stand-in exited with {process.wait()}: {''.join(process.log_lines)[-3000:]}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -7,6 +7,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from server.layout import complete_versions
+from tests.tf_serving.c_api import SavedModelSession
 
 USERS = ["1", "42", "405", "943", "no-such-user"]
 
@@ -127,25 +128,28 @@ def test_rated_movies_are_excluded_for_the_heaviest_user(loaded, trained, heavie
     assert set(everything["item_ids"].numpy()[0].astype(str)) & rated, "include_rated keeps rated movies"
 
 
-def _tf1_run(model_path, feeds_by_key, output_keys, signature="serving_default"):
-    """What TF Serving does: TF1 loader into a Session, session.run on the signature's tensor names."""
-    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
-        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(model_path))
-        signature_def = meta_graph.signature_def[signature]
-        feeds = {signature_def.inputs[key].name: value for key, value in feeds_by_key.items()}
-        fetches = [signature_def.outputs[key].name for key in output_keys]
-        return dict(zip(output_keys, session.run(fetches, feed_dict=feeds)))
+def cpp_run(model_path, feeds_by_key, output_keys, signature="serving_default"):
+    """What TF Serving does: TensorFlow's C++ loader into a session (through the C API), then
+    Session::Run on the signature's tensor names."""
+    session = SavedModelSession(model_path)
+    try:
+        signature_def = session.meta_graph.signature_def[signature]
+        feeds = {signature_def.inputs[key].name: tf.make_tensor_proto(value) for key, value in feeds_by_key.items()}
+        outputs = session.run(feeds, [signature_def.outputs[key].name for key in output_keys])
+        return {key: tf.make_ndarray(proto) for key, proto in zip(output_keys, outputs)}
+    finally:
+        session.close()
 
 
 def test_tf_serving_style_loading_matches_tf2(models_dir, loaded):
     retrieval, ranking = loaded
     for signature in ("serving_default", "include_rated"):
-        session_out = _tf1_run(models_dir / "retrieval" / "1", {"user_id": USERS}, ["item_ids", "scores"], signature)
+        session_out = cpp_run(models_dir / "retrieval" / "1", {"user_id": USERS}, ["item_ids", "scores"], signature)
         eager_out = retrieval.signatures[signature](user_id=tf.constant(USERS))
         np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
         np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
     pairs = {"user_id": ["42", "42", "7"], "item_id": ["1", "2", "3"]}
-    session_out = _tf1_run(models_dir / "ranking" / "1", pairs, ["predicted_rating", "score"])
+    session_out = cpp_run(models_dir / "ranking" / "1", pairs, ["predicted_rating", "score"])
     eager_out = ranking.signatures["serving_default"](user_id=tf.constant(pairs["user_id"]),
                                                       item_id=tf.constant(pairs["item_id"]))
     np.testing.assert_allclose(session_out["score"], eager_out["score"].numpy(), rtol=1e-5, atol=1e-5)
@@ -163,7 +167,7 @@ def test_warmup_records_are_prediction_logs_that_run(models_dir):
             feeds = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
             signature = request.model_spec.signature_name or "serving_default"
             outputs = ["item_ids", "scores"] if model == "retrieval" else ["predicted_rating", "score"]
-            result = _tf1_run(models_dir / model / "1", feeds, outputs, signature)
+            result = cpp_run(models_dir / model / "1", feeds, outputs, signature)
             assert len(result[outputs[0]]) == len(next(iter(feeds.values())))
 
 

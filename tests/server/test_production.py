@@ -27,7 +27,7 @@ from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.observability import ThreadedLogWriter
 from server.options import ServerOptions
-from tests.conftest import start_server_process, status_of
+from tests.conftest import start_server_process, status_of, wait_for
 
 
 def publish(models_dir, source_dir, version, broken=False):
@@ -57,13 +57,6 @@ def start(models, **options):
                                       models, ServerOptions(**options))
     recommender.start()
     return recommender, port
-
-
-def wait_for(predicate, seconds=60.0, what="condition"):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 class Traffic:

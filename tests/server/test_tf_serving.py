@@ -1,29 +1,33 @@
-"""The TF Serving mode, against a double that speaks the real PredictionService protocol."""
+"""The TF Serving mode, against the stand-in (tests/tf_serving: TensorFlow's C++ loader, TF Serving's
+lifecycle and Predict rules), including the rollouts a real TF Serving goes through."""
+import json
 import shutil
+import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.config import model_server_config_pb2
 
 from client import RecommenderClient
 from server.app import create_server
-from server.errors import BackendMisconfigured
+from server.errors import ModelsUnavailable
 from server.options import ServerOptions
 from server.tf_serving import TFServingBackend
-from tests.conftest import status_of
-from tests.tf_serving_double import start_tf_serving_double
+from tests.conftest import start_tf_serving, status_of, stop_process, wait_for
 
 SAMPLE_USERS = ["1", "42", "99", "276", "405", "655", "943", "cold-start-user"]
 
 
 @pytest.fixture(scope="module")
 def tf_serving(models_dir):
-    server, port, servicer = start_tf_serving_double(models_dir / "models.config")
-    yield port, servicer
-    server.stop(0)
+    process, port = start_tf_serving(models_dir / "models.config")
+    yield port
+    stop_process(process)
 
 
 def _serve(models_dir, backend, poll_seconds=0.2):
@@ -34,15 +38,17 @@ def _serve(models_dir, backend, poll_seconds=0.2):
 
 
 @pytest.fixture(scope="module")
-def via_tf_serving(models_dir, tf_serving):
-    recommender, client = _serve(models_dir, TFServingBackend(f"127.0.0.1:{tf_serving[0]}"))
+def served(models_dir, tf_serving):
+    backend = TFServingBackend(f"127.0.0.1:{tf_serving}", models_dir)
+    recommender, client = _serve(models_dir, backend)
     client.wait_until_serving(60)
-    yield client
+    yield client, backend
     client.close()
     recommender.stop(0).wait()
 
 
-def test_same_items_same_order_as_in_process(via_tf_serving, client):
+def test_same_items_same_order_as_in_process(served, client):
+    via_tf_serving, _ = served
     for user in SAMPLE_USERS:
         for options in ({"k": 20}, {"k": 10, "exclude": ["50", "100", "181"]}, {"k": 10, "include_rated": True}):
             remote = via_tf_serving.recommend(user, **options)
@@ -54,23 +60,29 @@ def test_same_items_same_order_as_in_process(via_tf_serving, client):
             assert [item.fallback for item in remote] == [item.fallback for item in local]
 
 
-def test_model_version_is_what_tf_serving_ran(via_tf_serving):
-    items = via_tf_serving.recommend("42", k=3)
-    assert {item.model_version for item in items} == {"1"}
+def test_model_version_is_what_tf_serving_ran(served):
+    via_tf_serving, _ = served
+    assert {item.model_version for item in via_tf_serving.recommend("42", k=3)} == {"1"}
     info = via_tf_serving.model_info()
     assert info.backend == "tf-serving" and info.model_version == "1"
 
 
-def test_one_predict_call_per_stage(via_tf_serving, tf_serving):
-    _, servicer = tf_serving
-    before = servicer.predict_calls
+def test_one_predict_call_per_stage_each_pinned_to_the_served_version(served, monkeypatch):
+    via_tf_serving, backend = served
+    sent = []
+    predict = backend.stub.Predict
+
+    def counting(request, **kwargs):
+        sent.append((request.model_spec.name, request.model_spec.version.value))
+        return predict(request, **kwargs)
+
+    monkeypatch.setattr(backend.stub, "Predict", counting)
     via_tf_serving.recommend("42", k=50)
-    assert servicer.predict_calls - before == 2
+    assert sent == [("retrieval", 1), ("ranking", 1)]
 
 
 def test_warmup_records_run_against_tf_serving(models_dir, tf_serving):
-    port, _ = tf_serving
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{tf_serving}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for model in ("retrieval", "ranking"):
             path = models_dir / model / "1" / "assets.extra" / "tf_serving_warmup_requests"
@@ -83,29 +95,29 @@ def test_warmup_records_run_against_tf_serving(models_dir, tf_serving):
 
 
 @pytest.mark.parametrize("backend_options, missing", [
-    ({"model_version": 99}, "Specific(retrieval, 99)"),
-    ({"ranking_model": "no-such-model"}, "no-such-model"),
+    ({"model_version": 99}, "pinned version 99 is not AVAILABLE"),
+    ({"ranking_model": "no-such-model"}, "Could not find any versions of model no-such-model"),
+    ({"ranking_signature": "no-such-signature"}, "has no signature no-such-signature"),
 ])
-def test_missing_model_or_version_is_reported_not_unknown(models_dir, tf_serving, backend_options, missing):
-    recommender, client = _serve(models_dir, TFServingBackend(f"127.0.0.1:{tf_serving[0]}", **backend_options))
+def test_a_missing_model_version_or_signature_is_not_serving(models_dir, tf_serving, backend_options, missing):
+    recommender, client = _serve(models_dir, TFServingBackend(f"127.0.0.1:{tf_serving}", models_dir, **backend_options))
     try:
         time.sleep(0.5)
         assert client.health() == "NOT_SERVING"
         code, details = status_of(lambda: client.recommend("42"))
-        assert code == grpc.StatusCode.UNAVAILABLE
-        assert "TF Serving" in details and "NOT_FOUND" in details and missing in details
+        assert code == grpc.StatusCode.UNAVAILABLE and missing in details
     finally:
         client.close()
         recommender.stop(0).wait()
 
 
-def test_version_without_local_metadata_is_not_serving_until_it_appears(models_dir, tf_serving, tmp_path):
-    recommender, client = _serve(tmp_path, TFServingBackend(f"127.0.0.1:{tf_serving[0]}"))
+def test_a_version_without_local_metadata_is_not_served_until_it_appears(models_dir, tf_serving, tmp_path):
+    recommender, client = _serve(tmp_path, TFServingBackend(f"127.0.0.1:{tf_serving}", tmp_path))
     try:
         time.sleep(0.5)
         assert client.health() == "NOT_SERVING"
         code, details = status_of(lambda: client.recommend("42"))
-        assert code == grpc.StatusCode.UNAVAILABLE and "no metadata for model version 1" in details
+        assert code == grpc.StatusCode.UNAVAILABLE and "with its metadata" in details
         (tmp_path / "metadata").mkdir()
         shutil.copy(models_dir / "metadata" / "1.json", tmp_path / "metadata" / "1.json")
         client.wait_until_serving(10)
@@ -115,32 +127,142 @@ def test_version_without_local_metadata_is_not_serving_until_it_appears(models_d
         recommender.stop(0).wait()
 
 
-def test_version_vanishing_between_stages_is_failed_precondition(models_dir, tf_serving):
-    """Retrieval answered with a version whose ranking model TF Serving does not have."""
-    backend = TFServingBackend(f"127.0.0.1:{tf_serving[0]}")
+def test_a_version_gone_between_stages_is_unavailable_not_a_precondition(models_dir, tf_serving):
+    """Retrieval answered with a version TF Serving no longer has for ranking: retryable."""
+    backend = TFServingBackend(f"127.0.0.1:{tf_serving}", models_dir)
     assert backend.refresh()
-    with pytest.raises(BackendMisconfigured, match="NOT_FOUND.*Specific\\(ranking, 7\\)"):
+    with pytest.raises(ModelsUnavailable, match=r"Specific\(ranking, 7\)"):
         backend.rank(["42"], ["1"], model_version="7", timeout=5)
 
 
+@pytest.mark.slow
 def test_tf_serving_down_then_back(models_dir):
-    server, port, _ = start_tf_serving_double(models_dir / "models.config")
-    recommender, client = _serve(models_dir, TFServingBackend(f"127.0.0.1:{port}"))
+    process, port = start_tf_serving(models_dir / "models.config")
+    recommender, client = _serve(models_dir, TFServingBackend(f"127.0.0.1:{port}", models_dir))
     try:
         client.wait_until_serving(60)
         assert client.recommend("42")
-        server.stop(0).wait()
+        stop_process(process)
         code, details = status_of(lambda: client.recommend("42"))
         assert code == grpc.StatusCode.UNAVAILABLE and "TF Serving" in details
-        deadline = time.monotonic() + 10
-        while client.health() != "NOT_SERVING":
-            assert time.monotonic() < deadline, "health never went NOT_SERVING"
-            time.sleep(0.1)
-        server, again, _ = start_tf_serving_double(models_dir / "models.config", port=port)
+        wait_for(lambda: client.health() == "NOT_SERVING", 10, "health NOT_SERVING")
+        process, again = start_tf_serving(models_dir / "models.config", port=port)
         assert again == port
         client.wait_until_serving(30)
         assert len(client.recommend("42")) == 10
     finally:
         client.close()
         recommender.stop(0).wait()
-        server.stop(0)
+        stop_process(process)
+
+
+class Traffic:
+    """Calls from two threads until stopped; every failure is kept, and the versions in order."""
+
+    def __init__(self, client: RecommenderClient):
+        self.client, self.failures, self.versions = client, [], []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(user,), daemon=True) for user in ("42", "1")]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, user: str) -> None:
+        while not self._stop.is_set():
+            try:
+                items = self.client.recommend(user, timeout=10)
+                self.versions.append({item.model_version for item in items})
+            except grpc.RpcError as error:
+                self.failures.append((error.code(), error.details()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+@pytest.fixture()
+def rollout(models_dir, tmp_path):
+    """A models directory of our own with version 1, TF Serving on it (latest 2 kept), our server
+    in front; `add(version, model)` copies a model's version 1 in as `version`."""
+    for name in ("retrieval", "ranking"):
+        shutil.copytree(models_dir / name / "1", tmp_path / name / "1")
+    (tmp_path / "metadata").mkdir()
+    metadata = json.loads((models_dir / "metadata" / "1.json").read_text())
+
+    def add(version: int, model: str) -> None:
+        metadata_file = tmp_path / "metadata" / f"{version}.json"
+        if not metadata_file.exists():
+            metadata_file.write_text(json.dumps({**metadata, "model_version": version}))
+        staging = tmp_path / model / f".{version}"
+        shutil.copytree(models_dir / model / "1", staging)
+        staging.rename(tmp_path / model / str(version))
+
+    (tmp_path / "metadata" / "1.json").write_text(json.dumps(metadata))
+    config = model_server_config_pb2.ModelServerConfig()
+    for name in ("retrieval", "ranking"):
+        entry = config.model_config_list.config.add(name=name, base_path=str(tmp_path / name),
+                                                   model_platform="tensorflow")
+        entry.model_version_policy.latest.num_versions = 2
+    (tmp_path / "models.config").write_text(text_format.MessageToString(config))
+    process, port = start_tf_serving(tmp_path / "models.config")
+    backend = TFServingBackend(f"127.0.0.1:{port}", tmp_path)
+    recommender, client = _serve(tmp_path, backend, poll_seconds=0.2)
+    client.wait_until_serving(60)
+    yield add, client, backend, tmp_path, port
+    client.close()
+    recommender.stop(0).wait()
+    stop_process(process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [("retrieval", "ranking"), ("ranking", "retrieval")])
+def test_a_rollout_with_one_model_ahead_fails_no_call(rollout, first, second):
+    add, client, backend, _, _ = rollout
+    traffic = Traffic(client)
+    try:
+        add(2, first)
+        time.sleep(3)  # only one half of version 2 is AVAILABLE: version 1 serves on
+        assert client.health() == "SERVING" and backend.current_version() == "1"
+        add(2, second)
+        wait_for(lambda: backend.current_version() == "2", 30, "the switch to version 2")
+        wait_for(lambda: {"2"} in traffic.versions[-5:], 30, "traffic on version 2")
+    finally:
+        traffic.stop()
+    assert traffic.failures == []
+    switched = traffic.versions.index({"2"})
+    assert all(versions == {"1"} for versions in traffic.versions[:switched])
+    assert all(versions == {"2"} for versions in traffic.versions[switched:]), "never back, never mixed"
+
+
+@pytest.mark.slow
+def test_a_version_that_fails_its_warmup_never_serves(rollout, models_dir):
+    add, client, backend, directory, _ = rollout
+    traffic = Traffic(client)
+    try:
+        add(2, "retrieval")
+        staging = directory / "ranking" / ".2"
+        shutil.copytree(models_dir / "ranking" / "1", staging)
+        request = prediction_log_pb2.PredictionLog()
+        request.predict_log.request.model_spec.name = "ranking"
+        request.predict_log.request.inputs["user_id"].CopyFrom(tf.make_tensor_proto([b"42"]))
+        with tf.io.TFRecordWriter(str(staging / "assets.extra" / "tf_serving_warmup_requests")) as writer:
+            writer.write(request.SerializeToString())  # no item_id: the warmup request fails
+        staging.rename(directory / "ranking" / "2")
+        time.sleep(3)
+    finally:
+        traffic.stop()
+    assert traffic.failures == [] and client.health() == "SERVING"
+    assert backend.current_version() == "1" and {"2"} not in traffic.versions
+
+
+@pytest.mark.slow
+def test_a_pinned_version_outside_the_kept_window_is_not_serving(rollout):
+    add, _, _, directory, port = rollout
+    for version in (2, 3):
+        add(version, "retrieval")
+        add(version, "ranking")
+    pinned = TFServingBackend(f"127.0.0.1:{port}", directory, model_version=1)
+    wait_for(lambda: not pinned.refresh(), 30, "version 1 to leave TF Serving")
+    assert "pinned version 1 is not AVAILABLE" in pinned.not_ready_reason()
+    assert "[2, 3]" in pinned.not_ready_reason()
+    assert TFServingBackend(f"127.0.0.1:{port}", directory, model_version=2).refresh()
