@@ -31,9 +31,9 @@ class RecommenderStub:
 
     Errors (gRPC status codes):
     INVALID_ARGUMENT   a field breaks a limit documented below (the message names it)
-    UNAVAILABLE        no model is loaded yet, the server is shutting down, or the
-    model backend (TF Serving) cannot be reached; retry later
-    FAILED_PRECONDITION the model backend lacks the configured model, version or signature
+    UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
+    the server is shutting down, or TF Serving cannot be reached; retry later
+    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its concurrency limit or the request is too large
     INTERNAL           an unexpected server error (details are only in the server log)
@@ -68,9 +68,9 @@ class RecommenderServicer:
 
     Errors (gRPC status codes):
     INVALID_ARGUMENT   a field breaks a limit documented below (the message names it)
-    UNAVAILABLE        no model is loaded yet, the server is shutting down, or the
-    model backend (TF Serving) cannot be reached; retry later
-    FAILED_PRECONDITION the model backend lacks the configured model, version or signature
+    UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
+    the server is shutting down, or TF Serving cannot be reached; retry later
+    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its concurrency limit or the request is too large
     INTERNAL           an unexpected server error (details are only in the server log)
@@ -132,9 +132,9 @@ class Recommender:
 
     Errors (gRPC status codes):
     INVALID_ARGUMENT   a field breaks a limit documented below (the message names it)
-    UNAVAILABLE        no model is loaded yet, the server is shutting down, or the
-    model backend (TF Serving) cannot be reached; retry later
-    FAILED_PRECONDITION the model backend lacks the configured model, version or signature
+    UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
+    the server is shutting down, or TF Serving cannot be reached; retry later
+    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its concurrency limit or the request is too large
     INTERNAL           an unexpected server error (details are only in the server log)
