@@ -1,6 +1,7 @@
 """RecommenderClient: the generated stubs' friendly face. Every call carries a deadline."""
 from __future__ import annotations
 
+import json
 from typing import Iterable, Iterator
 
 import grpc
@@ -9,6 +10,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+# gRPC's retry policy (service config) for the calls that read and change nothing: an UNAVAILABLE
+# (a replica draining after GOAWAY, a connection reset, a model not loaded yet) is retried with
+# backoff, within the call's deadline. A streamed call is retried only before its first item.
+RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": "recsys.v1.Recommender", "method": method}
+                               for method in ("Recommend", "RecommendBatch", "GetModelInfo")],
+                      "retryPolicy": RETRY_POLICY}],
+})
 
 
 def channel_target(target: str) -> str:
@@ -24,7 +36,8 @@ def channel_target(target: str) -> str:
 class RecommenderClient:
     """Talks to a recommender target: "host:port", a resolvable name such as
     "dns:///recommender:50051" (e.g. a Kubernetes headless service), or several
-    comma-separated "ip:port" addresses. Calls are spread with gRPC's round_robin policy.
+    comma-separated "ip:port" addresses. Calls are spread with gRPC's round_robin policy, and
+    read-only calls that get UNAVAILABLE are retried (`RETRY_POLICY`).
 
     Errors surface as grpc.RpcError with the server's status code and message.
     """
@@ -35,7 +48,7 @@ class RecommenderClient:
         self.target = target
         self.timeout = timeout
         if channel is None:
-            options = [("grpc.lb_policy_name", "round_robin")]
+            options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
             if ca_cert is not None:
                 channel = grpc.secure_channel(channel_target(target),
                                               grpc.ssl_channel_credentials(root_certificates=ca_cert), options)

@@ -112,8 +112,8 @@ def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens, 
 
 def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
     """Metrics of the newest complete version in models_dir, with the baselines."""
-    backend = InProcessBackend(models_dir)
-    if not backend.refresh():
+    backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)
+    if not backend.refresh(catalogs.get):
         raise ModelsUnavailable(f"no loadable model version in {models_dir}")
     version = backend.current_version()
     metadata = json.loads(metadata_path(models_dir, int(version)).read_text())
@@ -121,7 +121,7 @@ def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
         raise ModelsUnavailable(f"model version {version} was trained on {metadata['dataset']}, not {data.dataset}; "
                                 f"pass --dataset {metadata['dataset']}")
     # A version trained for tuning is scored on the validation split, never on test.
-    metrics = evaluate_backend(backend, CatalogStore(models_dir), data, metadata.get("holdout", "test"))
+    metrics = evaluate_backend(backend, catalogs, data, metadata.get("holdout", "test"))
     metrics["preset"] = metadata["preset"]["name"]
     metrics["train_seconds"] = metadata.get("train_seconds", {})
     return metrics

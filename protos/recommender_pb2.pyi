@@ -65,7 +65,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length")
+    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class ModelInfo(_message.Message):
     MAX_EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_USER_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEM_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     backend: str
     candidate_count: int
@@ -84,4 +85,5 @@ class ModelInfo(_message.Message):
     max_exclude_item_ids: int
     max_batch_requests: int
     max_user_id_length: int
-    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ...) -> None: ...
+    max_item_id_length: int
+    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ...) -> None: ...

@@ -30,12 +30,14 @@ class RecommenderStub:
     candidates, a ranking model orders them, and the best k are returned.
 
     Errors (gRPC status codes):
-    INVALID_ARGUMENT   a field breaks a limit documented below (the message names it)
+    INVALID_ARGUMENT   a field breaks a limit documented below, or a string field is not valid
+    UTF-8 (the message names the field)
     UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
     the server is shutting down, or TF Serving cannot be reached; retry later
     FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
-    RESOURCE_EXHAUSTED the server is at its concurrency limit or the request is too large
+    RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
+    request is too large; retry later or on another replica
     INTERNAL           an unexpected server error (details are only in the server log)
     """
 
@@ -67,12 +69,14 @@ class RecommenderServicer:
     candidates, a ranking model orders them, and the best k are returned.
 
     Errors (gRPC status codes):
-    INVALID_ARGUMENT   a field breaks a limit documented below (the message names it)
+    INVALID_ARGUMENT   a field breaks a limit documented below, or a string field is not valid
+    UTF-8 (the message names the field)
     UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
     the server is shutting down, or TF Serving cannot be reached; retry later
     FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
-    RESOURCE_EXHAUSTED the server is at its concurrency limit or the request is too large
+    RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
+    request is too large; retry later or on another replica
     INTERNAL           an unexpected server error (details are only in the server log)
     """
 
@@ -131,12 +135,14 @@ class Recommender:
     candidates, a ranking model orders them, and the best k are returned.
 
     Errors (gRPC status codes):
-    INVALID_ARGUMENT   a field breaks a limit documented below (the message names it)
+    INVALID_ARGUMENT   a field breaks a limit documented below, or a string field is not valid
+    UTF-8 (the message names the field)
     UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
     the server is shutting down, or TF Serving cannot be reached; retry later
     FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
-    RESOURCE_EXHAUSTED the server is at its concurrency limit or the request is too large
+    RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
+    request is too large; retry later or on another replica
     INTERNAL           an unexpected server error (details are only in the server log)
     """
 

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL
 from server.observability import ThreadedLogWriter
 from server.options import DEFAULTS, ServerOptions
+
+# The process exits within --grace-seconds plus this, even when shutdown had to be forced.
+EXIT_SLACK_SECONDS = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-workers", type=int, default=DEFAULTS.max_workers,
                         help="threads running the pipeline when batching is off (--max-batch-size 1); RPCs run on "
                              "one grpc.aio event loop (default: %(default)s)")
-    parser.add_argument("--inline-lone-calls", action=argparse.BooleanOptionalAction,
-                        default=DEFAULTS.lone_calls_inline,
-                        help="in-process models: a call that is the only one in flight runs its model call on the "
-                             "event loop instead of the pipeline thread, which saves the hand-off both ways; "
-                             "--no-inline-lone-calls keeps every model call off the loop (default: on)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULTS.max_concurrent_rpcs,
-                        help="RPCs in flight beyond this get RESOURCE_EXHAUSTED (default: no limit)")
+                        help="Recommender calls in flight beyond this get RESOURCE_EXHAUSTED at once; health checks "
+                             "never count (default: %(default)s)")
+    limits.add_argument("--max-queued-queries", type=int, default=DEFAULTS.max_queued_queries,
+                        help="queries waiting for the models beyond this get RESOURCE_EXHAUSTED at once "
+                             "(default: %(default)s)")
+    limits.add_argument("--backend-timeout-seconds", type=float, default=DEFAULTS.backend_timeout_seconds,
+                        help="cap on every model call (TF Serving: every Predict), whatever the caller's deadline "
+                             "(default: %(default)s)")
     limits.add_argument("--max-batch-size", type=int, default=DEFAULTS.max_batch_size,
                         help="merge up to this many concurrent requests into one model call; 1 = no batching "
                              "(default: %(default)s)")
@@ -97,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism, max_workers=args.max_workers,
         poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_queued_queries=args.max_queued_queries, backend_timeout_seconds=args.backend_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
-        lone_calls_inline=args.inline_lone_calls, max_connection_age_seconds=args.max_connection_age_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
@@ -116,25 +124,43 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("recsys.server").info("TensorFlow threads: intra-op %d, inter-op %d (0 = one per core)",
                                                 intra_op, inter_op)
         backend = InProcessBackend(args.models, args.model_version)
-    recommender, port = create_server(f"{options.host}:{options.port}", backend, args.models, options)
-    recommender.metrics.log_lines_dropped.set_function(lambda: sum(writer.dropped for writer in log_writers))
+    log = logging.getLogger("recsys.server")
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
-    recommender.start()
-    log = logging.getLogger("recsys.server")
-    if args.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", args.host.strip("[]") or "0.0.0.0",
-                 recommender.serve_metrics(args.metrics_port))
-    log.info("listening on %s:%d (%s, models: %s%s)", args.host, port, "TLS" if args.tls_cert else "plaintext",
-             args.models, ", bearer token required" if args.auth_token_file else "")
+    try:
+        recommender, port = create_server(f"{options.host}:{options.port}", backend, args.models, options)
+        recommender.metrics.log_lines_dropped.set_function(lambda: sum(writer.dropped for writer in log_writers))
+        recommender.start()
+        if args.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", options.host, recommender.serve_metrics(args.metrics_port,
+                                                                                              options.host))
+    except (OSError, RuntimeError) as error:  # e.g. the port is taken
+        log.error("could not start: %s", error)
+        _stop_writers(log_writers, 5.0)
+        return 1
+    if options.auth_token and not options.tls_cert:
+        log.warning("a bearer token is required but sent over plaintext, where anyone on the network can read it: "
+                    "serve TLS (--tls-cert, --tls-key) or keep the port on a trusted network")
+    log.info("listening on %s:%d (%s, models: %s%s)", options.host, port, "TLS" if options.tls_cert else "plaintext",
+             args.models, ", bearer token required" if options.auth_token else "")
     stop_requested.wait()
     log.info("shutting down, grace %.1fs", options.grace_seconds)
-    recommender.stop(options.grace_seconds).wait()
-    for writer in log_writers:
-        writer.stop()  # writes the lines still queued
+    exit_by = time.monotonic() + options.grace_seconds + EXIT_SLACK_SECONDS
+    stopped = recommender.stop(options.grace_seconds).wait(options.grace_seconds + EXIT_SLACK_SECONDS / 2)
+    if not stopped or recommender.forced:
+        log.error("shutdown forced: work was still running when the %.1f s grace ran out", options.grace_seconds)
+        _stop_writers(log_writers, max(0.05, exit_by - time.monotonic()))
+        os._exit(1)  # a thread still inside TensorFlow or a backend call would abort a normal exit
+    _stop_writers(log_writers, max(0.05, exit_by - time.monotonic()))
     return 0
 
+
+def _stop_writers(log_writers: list[ThreadedLogWriter], timeout: float) -> None:
+    """Write the lines still queued, within `timeout` seconds in all."""
+    deadline = time.monotonic() + timeout
+    for writer in log_writers:
+        writer.stop(max(0.01, deadline - time.monotonic()))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,22 +14,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from protos import recommender_pb2, recommender_pb2_grpc
+from protos import recommender_pb2
 from server.backend import Backend, settle_heap
 from server.batching import RequestBatcher, ThreadedPipeline
 from server.catalog import CatalogStore
-from server.errors import ModelsUnavailable
 from server.observability import Metrics, Observer
 from server.options import ServerOptions
 from server.pipeline import Pipeline
 from server.security import BearerTokenInterceptor
 from server.servicer import RecommenderServicer
+from server.wire import add_recommender_to_server
 
 log = logging.getLogger("recsys.server")
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
-LAME_DUCK_QUIET_SECONDS = 0.5
+LIVENESS_SERVICE = ""
+# After the grace, how long stop() still waits for the pipeline's threads before calling it forced.
+STOP_SLACK_SECONDS = 0.3
 CONNECTION_AGE_GRACE_SECONDS = 30
+NETWORK_BATCH_THREADS = 4
 
 
 class EventLoopThread:
@@ -51,22 +54,22 @@ class EventLoopThread:
 
 
 class ReadinessMonitor:
-    """Calls backend.refresh() every poll interval and mirrors the answer into health and metrics.
+    """Calls backend.refresh() every poll interval and mirrors the answer into readiness and metrics.
 
-    Right after a swap (and at start-up, before SERVING) it also loads the new version's
-    metadata (`load_catalog`: titles, rated movies) rather than leave it to the first request
-    that needs it, and settles the heap (see `settle_heap`)."""
+    The backend swaps a version in only once its metadata has loaded through `load_catalog`
+    (so no request pays for parsing it); after a swap, and at start-up, the monitor settles the
+    heap (see `settle_heap`). Readiness is the service's own health name; `""` (liveness) says
+    only that the process answers."""
 
     def __init__(self, backend: Backend, set_health: Callable[[str, int], None], poll_seconds: float,
-                 metrics: Metrics, load_catalog: Callable[[], object]):
+                 metrics: Metrics, load_catalog: Callable[[str], object]):
         self.backend = backend
         self.load_catalog = load_catalog
         self.set_health = set_health
         self.poll_seconds = poll_seconds
         self.metrics = metrics
         self._failures_reported = 0
-        self._last_warning = ""
-        self._prepared_version: str | None = None  # catalog loaded and heap settled for it
+        self._settled_version: str | None = None
         self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="readiness-monitor", daemon=True)
@@ -82,20 +85,16 @@ class ReadinessMonitor:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def check(self) -> bool:
         try:
-            ready = self.backend.refresh()
+            ready = self.backend.refresh(self.load_catalog)
             version = self.backend.current_version()
-            if ready and version != self._prepared_version:  # a swap, or start-up: once per version
-                self.load_catalog()
+            if ready and version != self._settled_version:  # a swap, or start-up: once per version
                 settle_heap()
-                self._prepared_version = version
-            self._last_warning = ""
-        except ModelsUnavailable as error:  # e.g. no metadata for the version TF Serving serves
-            if str(error) != self._last_warning:  # once, not every poll
-                log.warning("not ready: %s", error)
-            self._last_warning = str(error)
-            ready = False
+                self._settled_version = version
         except Exception:  # noqa: BLE001 - a failed probe means not ready, never a dead monitor
             log.exception("readiness check failed")
             ready = False
@@ -109,8 +108,7 @@ class ReadinessMonitor:
         if not self._stopped.is_set() and status != self._status:
             # Only on change: every set() is pushed to Watch subscribers.
             self._status = status
-            for service in ("", SERVICE_NAME):
-                self.set_health(service, status)
+            self.set_health(SERVICE_NAME, status)
         return ready
 
     def _run(self) -> None:
@@ -134,10 +132,12 @@ class RecommenderServer:
         self.metrics = servicer.observer.metrics
         self._stopped = threading.Event()
         self._stopping = False
+        self.forced = False  # set by stop() when work outlived the grace
 
-    def serve_metrics(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose Prometheus metrics over HTTP; returns the bound port (0 picks one)."""
-        http_server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
+    def serve_metrics(self, port: int, host: str) -> int:
+        """Expose Prometheus metrics over HTTP on `host` (the gRPC listener's, "[::]" style or not);
+        returns the bound port (0 picks one)."""
+        http_server, _ = start_http_server(port, addr=host.strip("[]") or "::", registry=self.metrics.registry)
         self._metrics_http = http_server
         return http_server.server_port
 
@@ -145,32 +145,32 @@ class RecommenderServer:
         self.loop_thread.run(self.grpc_server.start())
         self.monitor.start()
 
-    def stop(self, grace: float | None) -> threading.Event:
-        """Drain: NOT_SERVING and UNAVAILABLE for new calls at once, let in-flight calls finish
-        (up to `grace` seconds), then stop the gRPC server. Returns an event set when stopped."""
+    def stop(self, grace: float) -> threading.Event:
+        """Drain within `grace` seconds; returns an event set once stopped.
+
+        Readiness turns NOT_SERVING and the gRPC server stops taking calls at once: it sends
+        HTTP/2 GOAWAY, so clients open new calls on other replicas (the client's retry policy
+        covers calls that raced it), while calls in flight get up to `grace` to finish and are
+        then cancelled. If work is still running when the grace is over (a backend call that
+        does not return), `forced` is set and the caller should exit the process at once."""
         if self._stopping:
             return self._stopped
         self._stopping = True
+        deadline = time.monotonic() + grace
         self.monitor.stop()
-        self.loop_thread.run(self.health.enter_graceful_shutdown())
         self.servicer.accepting = False
+        self.loop_thread.run(self.health.enter_graceful_shutdown())
 
         def drain() -> None:
-            # Lame duck: keep answering (UNAVAILABLE for new calls) until in-flight calls are done
-            # and callers have stopped arriving, so no call races the transport shutdown.
-            observer = self.servicer.observer
-            deadline = time.monotonic() + (grace or 0.0)
-            quiet = min(LAME_DUCK_QUIET_SECONDS, (grace or 0.0) / 4)
-            while time.monotonic() < deadline and (
-                    observer.active_calls or time.monotonic() - observer.last_call_started < quiet):
-                time.sleep(0.01)
-            self.loop_thread.run(self.grpc_server.stop(max(0.0, deadline - time.monotonic())))
+            self.loop_thread.run(self.grpc_server.stop(grace))
             if getattr(self, "_metrics_http", None) is not None:
                 self._metrics_http.shutdown()
-            self.servicer.pipeline.close()
-            self.monitor.join(LAME_DUCK_QUIET_SECONDS + (grace or 0.0))
-            self.backend.close()
-            self.loop_thread.close()
+            finished = self.servicer.pipeline.close(max(0.0, deadline - time.monotonic()) + STOP_SLACK_SECONDS)
+            self.monitor.join(max(0.0, deadline - time.monotonic()))
+            self.forced = not finished or self.monitor.is_alive()
+            if not self.forced:  # threads inside TensorFlow or a backend call still use these
+                self.backend.close()
+                self.loop_thread.close()
             self._stopped.set()
 
         threading.Thread(target=drain, name="drain", daemon=True).start()
@@ -187,10 +187,16 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     loop_thread = EventLoopThread()
     observer = Observer()
     pipeline = Pipeline(backend, CatalogStore(models_dir))
-    runner = (RequestBatcher(pipeline, options.max_batch_size, observer.metrics.batch_queries.observe)
-              if options.max_batch_size > 1
-              else ThreadedPipeline(pipeline, options.max_workers))
-    servicer = RecommenderServicer(runner, backend, observer, options.lone_calls_inline)
+    if options.max_batch_size > 1:
+        # Batches of in-process models run one at a time (TensorFlow uses the cores); TF Serving
+        # calls wait on the network, so several may be in flight.
+        runner = RequestBatcher(pipeline, options.max_batch_size, options.backend_timeout_seconds,
+                                options.max_queued_queries, 1 if backend.in_process else NETWORK_BATCH_THREADS,
+                                observer.metrics.batch_queries.observe)
+    else:
+        runner = ThreadedPipeline(pipeline, options.max_workers, options.backend_timeout_seconds,
+                                  options.max_queued_queries)
+    servicer = RecommenderServicer(runner, backend, observer, options.max_concurrent_rpcs)
 
     async def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # grpc.aio objects belong to the loop they are created on.
@@ -200,12 +206,13 @@ def create_server(address: str, backend: Backend, models_dir: Path,
             + ([("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),
                 ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000)]
                if options.max_connection_age_seconds > 0 else []),
-            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
-        recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, grpc_server)
+        add_recommender_to_server(servicer, grpc_server)
         health_servicer = health.aio.HealthServicer()
-        for service in ("", SERVICE_NAME):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Liveness ("") is SERVING while the process answers; readiness (the service's name)
+        # follows the models and the backend (ReadinessMonitor).
+        await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -227,5 +234,5 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     def set_health(service: str, status: int) -> None:
         loop_thread.run(health_servicer.set(service, status))
 
-    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.current_catalog)
+    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.get)
     return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer), port

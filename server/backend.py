@@ -8,12 +8,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from server.catalog import Catalog
 from server.errors import ModelsUnavailable
 from server.layout import (
     DEFAULT_SIGNATURE,
@@ -57,8 +58,8 @@ class Backend(abc.ABC):
     """Where the SavedModels run. `timeout` is the seconds left of the caller's deadline."""
 
     name: str
-    # True when a model call is computation in this process, bounded and without network waits
-    # (the servicer may then run a lone call on its event loop).
+    # True when a model call is computation in this process (no network waits): batches then
+    # run one at a time.
     in_process: bool = False
     # Model versions that failed to load (in-process) so far; exported as a metric.
     load_failures: int = 0
@@ -91,8 +92,11 @@ class Backend(abc.ABC):
                                 ranked.predicted_rating.reshape(shape), candidates.model_version)
 
     @abc.abstractmethod
-    def refresh(self) -> bool:
-        """Called periodically: load or reconnect as needed; return whether requests can be served."""
+    def refresh(self, load_catalog: Callable[[str], Catalog]) -> bool:
+        """Called periodically: load or reconnect as needed; return whether requests can be served.
+
+        A version is served only once `load_catalog(version)` has parsed and checked its metadata
+        (raising ModelsUnavailable otherwise): a version loads whole or not at all."""
 
     @abc.abstractmethod
     def is_ready(self) -> bool:
@@ -119,6 +123,7 @@ class LoadedPair:
     model_version: str
     retrieve: dict[bool, object]  # include_rated -> concrete signature function
     rank: object
+    item_ids: frozenset[str]  # every movie the retrieval index can return
     # include_rated -> one tf.function running both signatures: a request costs one TF call, not two.
     retrieve_and_rank: dict[bool, object]
     signatures: dict[tuple[str, str], object]  # (model, signature name) -> function, for warmup
@@ -158,6 +163,7 @@ def load_pair(models_dir: Path, version: int) -> LoadedPair:
         retrieve_and_rank={include_rated: fuse(function, rank) for include_rated, function in retrieve.items()},
         signatures=signatures,
         saved_models=(retrieval, ranking),
+        item_ids=frozenset(retrieval.item_ids.numpy().astype(str).tolist()),
     )
 
 
@@ -221,12 +227,30 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+# A version that failed to load is tried again after this long, doubling up to the maximum:
+# it may still have been copying, or the machine short of memory.
+RETRY_SECONDS = 5.0
+MAX_RETRY_SECONDS = 300.0
+
+
+def check_consistency(pair: LoadedPair, catalog: Catalog) -> None:
+    """Every movie the retrieval index can return is in the catalog (synthetic benchmark movies aside)."""
+    unknown = [item for item in pair.item_ids - catalog.titles.keys()
+               if not (catalog.synthetic_items and item.startswith("synthetic-"))]
+    if unknown:
+        raise ValueError(f"version {pair.model_version}: {len(unknown)} movies of the retrieval index are missing "
+                         f"from its metadata, e.g. {sorted(unknown)[:3]}")
+
+
 class InProcessBackend(Backend):
     """Runs the exported SavedModels inside this process.
 
-    `refresh()` loads the newest complete version (or the pinned one) next to the
-    one serving, checks it answers, then swaps the pair in one assignment; a version
-    that fails to load is logged, remembered and skipped.
+    `refresh()` loads the newest complete version (or the pinned one) next to the one serving,
+    replays its warmup requests, parses and checks its metadata against the models, and only
+    then swaps it in, in one assignment (TF Serving's availability-preserving policy,
+    core/aspired_versions_manager.cc). A version that fails any step is logged, counted and
+    tried again with backoff; the serving version goes on serving. The swapped-out pair is
+    released at once: a request still running holds its own reference until it ends.
     """
 
     name = "in-process"
@@ -236,34 +260,32 @@ class InProcessBackend(Backend):
         self.models_dir = Path(models_dir)
         self.pinned_version = model_version
         self.current: LoadedPair | None = None
-        self._pairs: dict[str, LoadedPair] = {}
-        self._failed_versions: set[int] = set()
+        self._retry_at: dict[int, tuple[float, float]] = {}  # failed version -> (when to retry, backoff)
         self._lock = threading.Lock()
 
     def _wanted_version(self) -> int | None:
-        versions = [v for v in complete_versions(self.models_dir) if v not in self._failed_versions]
+        now = time.monotonic()
+        versions = [v for v in complete_versions(self.models_dir) if self._retry_at.get(v, (0.0, 0.0))[0] <= now]
         if self.pinned_version is not None:
             return self.pinned_version if self.pinned_version in versions else None
         return versions[-1] if versions else None
 
-    def refresh(self) -> bool:
+    def refresh(self, load_catalog: Callable[[str], Catalog]) -> bool:
         with self._lock:
             version = self._wanted_version()
             if version is not None and (self.current is None or self.current.model_version != str(version)):
                 try:
                     pair = load_pair(self.models_dir, version)
                     warm_up(self.models_dir, pair)
-                except Exception:  # noqa: BLE001 - a broken version must not take the server down
-                    log.exception("model version %s in %s failed to load; keeping the current one",
-                                  version, self.models_dir)
-                    self._failed_versions.add(version)
+                    check_consistency(pair, load_catalog(str(version)))
+                except Exception as error:  # noqa: BLE001 - a broken version must not take the server down
+                    backoff = min(MAX_RETRY_SECONDS, 2 * self._retry_at.get(version, (0.0, RETRY_SECONDS / 2))[1])
+                    self._retry_at[version] = (time.monotonic() + backoff, backoff)
                     self.load_failures += 1
+                    log.warning("model version %s in %s failed to load (%s: %s); keeping the current one, "
+                                "retrying in %.0f s", version, self.models_dir, type(error).__name__, error, backoff)
                 else:
-                    # Keep the previous pair so requests that retrieved with it can still rank.
-                    previous = self.current
-                    self._pairs = {pair.model_version: pair}
-                    if previous is not None:
-                        self._pairs[previous.model_version] = previous
+                    self._retry_at.pop(version, None)
                     self.current = pair
                     log.info("serving model version %s from %s", version, self.models_dir)
             return self.current is not None
@@ -272,7 +294,7 @@ class InProcessBackend(Backend):
         return self.current is not None
 
     def not_ready_reason(self) -> str:
-        return f"no model loaded yet from {self.models_dir} (expects retrieval/<v>, ranking/<v>, metadata/<v>.json)"
+        return "no model version has loaded yet (the models directory needs retrieval/<v>, ranking/<v>, metadata/<v>.json)"
 
     def current_version(self) -> str | None:
         pair = self.current
@@ -301,8 +323,8 @@ class InProcessBackend(Backend):
 
     def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
              timeout: float | None = None) -> Scores:
-        pair = self._pairs.get(model_version)
-        if pair is None:
+        pair = self._serving_pair()
+        if pair.model_version != model_version:
             raise ModelsUnavailable(f"model version {model_version} is no longer loaded; retry")
         outputs = pair.rank(user_id=tf.constant(user_ids, dtype=tf.string),
                             item_id=tf.constant(item_ids, dtype=tf.string))

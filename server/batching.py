@@ -1,9 +1,14 @@
 """Merge concurrent requests into one pipeline call, as TF Serving's batching does.
 
-Requests queue up while the previous batch runs; one thread takes whatever is queued (up
+Requests queue up while the previous batch runs; a thread takes whatever is queued (up
 to `max_batch_size` queries) and runs retrieval and ranking once for all of them. Nothing
 waits for a batch to fill, so a lone request pays no added latency, and under load each
 model call serves many users while only one thread contends for the GIL with TensorFlow.
+
+With a backend that waits on the network (TF Serving), several threads take batches, so one
+slow call does not hold up the others; every backend call is capped at `backend_timeout`
+seconds whatever the callers' deadlines. The queue is bounded: past `max_queued_queries`
+waiting queries, a request is refused at once (RESOURCE_EXHAUSTED) instead of queueing.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from server.errors import Cancelled, DeadlineExceeded
+from server.errors import Cancelled, DeadlineExceeded, Overloaded
 from server.pipeline import Pipeline, Query, Recommendation
 
 log = logging.getLogger("recsys.server")
@@ -34,32 +39,35 @@ class _Pending:
         return self.is_cancelled is not None and self.is_cancelled()
 
 
-def _batch_timeout(batch: list[_Pending]) -> float | None:
-    """The longest remaining deadline in the batch: backend calls never outlive every caller."""
+def _capped(timeout: float | None, cap: float) -> float:
+    return cap if timeout is None else min(timeout, cap)
+
+
+def _batch_timeout(batch: list[_Pending], cap: float) -> float:
+    """The longest remaining deadline in the batch, at most `cap`: a backend call never outlives
+    every caller, nor runs longer than the cap for callers that set no deadline."""
     if any(pending.expires is None for pending in batch):
-        return None
-    return max(0.0, max(pending.expires for pending in batch) - time.monotonic())
-
-
-def _run_here(pipeline: Pipeline, queries: Sequence[Query], timeout: float | None,
-              stage_seconds: dict[str, float] | None) -> list[list[Recommendation]]:
-    if stage_seconds is not None:
-        stage_seconds["queue"] = 0.0  # no hand-off, no wait
-    return pipeline.recommend(queries, timeout, stage_seconds)
+        return cap
+    return _capped(max(0.0, max(pending.expires for pending in batch) - time.monotonic()), cap)
 
 
 class RequestBatcher:
     """Same `recommend` call as Pipeline, served by one batching thread."""
 
-    def __init__(self, pipeline: Pipeline, max_batch_size: int = 32,
-                 observe_batch: Callable[[int], None] | None = None):
+    def __init__(self, pipeline: Pipeline, max_batch_size: int, backend_timeout: float, max_queued_queries: int,
+                 workers: int = 1, observe_batch: Callable[[int], None] | None = None):
         """`observe_batch` is told each batch's query count (the batch-size metric)."""
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
+        self.backend_timeout = backend_timeout
+        self.max_queued_queries = max_queued_queries
         self.observe_batch = observe_batch
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-        self._thread.start()
+        self._queued_queries = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"batcher-{n}", daemon=True) for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def current_catalog(self):
         return self.pipeline.current_catalog()
@@ -68,6 +76,10 @@ class RequestBatcher:
                stage_seconds: dict[str, float] | None = None,
                is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
         """Queue the queries for the next batch; cancelling the future before it runs drops them."""
+        with self._lock:
+            if self._queued_queries + len(queries) > self.max_queued_queries:
+                raise Overloaded(f"{self._queued_queries} queries are waiting for the models; retry later")
+            self._queued_queries += len(queries)
         expires = None if timeout is None else time.monotonic() + timeout
         pending = _Pending(queries, expires, stage_seconds=stage_seconds, is_cancelled=is_cancelled)
         self._queue.put(pending)
@@ -83,20 +95,15 @@ class RequestBatcher:
             future.cancel()
             raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
 
-    def run_here(self, queries: Sequence[Query], timeout: float | None = None,
-                 stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
-        """Run the queries on the calling thread, as a batch of their own: for a caller that knows
-        nothing else is waiting (see RecommenderServicer)."""
-        if self.observe_batch is not None:
-            self.observe_batch(len(queries))
-        return _run_here(self.pipeline, queries, timeout, stage_seconds)
-
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Stop taking batches and wait for the running one: a thread still inside TensorFlow
-        when the interpreter exits aborts the process."""
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Stop taking batches and wait up to `timeout` for the running ones (a thread still inside
+        TensorFlow when the interpreter exits aborts the process); False if one is still running."""
         self._queue.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads if thread is not threading.current_thread())
 
     def _take_batch(self, first: _Pending) -> list[_Pending]:
         batch, size = [first], len(first.queries)
@@ -110,6 +117,8 @@ class RequestBatcher:
                 break
             batch.append(pending)
             size += len(pending.queries)
+        with self._lock:
+            self._queued_queries -= size
         # Callers that timed out or went away while queued cost nothing.
         runnable = []
         for pending in batch:
@@ -136,7 +145,8 @@ class RequestBatcher:
             timings: dict[str, float] = {}
             try:
                 results = self.pipeline.recommend(queries,
-                                                  timeout=_batch_timeout(batch), stage_seconds=timings,
+                                                  timeout=_batch_timeout(batch, self.backend_timeout),
+                                                  stage_seconds=timings,
                                                   is_cancelled=lambda batch=batch: all(pending.gone() for pending in batch))
             except Exception as error:  # noqa: BLE001 - handed to every caller, mapped there
                 for pending in batch:
@@ -153,8 +163,14 @@ class RequestBatcher:
 class ThreadedPipeline:
     """Batching off: each request runs the pipeline alone, on a thread of a pool."""
 
-    def __init__(self, pipeline: Pipeline, max_workers: int):
+    def __init__(self, pipeline: Pipeline, max_workers: int, backend_timeout: float, max_queued_queries: int):
         self.pipeline = pipeline
+        self.backend_timeout = backend_timeout
+        self.max_queued_queries = max_queued_queries
+        self._queued_queries = 0
+        self._running = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pipeline")
 
     def current_catalog(self):
@@ -163,18 +179,30 @@ class ThreadedPipeline:
     def submit(self, queries: Sequence[Query], timeout: float | None = None,
                stage_seconds: dict[str, float] | None = None,
                is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
+        with self._lock:
+            if self._queued_queries + len(queries) > self.max_queued_queries:
+                raise Overloaded(f"{self._queued_queries} queries are waiting for the models; retry later")
+            self._queued_queries += len(queries)
         queued_at = time.perf_counter()
 
         def run() -> list[list[Recommendation]]:
-            if stage_seconds is not None:
-                stage_seconds["queue"] = time.perf_counter() - queued_at
-            return self.pipeline.recommend(queries, timeout, stage_seconds, is_cancelled)
+            with self._lock:
+                self._queued_queries -= len(queries)
+                self._running += 1
+            try:
+                if stage_seconds is not None:
+                    stage_seconds["queue"] = time.perf_counter() - queued_at
+                return self.pipeline.recommend(queries, _capped(timeout, self.backend_timeout), stage_seconds,
+                                               is_cancelled)
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
 
         return self._executor.submit(run)
 
-    def run_here(self, queries: Sequence[Query], timeout: float | None = None,
-                 stage_seconds: dict[str, float] | None = None) -> list[list[Recommendation]]:
-        return _run_here(self.pipeline, queries, timeout, stage_seconds)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Drop what is queued and wait up to `timeout` for the running calls; False if one still runs."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout)

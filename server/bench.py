@@ -22,10 +22,10 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str) -> tup
     from server.pipeline import Pipeline, Query
 
     set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
-    backend = InProcessBackend(models_dir)
-    if not backend.refresh():
+    backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)
+    if not backend.refresh(catalogs.get):
         raise SystemExit(f"no loadable model version in {models_dir}")
-    pipeline = Pipeline(backend, CatalogStore(models_dir))
+    pipeline = Pipeline(backend, catalogs)
     known = sorted(pipeline.current_catalog().rated_item_ids, key=lambda user: (len(user), user))
     user_ids = bench.user_mix(users, known)
     pipeline.recommend([Query(user_ids[0], k=k)])  # the first call traces; not measured

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from server.errors import ModelsUnavailable
 from server.layout import metadata_path
+
+log = logging.getLogger("recsys.server")
 
 
 @dataclass(frozen=True)
@@ -20,21 +23,62 @@ class Catalog:
     popular_item_ids: tuple[str, ...]
     rated_item_ids: dict[str, frozenset[str]]
     preset: dict
+    # Movies padded into the retrieval index for benchmarks (ids "synthetic-<n>", no titles).
+    synthetic_items: int = 0
 
     def is_known_user(self, user_id: str) -> bool:
         return user_id in self.rated_item_ids
 
 
+class InvalidMetadata(ValueError):
+    """metadata/<v>.json is missing, truncated, of the wrong shape, or disagrees with its models."""
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise InvalidMetadata(what)
+
+
+def _strings(values, what: str) -> list[str]:
+    _expect(isinstance(values, list) and all(isinstance(value, str) for value in values), f"{what} must be a list of strings")
+    return values
+
+
 def load_catalog(models_dir: Path, version: int) -> Catalog:
-    raw = json.loads(metadata_path(models_dir, version).read_text())
+    """Parse and check `metadata/<version>.json`: every field of the right type, and every popular
+    movie and every rated movie in the catalog. Raises InvalidMetadata."""
+    try:
+        raw = json.loads(metadata_path(models_dir, version).read_text())
+    except (OSError, ValueError) as error:
+        raise InvalidMetadata(f"metadata of version {version} cannot be read: {error}") from None
+    _expect(isinstance(raw, dict), "the metadata must be a JSON object")
+    _expect(str(raw.get("model_version")) == str(version), f"model_version is {raw.get('model_version')!r}, "
+                                                           f"not {version}")
+    _expect(isinstance(raw.get("candidate_count"), int) and raw["candidate_count"] > 0,
+            "candidate_count must be a positive integer")
+    items = raw.get("items")
+    _expect(isinstance(items, dict) and items, "items must be a non-empty object")
+    for item_id, item in items.items():
+        _expect(isinstance(item, dict) and isinstance(item.get("title"), str), f"items[{item_id!r}] needs a title")
+        _strings(item.get("genres"), f"items[{item_id!r}].genres")
+    popular = _strings(raw.get("popular_item_ids"), "popular_item_ids")
+    unknown = [item_id for item_id in popular if item_id not in items]
+    _expect(not unknown, f"popular_item_ids has movies missing from items: {unknown[:3]}")
+    rated = raw.get("rated_item_ids")
+    _expect(isinstance(rated, dict), "rated_item_ids must be an object")
+    for user, rated_items in rated.items():
+        _strings(rated_items, f"rated_item_ids[{user!r}]")
+    preset = raw.get("preset", {})
+    _expect(isinstance(preset, dict), "preset must be an object")
     return Catalog(
-        model_version=str(raw["model_version"]),
-        candidate_count=int(raw["candidate_count"]),
-        titles={item_id: item["title"] for item_id, item in raw["items"].items()},
-        genres={item_id: tuple(item["genres"]) for item_id, item in raw["items"].items()},
-        popular_item_ids=tuple(raw["popular_item_ids"]),
-        rated_item_ids={user: frozenset(items) for user, items in raw["rated_item_ids"].items()},
-        preset=raw.get("preset", {}),
+        model_version=str(version),
+        candidate_count=raw["candidate_count"],
+        titles={item_id: item["title"] for item_id, item in items.items()},
+        genres={item_id: tuple(item["genres"]) for item_id, item in items.items()},
+        popular_item_ids=tuple(popular),
+        rated_item_ids={user: frozenset(rated_items) for user, rated_items in rated.items()},
+        preset=preset,
+        synthetic_items=int(raw.get("synthetic_items", 0) or 0),
     )
 
 
@@ -59,9 +103,11 @@ class CatalogStore:
             if catalog is None:
                 try:
                     catalog = load_catalog(self.models_dir, int(model_version))
-                except (OSError, ValueError, KeyError) as error:
-                    raise ModelsUnavailable(
-                        f"no metadata for model version {model_version} in {self.models_dir}: {error}") from error
+                except InvalidMetadata as error:
+                    # The detail (it may name files) goes to the log; callers see the version only.
+                    log.warning("model version %s has no usable metadata in %s: %s", model_version,
+                                self.models_dir, error)
+                    raise ModelsUnavailable(f"model version {model_version} has no usable metadata") from error
                 self._catalogs[model_version] = catalog
                 while len(self._catalogs) > KEPT_VERSIONS:
                     self._catalogs.popitem(last=False)

@@ -16,8 +16,14 @@ class ServerOptions:
     poll_seconds: float = 5.0
     # On SIGTERM/SIGINT: in-flight calls get this long to finish before the process exits.
     grace_seconds: float = 10.0
-    # Beyond this many RPCs in flight, new ones get RESOURCE_EXHAUSTED (None: no limit).
-    max_concurrent_rpcs: int | None = None
+    # Admission control: Recommender calls in flight beyond this get RESOURCE_EXHAUSTED at once
+    # (health checks and Watch streams never count).
+    max_concurrent_rpcs: int = 64
+    # Queries waiting for the models beyond this get RESOURCE_EXHAUSTED at once.
+    max_queued_queries: int = 1024
+    # Every backend call is capped at this, whatever the caller's deadline (or none): one caller
+    # cannot hold a TF Serving call, and the thread running it, for longer.
+    backend_timeout_seconds: float = 3.0
     # Larger request messages get RESOURCE_EXHAUSTED.
     max_request_bytes: int = 4 * 1024 * 1024
     # Each client connection is closed (HTTP/2 GOAWAY, in-flight calls get CONNECTION_AGE_GRACE_SECONDS
@@ -26,9 +32,6 @@ class ServerOptions:
     max_connection_age_seconds: float = 300.0
     # Concurrent requests merged into one model call; 1 turns batching off.
     max_batch_size: int = 32
-    # With in-process models, a call that is the only one in flight runs on the event loop
-    # instead of being handed to the pipeline thread (lower latency at low load).
-    lone_calls_inline: bool = True
     # TensorFlow's two thread pools for in-process models (0: one thread per core); see
     # backend.set_tensorflow_threads for why one each.
     tensorflow_intra_op_parallelism: int = 1

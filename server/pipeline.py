@@ -17,7 +17,7 @@ import numpy as np
 from server.backend import Backend
 from server.catalog import Catalog, CatalogStore
 from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable
-from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
+from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH, MAX_K, MAX_USER_ID_LENGTH
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_ra
     if len(exclude_item_ids) > MAX_EXCLUDED_ITEMS:
         raise InvalidRequest(
             f"exclude_item_ids has {len(exclude_item_ids)} ids; the maximum is {MAX_EXCLUDED_ITEMS}")
+    for position, item_id in enumerate(exclude_item_ids):
+        if len(item_id) > MAX_ITEM_ID_LENGTH:
+            raise InvalidRequest(f"exclude_item_ids[{position}] is {len(item_id)} characters; "
+                                 f"the maximum is {MAX_ITEM_ID_LENGTH}")
     return Query(user_id=user_id, k=k or DEFAULT_K, exclude_item_ids=frozenset(exclude_item_ids),
                  include_rated=include_rated)
 
@@ -123,9 +127,9 @@ class Pipeline:
             items: list[Recommendation] = []
             if row is not None and catalog.is_known_user(query.user_id):
                 item_ids, score = ranked.item_ids[row], ranked.score[row]
-                order = np.argsort(-score, kind="stable")  # ties keep retrieval order: deterministic
-                if query.exclude_item_ids:
-                    order = order[~np.isin(item_ids[order], list(query.exclude_item_ids))]
+                order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
+                if query.exclude_item_ids:  # a set lookup per candidate: no array of every id padded to the longest
+                    order = [i for i in order if item_ids[i] not in query.exclude_item_ids]
                 items = [
                     Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
                                    genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),

@@ -1,9 +1,8 @@
-"""The gRPC servicer (grpc.aio): validate, delegate to the pipeline, stream. Nothing else lives here.
+"""The gRPC servicer (grpc.aio): admit, validate, delegate to the pipeline, stream. Nothing else lives here.
 
-The pipeline runs off the event loop (the batcher's thread, or a pool when batching is off);
-the loop only awaits its future, so it keeps serving other calls meanwhile. The exception is
-a call that is the only one in flight on in-process models: the loop then has nothing else
-to serve, and runs it itself.
+Nothing that blocks runs on the event loop: the pipeline runs on the batcher's threads (or a
+pool when batching is off), metadata is read and large batches are validated on worker
+threads, and the loop only awaits them, so health checks and other calls never wait behind them.
 """
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ import grpc
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
-from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable
-from server.limits import DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
+from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, Overloaded
+from server.limits import DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH, MAX_K, MAX_USER_ID_LENGTH
 from server.observability import CallRecord, Observer
 from server.pipeline import Query, Recommendation, make_query
 from server.status import map_errors
@@ -26,6 +25,22 @@ from server.status import map_errors
 
 def _query(request: recommender_pb2.RecommendRequest) -> Query:
     return make_query(request.user_id, request.k, request.exclude_item_ids, request.include_rated)
+
+
+def _batch_queries(request: recommender_pb2.RecommendBatchRequest) -> list[Query]:
+    if len(request.requests) > MAX_BATCH_USERS:
+        raise InvalidRequest(f"requests has {len(request.requests)} entries; the maximum is {MAX_BATCH_USERS}")
+    excluded = sum(len(entry.exclude_item_ids) for entry in request.requests)
+    if excluded > MAX_EXCLUDED_ITEMS:
+        raise InvalidRequest(f"requests[*].exclude_item_ids hold {excluded} ids in all; the maximum over a batch is "
+                             f"{MAX_EXCLUDED_ITEMS}")
+    queries = []
+    for position, entry in enumerate(request.requests):
+        try:
+            queries.append(_query(entry))
+        except InvalidRequest as error:
+            raise InvalidRequest(f"requests[{position}]: {error}") from None
+    return queries
 
 
 def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
@@ -44,28 +59,26 @@ def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
-                 lone_calls_inline: bool):
+                 max_concurrent_rpcs: int):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer
-        # Only for models computed in this process: a call to TF Serving waits on the network,
-        # and the event loop must never wait on that.
-        self.lone_calls_inline = lone_calls_inline and backend.in_process
+        # Admission control: calls in flight beyond this are refused at once. Only this service's
+        # calls count; health checks and Watch streams never do.
+        self.max_concurrent_rpcs = max_concurrent_rpcs
         self.accepting = True  # false once shutdown starts: new calls get UNAVAILABLE
 
-    def _ready(self) -> None:
+    def _admit(self) -> None:
         if not self.accepting:
             raise ModelsUnavailable("server is shutting down; retry (another replica)")
+        if self.observer.active_calls > self.max_concurrent_rpcs:
+            raise Overloaded(f"the server is at its limit of {self.max_concurrent_rpcs} calls in flight; retry later")
         if not self.backend.is_ready():
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
 
     async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
                          record: CallRecord) -> list[list[Recommendation]]:
         """Run the pipeline within the caller's deadline; a caller that goes away is dropped from its batch."""
-        if self.lone_calls_inline and self.observer.active_calls == 1:
-            # The only call in flight: the loop has nothing else to serve during the ~1 ms model call,
-            # and handing the call to the pipeline thread and back would cost more than that here.
-            return self.pipeline.run_here(queries, context.time_remaining(), record.stage_seconds)
         gone = threading.Event()
         context.add_done_callback(lambda _: gone.set())
         timeout = context.time_remaining()
@@ -79,8 +92,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     @map_errors
     async def Recommend(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
+        self._admit()
         query = _query(request)
-        self._ready()
         results = await self._recommend([query], context, record)
         _note(record, results)
         streaming_started = time.perf_counter()
@@ -92,15 +105,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     @map_errors
     async def RecommendBatch(self, request, context, record: CallRecord):
         record.user_ids = [entry.user_id[:MAX_USER_ID_LENGTH] for entry in request.requests[:MAX_BATCH_USERS]]
-        if len(request.requests) > MAX_BATCH_USERS:
-            raise InvalidRequest(f"requests has {len(request.requests)} entries; the maximum is {MAX_BATCH_USERS}")
-        queries = []
-        for position, entry in enumerate(request.requests):
-            try:
-                queries.append(_query(entry))
-            except InvalidRequest as error:
-                raise InvalidRequest(f"requests[{position}]: {error}") from None
-        self._ready()
+        self._admit()
+        queries = await asyncio.to_thread(_batch_queries, request)
         results = await self._recommend(queries, context, record)
         _note(record, results)
         return recommender_pb2.RecommendBatchResponse(results=[
@@ -109,10 +115,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     @map_errors
     async def GetModelInfo(self, request, context, record: CallRecord):
-        self._ready()
-        catalog = self.pipeline.current_catalog()
+        self._admit()
+        catalog = await asyncio.to_thread(self.pipeline.current_catalog)  # parsing metadata is not for the loop
         return recommender_pb2.ModelInfo(
             model_version=catalog.model_version, backend=self.backend.name, candidate_count=catalog.candidate_count,
             preset=catalog.preset.get("name", ""), default_k=DEFAULT_K, max_k=MAX_K,
             max_exclude_item_ids=MAX_EXCLUDED_ITEMS, max_batch_requests=MAX_BATCH_USERS,
-            max_user_id_length=MAX_USER_ID_LENGTH)
+            max_user_id_length=MAX_USER_ID_LENGTH, max_item_id_length=MAX_ITEM_ID_LENGTH)

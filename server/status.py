@@ -18,6 +18,7 @@ from server.errors import (
     Overloaded,
     RecsysError,
 )
+from server.wire import Undecodable
 
 log = logging.getLogger("recsys.server")
 
@@ -41,6 +42,11 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see server logs"
 
 
+def _check_decoded(request) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidRequest(request.reason)
+
+
 def map_errors(method: Callable) -> Callable:
     """The one place errors become statuses. Also opens and closes the call's CallRecord
     (`self.observer`), which the method receives as its last argument.
@@ -53,6 +59,7 @@ def map_errors(method: Callable) -> Callable:
         async def stream(self, request, context):
             record = self.observer.begin(name, context.invocation_metadata())
             try:
+                _check_decoded(request)
                 async for response in method(self, request, context, record):
                     yield response
             except (GeneratorExit, asyncio.CancelledError):  # the client cancelled or the deadline passed
@@ -69,6 +76,7 @@ def map_errors(method: Callable) -> Callable:
     async def unary(self, request, context):
         record = self.observer.begin(name, context.invocation_metadata())
         try:
+            _check_decoded(request)
             response = await method(self, request, context, record)
         except asyncio.CancelledError:
             self.observer.finish(record, grpc.StatusCode.CANCELLED.name)

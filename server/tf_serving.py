@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -22,6 +22,7 @@ from tensorflow_serving.apis import (
 )
 
 from server.backend import Backend, Candidates, RankedCandidates, Scores
+from server.catalog import Catalog
 from server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
 from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL, metadata_path
 
@@ -88,9 +89,10 @@ class TFServingBackend(Backend):
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self._ready = False
-        self._last_error = f"TF Serving at {target} has not been probed yet"
+        self._last_error = "TF Serving has not been probed yet"
         self._version: str | None = None
         self._checked_signatures: set[str] = set()  # versions whose signatures were found as configured
+        self._load_catalog: Callable[[str], Catalog] | None = None
 
     def _spec(self, model: str, signature: str, version: int | str | None) -> model_pb2.ModelSpec:
         spec = model_pb2.ModelSpec(name=model, signature_name=signature)
@@ -105,19 +107,20 @@ class TFServingBackend(Backend):
             raise self._translate(error, what) from None
 
     def _translate(self, error: grpc.RpcError, what: str) -> RecsysError:
+        """TF Serving's status as ours. A failed call fails that call only (retryable where a retry
+        can help); whether the replica is ready is for the probes (`refresh`) to say. Callers see
+        the model and the status; TF Serving's address stays in the server's log."""
         code, details = error.code(), error.details()
+        log.info("TF Serving at %s answered %s for %s: %s", self.target, code.name, what, details)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"deadline exceeded waiting for TF Serving ({what})")
         if code == grpc.StatusCode.NOT_FOUND:  # e.g. the version was unloaded since the last probe
-            return ModelsUnavailable(f"TF Serving at {self.target} does not have {what} now: {details}; retry")
+            return ModelsUnavailable(f"TF Serving does not have {what} now: {details}; retry")
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-            return BackendMisconfigured(f"TF Serving at {self.target} cannot serve {what}: {code.name}: {details}")
+            return BackendMisconfigured(f"TF Serving cannot serve {what}: {code.name}: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return Overloaded(f"TF Serving at {self.target} is overloaded ({what}): {details}")
-        # Unreachable or failing: not ready until a probe succeeds again.
-        self._ready = False
-        self._last_error = f"TF Serving at {self.target} is unavailable: {code.name}: {details}"
-        return ModelsUnavailable(f"TF Serving at {self.target} is unavailable ({what}): {code.name}: {details}")
+            return Overloaded(f"TF Serving is overloaded ({what}); retry later")
+        return ModelsUnavailable(f"TF Serving failed {what} ({code.name}); retry")
 
     def _available_versions(self, model: str) -> set[int]:
         request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name=model))
@@ -139,39 +142,42 @@ class TFServingBackend(Backend):
             response.metadata["signature_def"].Unpack(signatures)
             missing = wanted - set(signatures.signature_def)
             if missing:
-                raise BackendMisconfigured(f"model '{model}' version {version} in TF Serving at {self.target} has no "
+                raise BackendMisconfigured(f"model '{model}' version {version} in TF Serving has no "
                                            f"signature {', '.join(sorted(missing))}")
         self._checked_signatures.add(str(version))
 
-    def _servable_pair(self) -> int:
-        """The version to serve: AVAILABLE in both models, with local metadata, the newest (or the pinned one)."""
+    def _servable_pair(self, load_catalog: Callable[[str], Catalog]) -> int:
+        """The version to serve: AVAILABLE in both models, with metadata that loads, the newest (or the pinned one)."""
         retrieval = self._available_versions(self.retrieval_model)
         ranking = self._available_versions(self.ranking_model)
         both = retrieval & ranking
         if self.pinned_version is not None:
             if self.pinned_version not in both:
                 raise ModelsUnavailable(
-                    f"pinned version {self.pinned_version} is not AVAILABLE in both models in TF Serving at "
-                    f"{self.target} ('{self.retrieval_model}': {sorted(retrieval)}, "
-                    f"'{self.ranking_model}': {sorted(ranking)})")
+                    f"pinned version {self.pinned_version} is not AVAILABLE in both models in TF Serving "
+                    f"('{self.retrieval_model}': {sorted(retrieval)}, '{self.ranking_model}': {sorted(ranking)})")
             candidates = [self.pinned_version]
         else:
             candidates = sorted((v for v in both if metadata_path(self.models_dir, v).is_file()), reverse=True)
-        if not candidates:
-            raise ModelsUnavailable(
-                f"no version is AVAILABLE in both models in TF Serving at {self.target} with its metadata in "
-                f"{self.models_dir} ('{self.retrieval_model}': {sorted(retrieval)}, "
-                f"'{self.ranking_model}': {sorted(ranking)})")
-        self._check_signatures(candidates[0])
-        return candidates[0]
+        for version in candidates:
+            try:
+                load_catalog(str(version))
+            except ModelsUnavailable:
+                continue  # its metadata is broken (logged): an older complete version may serve
+            self._check_signatures(version)
+            return version
+        raise ModelsUnavailable(
+            f"no version is AVAILABLE in both models in TF Serving with usable metadata in the models directory "
+            f"('{self.retrieval_model}': {sorted(retrieval)}, '{self.ranking_model}': {sorted(ranking)})")
 
-    def refresh(self) -> bool:
+    def refresh(self, load_catalog: Callable[[str], Catalog]) -> bool:
         """Probe both models' versions: ready when a complete pair is AVAILABLE; learn which one."""
+        self._load_catalog = load_catalog  # for the re-probe when a version leaves mid-call
         try:
-            version = str(self._servable_pair())
+            version = str(self._servable_pair(load_catalog))
         except RecsysError as error:
             if self._ready or self._version is None or str(error) != self._last_error:
-                log.warning("TF Serving not ready: %s", error)
+                log.warning("TF Serving at %s not ready: %s", self.target, error)
             self._ready = False
             self._last_error = str(error)
             return False
@@ -227,7 +233,7 @@ class TFServingBackend(Backend):
         try:
             return super().retrieve_and_rank(user_ids, include_rated, timeout, stage_seconds)
         except ModelsUnavailable:
-            if not self.refresh() or self._version == version:
+            if not self.refresh(self._load_catalog) or self._version == version:
                 raise
             log.info("version %s left TF Serving mid-call; retrying with version %s", version, self._version)
             return super().retrieve_and_rank(user_ids, include_rated, timeout, stage_seconds)

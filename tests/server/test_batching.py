@@ -26,11 +26,12 @@ class CountingBackend(InProcessBackend):
 @pytest.fixture()
 def gated(models_dir):
     """A batcher over real models whose model calls wait for `backend.gate`."""
-    backend = CountingBackend(models_dir)
-    assert backend.refresh()
-    pipeline = Pipeline(backend, CatalogStore(models_dir))
+    backend, catalogs = CountingBackend(models_dir), CatalogStore(models_dir)
+    assert backend.refresh(catalogs.get)
+    pipeline = Pipeline(backend, catalogs)
     backend.batch_sizes = []
-    batcher = RequestBatcher(pipeline, max_batch_size=32, observe_batch=backend.batch_sizes.append)
+    batcher = RequestBatcher(pipeline, max_batch_size=32, backend_timeout=10, max_queued_queries=1000,
+                             observe_batch=backend.batch_sizes.append)
     yield backend, pipeline, batcher
     backend.gate.set()
     batcher.close()
@@ -84,29 +85,28 @@ class ThreadRecordingBackend(InProcessBackend):
         return super().retrieve_and_rank(*args, **kwargs)
 
 
-@pytest.mark.parametrize("inline", [True, False])
-def test_a_lone_call_runs_on_the_event_loop_and_concurrent_ones_on_the_batcher(models_dir, inline):
+def test_no_model_call_runs_on_the_event_loop(models_dir):
     from client import RecommenderClient
     from server.app import create_server
     from server.options import ServerOptions
 
     backend = ThreadRecordingBackend(models_dir)
     recommender, port = create_server("127.0.0.1:0", backend, models_dir,
-                                      ServerOptions(poll_seconds=0.5, lone_calls_inline=inline))
+                                      ServerOptions(poll_seconds=0.5))
     recommender.start()
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=30) as client:
             client.wait_until_serving(60)
             backend.threads.clear()
             client.recommend("42")
-            # grpc-aio is the event loop's thread.
-            assert backend.threads == (["grpc-aio"] if inline else ["batcher"])
+            # A lone call too: the loop (thread grpc-aio) must stay free for health checks and other calls.
+            assert backend.threads == ["batcher-0"]
 
             users = [str(n) for n in range(1, 65)]
             backend.threads.clear()
             with futures.ThreadPoolExecutor(16) as pool:
                 concurrent = list(pool.map(lambda user: [item.item_id for item in client.recommend(user)], users))
-            assert "batcher" in backend.threads  # calls in flight together still go to the batcher
+            assert set(backend.threads) == {"batcher-0"} and len(backend.threads) < len(users), "merged into batches"
             assert concurrent == [[item.item_id for item in client.recommend(user)] for user in users]
     finally:
         recommender.stop(0).wait()

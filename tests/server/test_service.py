@@ -83,7 +83,7 @@ def test_too_short_deadline_then_server_keeps_serving(client):
 def test_served_top_k_equals_the_offline_two_stage_list(client, models_dir):
     users = [str(u) for u in (1, 13, 42, 99, 276, 405, 655, 943)]
     backend = InProcessBackend(models_dir)
-    assert backend.refresh()
+    assert backend.refresh(CatalogStore(models_dir).get)
     offline = two_stage_lists(Pipeline(backend, CatalogStore(models_dir)), users)
     for user in users:
         assert [item.item_id for item in client.recommend(user, k=10)] == offline[user][:10]
@@ -129,15 +129,21 @@ def test_unexpected_errors_become_internal_without_details(models_dir):
         recommender.stop(0).wait()
 
 
-def test_not_serving_until_models_load(tmp_path):
-    recommender, port = create_server("127.0.0.1:0", InProcessBackend(tmp_path), tmp_path, ServerOptions(poll_seconds=0.2))
+def test_not_ready_until_models_load_but_live(tmp_path):
+    """Readiness (the service's name) follows the models; liveness ("") only says the process answers,
+    so a slow start or a backend outage never gets a healthy pod restarted."""
+    recommender, port = create_server("127.0.0.1:0", InProcessBackend(tmp_path), tmp_path,
+                                      ServerOptions(poll_seconds=0.2))
     recommender.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            health = health_pb2_grpc.HealthStub(channel)
+            for service, status in (("recsys.v1.Recommender", "NOT_SERVING"), ("", "SERVING")):
+                response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert health_pb2.HealthCheckResponse.ServingStatus.Name(response.status) == status
         with RecommenderClient(f"127.0.0.1:{port}") as client:
             code, details = status_of(lambda: client.recommend("42"))
-            assert code == grpc.StatusCode.UNAVAILABLE and "no model loaded yet" in details
+            assert code == grpc.StatusCode.UNAVAILABLE and "no model version has loaded yet" in details
+            assert str(tmp_path) not in details, "paths stay in the server's log"
     finally:
         recommender.stop(0).wait()

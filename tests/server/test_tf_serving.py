@@ -15,6 +15,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from client import RecommenderClient
 from server.app import create_server
+from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
 from server.options import ServerOptions
 from server.tf_serving import TFServingBackend
@@ -117,7 +118,7 @@ def test_a_version_without_local_metadata_is_not_served_until_it_appears(models_
         time.sleep(0.5)
         assert client.health() == "NOT_SERVING"
         code, details = status_of(lambda: client.recommend("42"))
-        assert code == grpc.StatusCode.UNAVAILABLE and "with its metadata" in details
+        assert code == grpc.StatusCode.UNAVAILABLE and "with usable metadata" in details
         (tmp_path / "metadata").mkdir()
         shutil.copy(models_dir / "metadata" / "1.json", tmp_path / "metadata" / "1.json")
         client.wait_until_serving(10)
@@ -130,7 +131,7 @@ def test_a_version_without_local_metadata_is_not_served_until_it_appears(models_
 def test_a_version_gone_between_stages_is_unavailable_not_a_precondition(models_dir, tf_serving):
     """Retrieval answered with a version TF Serving no longer has for ranking: retryable."""
     backend = TFServingBackend(f"127.0.0.1:{tf_serving}", models_dir)
-    assert backend.refresh()
+    assert backend.refresh(CatalogStore(models_dir).get)
     with pytest.raises(ModelsUnavailable, match=r"Specific\(ranking, 7\)"):
         backend.rank(["42"], ["1"], model_version="7", timeout=5)
 
@@ -262,7 +263,8 @@ def test_a_pinned_version_outside_the_kept_window_is_not_serving(rollout):
         add(version, "retrieval")
         add(version, "ranking")
     pinned = TFServingBackend(f"127.0.0.1:{port}", directory, model_version=1)
-    wait_for(lambda: not pinned.refresh(), 30, "version 1 to leave TF Serving")
+    catalogs = CatalogStore(directory)
+    wait_for(lambda: not pinned.refresh(catalogs.get), 30, "version 1 to leave TF Serving")
     assert "pinned version 1 is not AVAILABLE" in pinned.not_ready_reason()
     assert "[2, 3]" in pinned.not_ready_reason()
-    assert TFServingBackend(f"127.0.0.1:{port}", directory, model_version=2).refresh()
+    assert TFServingBackend(f"127.0.0.1:{port}", directory, model_version=2).refresh(catalogs.get)
