@@ -43,6 +43,12 @@ def _batch_queries(request: recommender_pb2.RecommendBatchRequest) -> list[Query
     return queries
 
 
+def _batch_response(queries: list[Query], results: list[list[Recommendation]]) -> recommender_pb2.RecommendBatchResponse:
+    return recommender_pb2.RecommendBatchResponse(results=[
+        recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])
+        for query, items in zip(queries, results)])
+
+
 def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
     return recommender_pb2.RankedItem(
         rank=item.rank, item_id=item.item_id, title=item.title, genres=item.genres, score=item.score,
@@ -109,9 +115,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         queries = await asyncio.to_thread(_batch_queries, request)
         results = await self._recommend(queries, context, record)
         _note(record, results)
-        return recommender_pb2.RecommendBatchResponse(results=[
-            recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])
-            for query, items in zip(queries, results)])
+        return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
 
     @map_errors
     async def GetModelInfo(self, request, context, record: CallRecord):

@@ -63,7 +63,7 @@ def _first_bad_field(message: descriptor.Descriptor, data: bytes, prefix: str = 
             if field is None:
                 continue
             path = prefix + field.name
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 path += f"[{counts.get(field.name, 0)}]"
                 counts[field.name] = counts.get(field.name, 0) + 1
             if field.type == field.TYPE_STRING:
@@ -85,7 +85,10 @@ def tolerant_decoder(message_class):
         try:
             return message_class.FromString(data)
         except DecodeError:
-            field = _first_bad_field(message_class.DESCRIPTOR, data)
+            try:
+                field = _first_bad_field(message_class.DESCRIPTOR, data)
+            except Exception:  # noqa: BLE001 - explaining must never fail the decoder
+                field = None
             if field:
                 return Undecodable(f"{field} is not valid UTF-8")
             return Undecodable(f"the request is not a valid {message_class.DESCRIPTOR.full_name}")

@@ -7,8 +7,10 @@ Two data sets, two tiers:
 - the real MovieLens 100k (`ml100k_*`), read by the data tests, and trained with the default
   preset once per run for the quality floors: every test that needs that export is marked `slow`.
 """
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -148,6 +150,27 @@ def client(running_server):
     _, port = running_server
     with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as recommender_client:
         yield recommender_client
+
+
+def publish(models_dir, source_dir, version, broken=False):
+    """Add `version` to models_dir the way the exporter does: metadata, ranking, then retrieval by rename."""
+    metadata = json.loads((source_dir / "metadata" / "1.json").read_text())
+    metadata["model_version"] = version
+    (models_dir / "metadata").mkdir(parents=True, exist_ok=True)
+    (models_dir / "metadata" / f"{version}.json").write_text(json.dumps(metadata))
+    for model in ("ranking", "retrieval"):
+        staging = models_dir / model / f".staging-{version}"
+        shutil.copytree(source_dir / model / "1", staging)
+        if broken and model == "retrieval":
+            (staging / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+        staging.rename(models_dir / model / str(version))
+
+
+@pytest.fixture()
+def fresh_models(models_dir, tmp_path):
+    target = tmp_path / "models"
+    publish(target, models_dir, 1)
+    return target
 
 
 def status_of(call) -> tuple[grpc.StatusCode, str]:

@@ -1,8 +1,8 @@
 """server/deploy/ cannot run here (no Docker, no cluster): check it parses and agrees with the code."""
 import yaml
 
-from server.__main__ import build_parser
-from server.app import SERVICE_NAME
+from server.__main__ import EXIT_SLACK_SECONDS, build_parser
+from server.app import LIVENESS_SERVICE, SERVICE_NAME
 from tests.conftest import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "server" / "deploy"
@@ -20,7 +20,11 @@ def test_kubernetes_manifest_matches_the_server():
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert args.port == ports["grpc"] and args.metrics_port == ports["metrics"]
     assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": SERVICE_NAME}
-    assert recommender["terminationGracePeriodSeconds"] > args.grace_seconds
+    assert container["livenessProbe"]["grpc"] == {"port": args.port, "service": LIVENESS_SERVICE}
+    assert recommender["terminationGracePeriodSeconds"] >= args.grace_seconds + EXIT_SLACK_SECONDS
+    assert container["imagePullPolicy"] == "IfNotPresent", "a local recsys:latest is never pulled"
+    claim = objects[("PersistentVolumeClaim", "recsys-models")]["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"], "written by training, read by every pod"
     tf_host, tf_port = args.tf_serving.split(":")
     tf_service = objects[("Service", tf_host)]
     assert int(tf_port) in [port["port"] for port in tf_service["spec"]["ports"]]

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -27,28 +26,7 @@ from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.observability import ThreadedLogWriter
 from server.options import ServerOptions
-from tests.conftest import start_server_process, status_of, wait_for
-
-
-def publish(models_dir, source_dir, version, broken=False):
-    """Add `version` to models_dir the way the exporter does: metadata, ranking, then retrieval by rename."""
-    metadata = json.loads((source_dir / "metadata" / "1.json").read_text())
-    metadata["model_version"] = version
-    (models_dir / "metadata").mkdir(parents=True, exist_ok=True)
-    (models_dir / "metadata" / f"{version}.json").write_text(json.dumps(metadata))
-    for model in ("ranking", "retrieval"):
-        staging = models_dir / model / f".staging-{version}"
-        shutil.copytree(source_dir / model / "1", staging)
-        if broken and model == "retrieval":
-            (staging / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-        staging.rename(models_dir / model / str(version))
-
-
-@pytest.fixture()
-def fresh_models(models_dir, tmp_path):
-    target = tmp_path / "models"
-    publish(target, models_dir, 1)
-    return target
+from tests.conftest import publish, start_server_process, status_of, wait_for
 
 
 def start(models, **options):
