@@ -4,6 +4,7 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protos import recommender_pb2
 from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
 
 user_ids = st.one_of(st.text(max_size=MAX_USER_ID_LENGTH + 20), st.integers(-5, 2000).map(str),
@@ -33,6 +34,30 @@ def test_random_requests_get_ok_or_a_precise_status(client, user_id, k, exclude,
     assert [item.rank for item in items] == list(range(1, len(items) + 1))
     assert not {item.item_id for item in items} & set(exclude)
     assert len({item.item_id for item in items}) == len(items)
+
+
+valid = recommender_pb2.RecommendRequest(user_id="42", k=5, exclude_item_ids=["1", "50"]).SerializeToString()
+raw_payloads = st.one_of(st.binary(max_size=200),
+                         st.builds(lambda position, byte: valid[:position] + bytes([byte]) + valid[position + 1:],
+                                   st.integers(0, len(valid) - 1), st.integers(0, 255)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=raw_payloads, method=st.sampled_from([("Recommend", True), ("RecommendBatch", False),
+                                                     ("GetModelInfo", False)]))
+def test_raw_bytes_never_get_unknown_or_internal(running_server, payload, method):
+    """Whatever arrives on the wire, a valid message or not, the answer is OK or INVALID_ARGUMENT."""
+    _, port = running_server
+    name, streaming = method
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = (channel.unary_stream if streaming else channel.unary_unary)(
+            f"/recsys.v1.Recommender/{name}", request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        try:
+            response = call(payload, timeout=10)
+            if streaming:
+                list(response)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
 
 
 def test_server_still_serves_after_the_storm(client):
