@@ -259,6 +259,7 @@ def test_a_stalled_tf_serving_costs_each_call_at_most_the_cap(models_dir, stalle
         recommender.stop(0).wait()
 
 
+@pytest.mark.slow
 def test_a_failed_tf_serving_call_fails_that_call_only(models_dir):
     from server.catalog import CatalogStore
     from server.errors import ModelsUnavailable

@@ -141,6 +141,7 @@ def test_pinned_version_is_served_even_when_newer_exist(models_dir, fresh_models
         recommender.stop(0).wait()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_within_grace(models_dir):
     process, port = start_server_process(models_dir, "--grace-seconds", "5", "--poll-seconds", "0.2")
     try:
