@@ -22,6 +22,15 @@ def format_items(items) -> str:
     return "\n".join(lines)
 
 
+def parse_interaction(text: str) -> tuple[str, float]:
+    """ITEM or ITEM:STARS -> (movie id, stars); no stars means no rating (0)."""
+    item_id, separator, stars = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        return item_id, float(stars) if separator else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ITEM[:STARS], e.g. 50:4.5; got {text!r}") from None
+
+
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", type=Path, help="PEM CA certificate to verify the server with; enables TLS")
     parser.add_argument("--token-file", type=Path, help="file holding the bearer token the server requires")
@@ -46,10 +55,13 @@ def wait_until_serving(client: RecommenderClient, seconds: float) -> bool:
 def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from client import bench
 
-    known_users = None
+    known_users = known_items = None
     if args.models:
-        known_users = sorted(bench_users(args.models), key=lambda user: (len(user), user))
+        metadata = newest_metadata(args.models)
+        known_users = sorted(metadata["rated_item_ids"], key=lambda user: (len(user), user))
+        known_items = sorted(metadata["items"], key=lambda item: (len(item), item))
     user_ids = bench.user_mix(args.users, known_users)
+    interactions = bench.interaction_mix(args.interactions, known_items)
     try:
         sampler = bench.ServerSampler(args.server_pid, args.rss_every) if args.server_pid else None
     except ValueError as error:
@@ -60,7 +72,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 return 1
     with sampler or contextlib.nullcontext():
         tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
-                                               args.processes, args.timeout)
+                                               args.processes, args.timeout, interactions)
     summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
     if sampler:
         bench.add_server_figures(summary, sampler)
@@ -70,12 +82,12 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def bench_users(models_dir: Path) -> list[str]:
-    """Known user ids of the newest export (its metadata), so the mix matches the data set."""
+def newest_metadata(models_dir: Path) -> dict:
+    """The newest export's metadata: its known users and movies, so the mix matches the data set."""
     metadata_files = sorted((models_dir / "metadata").glob("*.json"), key=lambda p: int(p.stem))
     if not metadata_files:
         raise SystemExit(f"no metadata in {models_dir}")
-    return list(json.loads(metadata_files[-1].read_text())["rated_item_ids"])
+    return json.loads(metadata_files[-1].read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     recommend.add_argument("--user", required=True, help="user id, e.g. 42")
     recommend.add_argument("-k", type=int, default=10, help="how many items (default: %(default)s; server maximum 100)")
     recommend.add_argument("--exclude", nargs="*", default=[], metavar="ITEM_ID", help="movie ids never to return")
-    recommend.add_argument("--include-rated", action="store_true", help="allow movies the user already rated")
+    recommend.add_argument("--include-rated", action="store_true",
+                           help="allow movies the user already rated or sent with --interaction")
+    recommend.add_argument("--interaction", action="append", default=[], type=parse_interaction, metavar="ITEM[:STARS]",
+                           dest="interactions",
+                           help="something the user just did with a movie: rated it STARS (0.5 to 5) or, without "
+                                "STARS, watched it; repeatable. Both models use these with the user's history, and "
+                                "a user id the models do not know is served from them alone")
     recommend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                            help="deadline in seconds (default: %(default)s)")
     recommend.add_argument("--wait", type=float, default=0.0,
@@ -111,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--models", type=Path,
                        help="models directory the server serves: draw known user ids from its newest metadata "
                             "(default: MovieLens ids 1..943)")
+    bench.add_argument("--interactions", type=int, default=0, metavar="N",
+                       help="send N recent interactions (distinct movies, 1 to 5 stars) with every request, as a "
+                            "client that passes what its user just did (default: %(default)s)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     bench.add_argument("--server-pid", type=int, metavar="PID",
                        help="also report this server process's CPU use (percent of one core, ms per request) "
@@ -126,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.wait and not wait_until_serving(client, args.wait):
             return 1
         try:
-            items = client.recommend(args.user, k=args.k, exclude=args.exclude, include_rated=args.include_rated)
+            items = client.recommend(args.user, k=args.k, exclude=args.exclude, include_rated=args.include_rated,
+                                     interactions=args.interactions)
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +21,19 @@ SERVICE_CONFIG = json.dumps({
                                for method in ("Recommend", "RecommendBatch", "GetModelInfo")],
                       "retryPolicy": RETRY_POLICY}],
 })
+
+
+# An interaction: (movie id, stars[, unix seconds]) or the message itself.
+InteractionLike = Union[tuple, recommender_pb2.Interaction]
+
+
+def interaction(entry: InteractionLike) -> recommender_pb2.Interaction:
+    """(movie id, stars[, unix seconds]) as the message; stars 0 means no rating."""
+    if isinstance(entry, recommender_pb2.Interaction):
+        return entry
+    item_id, rating, *rest = entry
+    return recommender_pb2.Interaction(item_id=str(item_id), rating=float(rating),
+                                       timestamp_seconds=int(rest[0]) if rest else 0)
 
 
 def channel_target(target: str) -> str:
@@ -63,26 +76,34 @@ class RecommenderClient:
         return self.timeout if timeout is None else timeout
 
     @staticmethod
-    def _request(user_id: str, k: int, exclude: Iterable[str], include_rated: bool) -> recommender_pb2.RecommendRequest:
+    def _request(user_id: str, k: int, exclude: Iterable[str], include_rated: bool,
+                 interactions: Iterable[InteractionLike]) -> recommender_pb2.RecommendRequest:
         return recommender_pb2.RecommendRequest(user_id=str(user_id), k=k, exclude_item_ids=list(exclude),
-                                                include_rated=include_rated)
+                                                include_rated=include_rated,
+                                                recent_interactions=[interaction(entry) for entry in interactions])
 
     def stream(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
-               timeout: float | None = None) -> Iterator[recommender_pb2.RankedItem]:
-        """Items as the server streams them, best first."""
-        return self.stub.Recommend(self._request(user_id, k, exclude, include_rated),
+               timeout: float | None = None,
+               interactions: Iterable[InteractionLike] = ()) -> Iterator[recommender_pb2.RankedItem]:
+        """Items as the server streams them, best first. `interactions`: what the user did recently,
+        as (movie id, stars[, unix seconds]) tuples (stars 0: no rating) or Interaction messages."""
+        return self.stub.Recommend(self._request(user_id, k, exclude, include_rated, interactions),
                                    timeout=self._deadline(timeout), metadata=self.metadata)
 
     def recommend(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
-                  timeout: float | None = None) -> list[recommender_pb2.RankedItem]:
-        return list(self.stream(user_id, k, exclude, include_rated, timeout))
+                  timeout: float | None = None,
+                  interactions: Iterable[InteractionLike] = ()) -> list[recommender_pb2.RankedItem]:
+        return list(self.stream(user_id, k, exclude, include_rated, timeout, interactions))
 
     def recommend_batch(self, user_ids: Iterable[str], k: int = 10, exclude: Iterable[str] = (),
-                        include_rated: bool = False,
-                        timeout: float | None = None) -> list[recommender_pb2.Recommendations]:
+                        include_rated: bool = False, timeout: float | None = None,
+                        interactions: Mapping[str, Iterable[InteractionLike]] | None = None,
+                        ) -> list[recommender_pb2.Recommendations]:
+        """One list per user, in order; `interactions` maps a user id to that user's recent interactions."""
         excluded = list(exclude)
-        request = recommender_pb2.RecommendBatchRequest(
-            requests=[self._request(user_id, k, excluded, include_rated) for user_id in user_ids])
+        request = recommender_pb2.RecommendBatchRequest(requests=[
+            self._request(user_id, k, excluded, include_rated, (interactions or {}).get(str(user_id), ()))
+            for user_id in user_ids])
         return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout), metadata=self.metadata).results)
 
     def model_info(self, timeout: float | None = None) -> recommender_pb2.ModelInfo:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ML100K_USER_COUNT = 943
+ML100K_ITEM_COUNT = 1682
 UNKNOWN_USER_SHARE = 0.03
 
 
@@ -30,6 +31,17 @@ def user_mix(users: str, known_user_ids: list[str] | None, seed: int = 0, size: 
     rng = random.Random(seed)
     return [f"unknown-{rng.randrange(10**9)}" if rng.random() < UNKNOWN_USER_SHARE else rng.choice(pool)
             for _ in range(size)]
+
+
+def interaction_mix(count: int, item_ids: list[str] | None, seed: int = 0,
+                    size: int = 1_000) -> list[list[tuple[str, float]]]:
+    """`size` lists of `count` recent interactions (distinct movies of the data set, 1 to 5 stars),
+    sent in turn with the requests; one empty list when `count` is 0."""
+    if not count:
+        return [[]]
+    pool = item_ids or [str(n) for n in range(1, ML100K_ITEM_COUNT + 1)]
+    rng = random.Random(seed)
+    return [[(item_id, float(rng.randint(1, 5))) for item_id in rng.sample(pool, count)] for _ in range(size)]
 
 
 @dataclass
@@ -97,11 +109,13 @@ def process_cpu_seconds() -> float:
 
 
 async def _drive(target: str, concurrency: int, duration: float, k: int, user_ids: list[str],
-                 timeout: float) -> Tally:
+                 timeout: float, interactions: list[list[tuple[str, float]]]) -> Tally:
     import grpc
 
     from protos import recommender_pb2, recommender_pb2_grpc
 
+    recent = [[recommender_pb2.Interaction(item_id=item_id, rating=stars) for item_id, stars in entries]
+              for entries in interactions]
     tally = Tally()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
@@ -110,7 +124,8 @@ async def _drive(target: str, concurrency: int, duration: float, k: int, user_id
         async def worker(offset: int) -> None:
             n = offset
             while time.perf_counter() < stop_at:
-                request = recommender_pb2.RecommendRequest(user_id=user_ids[n % len(user_ids)], k=k)
+                request = recommender_pb2.RecommendRequest(user_id=user_ids[n % len(user_ids)], k=k,
+                                                           recent_interactions=recent[n % len(recent)])
                 n += concurrency
                 started = time.perf_counter()
                 try:
@@ -133,10 +148,12 @@ def _process_main(args: tuple) -> Tally:
 
 
 def run_against_server(target: str, concurrency: int, duration: float, k: int, user_ids: list[str],
-                       processes: int = 1, timeout: float = 5.0) -> tuple[Tally, float]:
-    """Returns the merged tally and the wall time it covered."""
+                       processes: int = 1, timeout: float = 5.0,
+                       interactions: list[list[tuple[str, float]]] | None = None) -> tuple[Tally, float]:
+    """Returns the merged tally and the wall time it covered. `interactions` (`interaction_mix`) go
+    with the requests in turn."""
     shares = [concurrency // processes + (1 if n < concurrency % processes else 0) for n in range(processes)]
-    jobs = [(target, share, duration, k, user_ids[n::processes] or user_ids, timeout)
+    jobs = [(target, share, duration, k, user_ids[n::processes] or user_ids, timeout, interactions or [[]])
             for n, share in enumerate(shares) if share]
     started = time.perf_counter()
     if len(jobs) == 1:

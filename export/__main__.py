@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 import export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from export.data import DATASETS, DEFAULT_SHUFFLE_BUFFER, DataFormatError, DataSourceError
+from export.data import (
+    DATASETS,
+    DEFAULT_SHUFFLE_BUFFER,
+    HOLDOUTS,
+    PROTOCOLS,
+    USER_HOLDOUTS,
+    DataFormatError,
+    DataSourceError,
+)
 from export.presets import PRESETS, STRATEGIES
 
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
@@ -29,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data-dir", help=DATA_HELP)
     train.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
     train.add_argument("--out", required=True, type=Path, help="models directory (TF Serving layout); a new version is added")
-    train.add_argument("--holdout", choices=("test", "validation"), default="test",
+    train.add_argument("--holdout", choices=HOLDOUTS, default="test",
                        help="'test' (default) trains on the fixed train split: the version to serve and report. "
                             "'validation' trains on train minus a validation split carved from it, for tuning; "
-                            "'evaluate' then scores that version on the validation split, never on test")
+                            "'evaluate' then scores that version on the validation split, never on test. "
+                            "'users' keeps 20%% of the users out of training entirely, for the fold-in protocol; "
+                            "'users-validation' keeps out 20%% of the others as well and scores those, for tuning")
     train.add_argument("--strategy", choices=STRATEGIES, default="default",
                        help="tf.distribute strategy: 'multi-worker' trains with MultiWorkerMirroredStrategy on the "
                             "cluster in $TF_CONFIG (start the same command on every worker); only the chief "
@@ -53,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--models", required=True, type=Path, help="models directory written by 'train'")
     evaluate.add_argument("--data-dir", help=DATA_HELP)
     evaluate.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
+    evaluate.add_argument("--protocol", choices=PROTOCOLS,
+                          help="random: the row split's test pairs; fold-in: users held out of training, 80%% of "
+                               "their ratings sent as interactions, the rest the targets (an export trained with "
+                               "--holdout users); recent: the earliest half of each test user's test ratings sent "
+                               "as interactions, scored on the rest, against the same requests without them. "
+                               "Default: fold-in for a --holdout users export, else random")
     evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON to this path")
     evaluate.add_argument("--plot", type=Path, help="also write a PNG of HR@k, k = 1..100, for every system")
 
@@ -80,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             preset = PRESETS[args.preset].with_overrides(args.overrides)
         except ValueError as error:
             parser.error(str(error))
+        if args.holdout in USER_HOLDOUTS and (args.stream or args.stream is None and DATASETS[args.dataset].stream_by_default):
+            parser.error(f"--holdout {args.holdout} splits users, which needs the ratings in memory: add --no-stream")
     if args.command == "data-bench":
         return data_bench(args)
     from export.data import load_movielens
@@ -110,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.errors import ModelsUnavailable
 
     try:
-        metrics = evaluate_export(args.models, data)
+        metrics = evaluate_export(args.models, data, args.protocol)
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -118,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(metrics, args.json)
     if args.plot:
-        write_plot({system: metrics["hr_curve"][system] for system in metrics["hr_curve"]}, args.plot,
-                   f"model version {metrics['model_version']} ({metrics['preset']}), {metrics['holdout']} split")
+        write_plot(metrics["hr_curve"], args.plot, f"model version {metrics['model_version']} ({metrics['preset']}), "
+                                                   f"{metrics['protocol']} protocol, {metrics['holdout']} holdout")
     return 0
 
 

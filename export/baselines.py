@@ -5,7 +5,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from export.data import MovieLens, fit_and_held_out
+from export.data import MovieLens, fit_and_held_out, fold_in_and_targets
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 # EASE inverts an items x items matrix and scores a dense users x items one.
@@ -18,14 +18,18 @@ def _interactions(rows: np.ndarray, user_index: dict[int, int], item_index: dict
     return matrix
 
 
-def ease_scores(interactions: np.ndarray, l2: float) -> np.ndarray:
+def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
     """EASE (Steck 2019): closed-form item-item weights with a zero diagonal."""
     gram = interactions.T @ interactions
     gram[np.diag_indices_from(gram)] += l2
     inverse = np.linalg.inv(gram)
     weights = -inverse / np.diag(inverse)[None, :]
     weights[np.diag_indices_from(weights)] = 0.0
-    return interactions @ weights
+    return weights
+
+
+def ease_scores(interactions: np.ndarray, l2: float) -> np.ndarray:
+    return interactions @ ease_weights(interactions, l2)
 
 
 def _top_unseen(scores: np.ndarray, interactions: np.ndarray, count: int) -> np.ndarray:
@@ -73,3 +77,32 @@ def ease_lists(data: MovieLens, holdout: str, users: list[str],
     interactions = _interactions(fit, user_index, item_index)
     top = _top_unseen(ease_scores(interactions, l2), interactions, count)
     return {user: [str(all_items[i]) for i in top[user_index[int(user)]]] for user in users}, l2
+
+
+@lru_cache(maxsize=4)
+def _choose_fold_in_lambda(ratings_bytes: bytes, shape: tuple[int, int]) -> float:
+    """Lambda with the best fold-in HR@10 on the validation users (fit on the other training users)."""
+    ratings = np.frombuffer(ratings_bytes, dtype=np.int64).reshape(shape)
+    fit, held_out = fit_and_held_out(ratings, "users-validation")
+    fold_in, targets = fold_in_and_targets(held_out)
+    _, user_index, item_index = _indexes(ratings)
+    train = _interactions(fit, user_index, item_index)
+    sent = _interactions(fold_in, user_index, item_index)
+    hit_rates = {l2: _hit_rate(_top_unseen(sent @ ease_weights(train, l2), sent, 10), targets, user_index,
+                               item_index, 10) for l2 in EASE_LAMBDAS}
+    return max(hit_rates, key=hit_rates.get)
+
+
+def ease_fold_in_lists(data: MovieLens, holdout: str, count: int) -> tuple[dict[str, list[str]], float] | None:
+    """EASE folded in: weights fit on the training users, each held-out user scored as x_u . B from the
+    movies sent for them (never listed); lambda chosen on the validation users. None where too large."""
+    ratings = np.ascontiguousarray(data.ratings)
+    if len(np.unique(ratings[:, 0])) * len(np.unique(ratings[:, 1])) > EASE_MAX_CELLS:
+        return None
+    l2 = _choose_fold_in_lambda(ratings.tobytes(), ratings.shape)
+    fit, held_out = fit_and_held_out(ratings, holdout)
+    fold_in, _ = fold_in_and_targets(held_out)
+    all_items, user_index, item_index = _indexes(ratings)
+    sent = _interactions(fold_in, user_index, item_index)
+    top = _top_unseen(sent @ ease_weights(_interactions(fit, user_index, item_index), l2), sent, count)
+    return {str(user): [str(all_items[i]) for i in top[user_index[user]]] for user in np.unique(held_out[:, 0])}, l2

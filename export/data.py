@@ -342,11 +342,23 @@ def check_rated_movies_known(directory: Path, rated_item_ids: np.ndarray, items:
 
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 7
-HOLDOUTS = ("test", "validation")
+# The row splits ("random" protocol) and the user splits ("fold-in" protocol, strong generalisation:
+# Liang et al. 2018, Steck 2019): whole users held out of training, 80% of each one's ratings sent
+# with the request, the other 20% the targets.
+ROW_HOLDOUTS = ("test", "validation")
+USER_HOLDOUTS = ("users", "users-validation")
+HOLDOUTS = ROW_HOLDOUTS + USER_HOLDOUTS
+# How an export is scored (export/evaluate.py): "random" and "recent" on a row holdout's export,
+# "fold-in" on a user holdout's.
+PROTOCOLS = ("random", "fold-in", "recent")
+HELD_OUT_USER_FRACTION = 0.2
+USERS_SEED = 13
+FOLD_IN_FRACTION = 0.8
+FOLD_IN_SEED = 29
 
 
 def split_row_numbers(row_count: int, holdout: str) -> tuple[np.ndarray, np.ndarray]:
-    """The project's one split, as 0-based row numbers in file order: (rows to fit on, rows to score against).
+    """The project's one row split, as 0-based row numbers in file order: (rows to fit on, rows to score against).
 
     "test": a seeded permutation of the rows, the first 80% train and the rest test (reported numbers).
     "validation": train minus a validation split carved out of it (10%, seeded), for tuning; test is
@@ -361,7 +373,27 @@ def split_row_numbers(row_count: int, holdout: str) -> tuple[np.ndarray, np.ndar
         carve = np.random.default_rng(VALIDATION_SEED).permutation(len(train))
         fit_count = int(len(train) * (1 - VALIDATION_FRACTION))
         return train[carve[:fit_count]], train[carve[fit_count:]]
+    if holdout in USER_HOLDOUTS:
+        raise ValueError(f"the {holdout!r} holdout splits users, which needs the ratings in memory (not --stream)")
     raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
+
+
+def held_out_users(user_column: np.ndarray, holdout: str) -> np.ndarray:
+    """The users a user holdout keeps out of training, sorted.
+
+    "users": 20% of all users (seeded), the test users of the fold-in protocol.
+    "users-validation": 20% of the others, for tuning; the test users stay out of training too.
+    """
+    users = np.unique(user_column)
+    permutation = np.random.default_rng(USERS_SEED).permutation(len(users))
+    cut = round(len(users) * HELD_OUT_USER_FRACTION)
+    if holdout == "users":
+        return np.sort(users[permutation[:cut]])
+    if holdout == "users-validation":
+        rest = users[permutation[cut:]]
+        carve = np.random.default_rng(VALIDATION_SEED).permutation(len(rest))
+        return np.sort(rest[carve[:round(len(rest) * HELD_OUT_USER_FRACTION)]])
+    raise ValueError(f"user holdout must be one of {USER_HOLDOUTS}, got {holdout!r}")
 
 
 def popularity_order(item_ids: Iterable[str], rating_counts: Mapping[str, int]) -> list[str]:
@@ -372,7 +404,27 @@ def popularity_order(item_ids: Iterable[str], rating_counts: Mapping[str, int]) 
 
 
 def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to train on and rows to score against (see `split_row_numbers`)."""
-    fit, held_out = split_row_numbers(len(ratings), holdout)
-    return ratings[fit], ratings[held_out]
+    """Rows to train on and rows to score against. Row holdouts: `split_row_numbers`. User holdouts:
+    every row of the held-out users is held out (`fold_in_and_targets` splits them), and with
+    "users-validation" the test users' rows are in neither part."""
+    if holdout not in USER_HOLDOUTS:
+        fit, held_out = split_row_numbers(len(ratings), holdout)
+        return ratings[fit], ratings[held_out]
+    excluded = np.isin(ratings[:, 0], held_out_users(ratings[:, 0], "users"))
+    held = np.isin(ratings[:, 0], held_out_users(ratings[:, 0], holdout))
+    return ratings[~excluded & ~held], ratings[held]
 
+
+def fold_in_and_targets(held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each held-out user's rows, split per user (seeded, in user order): 80% sent with the request as
+    interactions, the rest the targets to find."""
+    rng = np.random.default_rng(FOLD_IN_SEED)
+    fold_in, targets = [], []
+    for user in np.unique(held_out[:, 0]):
+        rows = held_out[held_out[:, 0] == user]
+        permutation = rng.permutation(len(rows))
+        cut = round(len(rows) * FOLD_IN_FRACTION)
+        fold_in.append(rows[permutation[:cut]])
+        targets.append(rows[permutation[cut:]])
+    empty = np.zeros((0, held_out.shape[1]), held_out.dtype)
+    return np.concatenate(fold_in or [empty]), np.concatenate(targets or [empty])

@@ -1,20 +1,30 @@
-"""Hit rate and NDCG on the fixed test split, scored through the server's own pipeline.
+"""Hit rate and NDCG under three protocols, scored through the server's own pipeline.
 
-HR@k: fraction of test (user, movie) pairs whose movie is in that user's top-k list.
-NDCG@10: per user, DCG of the test movies in the top 10 over the ideal DCG, averaged
-over users with test movies. Every list excludes the movies the user rated in train.
+- random: the fixed row split; each test user's list excludes the movies they rated in train.
+- fold-in (strong generalisation, Liang et al. 2018, Steck 2019): users held out of training
+  entirely; 80% of each one's ratings are sent with the request as interactions, the rest are
+  the targets. Needs an export trained with `--holdout users` (or `users-validation`).
+- recent: the random split's test users; the earliest half of each one's test ratings (by
+  timestamp) is sent as interactions and the list is scored on the rest, against the same
+  requests without interactions (those movies then sent as exclusions, so both lists leave
+  them out).
+
+HR@k: the share of target (user, movie) pairs whose movie is in that user's top k. NDCG@10: per
+user, DCG of the targets in the top 10 over the ideal DCG, averaged over users. Each comes with
+its standard error over users (users are the independent units; a user's pairs are not).
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from export.baselines import ease_lists
-from export.data import MovieLens, fit_and_held_out, popularity_order
-from server.backend import Backend, InProcessBackend
+from export.baselines import ease_fold_in_lists, ease_lists
+from export.data import USER_HOLDOUTS, MovieLens, fit_and_held_out, fold_in_and_targets, popularity_order
+from server.backend import Backend, InProcessBackend, UserBatch
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
 from server.layout import metadata_path
@@ -22,9 +32,11 @@ from server.limits import MAX_BATCH_USERS
 from server.pipeline import Pipeline, Query
 
 LIST_LENGTH = 100
+# Display order of the systems each protocol scores.
+SYSTEMS = ("popularity", "ease", "retrieval", "two_stage_without_interactions", "two_stage")
+LABELS = {"two_stage_without_interactions": "two_stage, no interactions"}
 
-
-SYSTEMS = ("popularity", "ease", "retrieval", "two_stage")
+Interactions = dict[str, tuple[tuple[str, float], ...]]
 
 
 def hit_rate_curve(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -> list[float]:
@@ -39,24 +51,45 @@ def hit_rate_curve(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -
     return (np.cumsum(hits_at) / pairs).tolist()
 
 
+def _ratio_standard_error(hits: np.ndarray, pairs: np.ndarray) -> float:
+    """Standard error of sum(hits) / sum(pairs) over independent users (the ratio estimator's)."""
+    users = len(pairs)
+    if users < 2:
+        return 0.0
+    rate = hits.sum() / pairs.sum()
+    return float(np.sqrt(np.sum((hits - rate * pairs) ** 2) * users / (users - 1)) / pairs.sum())
+
+
 def ranking_metrics(lists: dict[str, list[str]], held_out: dict[str, set[str]]) -> dict[str, float]:
-    curve = hit_rate_curve(lists, held_out)
+    """HR@10, HR@100, NDCG@10, each with its standard error over users (`*_se`)."""
+    pairs = np.array([len(movies) for movies in held_out.values()], dtype=np.float64)
+    result = {}
+    for k in (10, 100):
+        hits = np.array([sum(item in movies for item in lists.get(user, [])[:k]) for user, movies in held_out.items()],
+                        dtype=np.float64)
+        result[f"hr@{k}"] = float(hits.sum() / pairs.sum())
+        result[f"hr@{k}_se"] = _ratio_standard_error(hits, pairs)
     ndcgs = []
     for user, movies in held_out.items():
         ranked = lists.get(user, [])
         dcg = sum(1.0 / np.log2(position + 2) for position, item in enumerate(ranked[:10]) if item in movies)
         ideal = sum(1.0 / np.log2(position + 2) for position in range(min(len(movies), 10)))
         ndcgs.append(dcg / ideal)
-    return {"hr@10": curve[9], "hr@100": curve[99], "ndcg@10": float(np.mean(ndcgs))}
+    result["ndcg@10"] = float(np.mean(ndcgs))
+    result["ndcg@10_se"] = float(np.std(ndcgs, ddof=1) / np.sqrt(len(ndcgs))) if len(ndcgs) > 1 else 0.0
+    return result
 
 
-def popularity_lists(train: np.ndarray, users: list[str]) -> dict[str, list[str]]:
-    """Each user's most popular unseen movies, in the served fallback's order (`popularity_order`)."""
+def popularity_lists(train: np.ndarray, users: list[str], sent: Interactions | None = None) -> dict[str, list[str]]:
+    """Each user's most popular unseen movies (rated in `train` or `sent`), in the served fallback's
+    order (`popularity_order`)."""
     items, counts = np.unique(train[:, 1].astype(str), return_counts=True)
     popular = popularity_order(items.tolist(), dict(zip(items.tolist(), counts.tolist())))
     rated = defaultdict(set)
     for user, item in train[:, :2].astype(str).tolist():
         rated[user].add(item)
+    for user, pairs in (sent or {}).items():
+        rated[user].update(item for item, _ in pairs)
     return {user: [item for item in popular if item not in rated[user]][:LIST_LENGTH] for user in users}
 
 
@@ -67,51 +100,145 @@ def held_out_by_user(test: np.ndarray) -> dict[str, set[str]]:
     return dict(held_out)
 
 
-def two_stage_lists(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH) -> dict[str, list[str]]:
-    """The served lists: the pipeline the server runs, default request options."""
+def interactions_by_user(rows: np.ndarray, rating_scale: float = 1.0) -> Interactions:
+    """(movie, stars) per user, in row order."""
+    sent = defaultdict(list)
+    for user, item, units in rows[:, :3].tolist():
+        sent[str(user)].append((str(item), units * rating_scale))
+    return {user: tuple(pairs) for user, pairs in sent.items()}
+
+
+def two_stage_lists(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH, sent: Interactions | None = None,
+                    excluded: dict[str, set[str]] | None = None) -> dict[str, list[str]]:
+    """The served lists: the pipeline the server runs, with each user's interactions and exclusions."""
     lists = {}
     for start in range(0, len(users), MAX_BATCH_USERS):
         batch = users[start:start + MAX_BATCH_USERS]
-        for user, items in zip(batch, pipeline.recommend([Query(user, k=k) for user in batch])):
-            lists[user] = [item.item_id for item in items]
+        queries = [Query(user, k=k, recent_interactions=(sent or {}).get(user, ()),
+                         exclude_item_ids=frozenset((excluded or {}).get(user, ()))) for user in batch]
+        for user, result in zip(batch, pipeline.recommend(queries)):
+            lists[user] = [item.item_id for item in result.items]
     return lists
 
 
-def evaluate_backend(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str = "test") -> dict:
+def retrieval_lists(backend: Backend, users: list[str], sent: Interactions | None = None) -> tuple[dict, str]:
+    """Retrieval alone: its candidates in its order (the user's history excluded); and the model version."""
+    lists, model_version = {}, ""
+    for start in range(0, len(users), MAX_BATCH_USERS):
+        batch = users[start:start + MAX_BATCH_USERS]
+        candidates = backend.retrieve(UserBatch.of(batch, [(sent or {}).get(user, ()) for user in batch]),
+                                      include_rated=False)
+        model_version = candidates.model_version
+        for user, row, scores in zip(batch, candidates.item_ids, candidates.scores):
+            lists[user] = [item for item, score in zip(row.tolist(), scores.tolist()) if score != -np.inf][:LIST_LENGTH]
+    return lists, model_version
+
+
+def rating_rmse(backend: Backend, model_version: str, targets: np.ndarray, stars: np.ndarray,
+                sent: Interactions | None = None) -> float:
+    """RMSE of the ranker's predicted stars on `targets` rows, each user with their interactions."""
+    by_user = defaultdict(list)
+    for row, (user, item) in enumerate(targets[:, :2].astype(str).tolist()):
+        by_user[user].append((row, item))
+    predicted = np.zeros(len(targets), np.float32)
+    users = list(by_user)
+    for start in range(0, len(users), MAX_BATCH_USERS):
+        batch = users[start:start + MAX_BATCH_USERS]
+        width = max(len(by_user[user]) for user in batch)
+        item_ids = np.full((len(batch), width), "", dtype=object)
+        for position, user in enumerate(batch):
+            item_ids[position, :len(by_user[user])] = [item for _, item in by_user[user]]
+        ranked = backend.rank(UserBatch.of(batch, [(sent or {}).get(user, ()) for user in batch]), item_ids,
+                              model_version)
+        for position, user in enumerate(batch):
+            for column, (row, _) in enumerate(by_user[user]):
+                predicted[row] = ranked.predicted_rating[position, column]
+    return float(np.sqrt(np.mean((predicted - stars) ** 2)))
+
+
+def _result(lists: dict[str, dict[str, list[str]]], held_out: dict[str, set[str]]) -> dict:
+    present = [system for system in SYSTEMS if system in lists]
+    return {"systems": {system: ranking_metrics(lists[system], held_out) for system in present},
+            "hr_curve": {system: hit_rate_curve(lists[system], held_out) for system in present},
+            "users": len(held_out), "pairs": sum(len(movies) for movies in held_out.values())}
+
+
+def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
     train, test = fit_and_held_out(data.ratings, holdout)
     held_out = held_out_by_user(test)
     users = sorted(held_out, key=int)
-    retrieval_lists = {}
-    model_version = ""
-    for start in range(0, len(users), MAX_BATCH_USERS):
-        batch = users[start:start + MAX_BATCH_USERS]
-        candidates = backend.retrieve(batch, include_rated=False)
-        model_version = candidates.model_version
-        for user, row in zip(batch, candidates.item_ids):
-            retrieval_lists[user] = row[:LIST_LENGTH].tolist()
-    served_lists = two_stage_lists(Pipeline(backend, catalogs), users)
-    test_users = test[:, 0].astype(str).tolist()
-    test_items = test[:, 1].astype(str).tolist()
-    predicted = backend.rank(test_users, test_items, model_version).predicted_rating
-    rmse = float(np.sqrt(np.mean((predicted - data.stars(test)) ** 2)))
-    lists = {"popularity": popularity_lists(train, users), "retrieval": retrieval_lists, "two_stage": served_lists}
+    retrieved, model_version = retrieval_lists(backend, users)
+    lists = {"popularity": popularity_lists(train, users), "retrieval": retrieved,
+             "two_stage": two_stage_lists(Pipeline(backend, catalogs), users)}
     ease = ease_lists(data, holdout, users, LIST_LENGTH)
     if ease is not None:
         lists["ease"] = ease[0]
-    metrics = {system: ranking_metrics(lists[system], held_out) for system in SYSTEMS if system in lists}
+    result = _result(lists, held_out)
     if ease is not None:
-        metrics["ease"]["lambda"] = ease[1]
-    return {
-        "model_version": model_version,
-        "holdout": holdout,
-        **metrics,
-        "ranking": {"rmse": rmse},
-        "hr_curve": {system: hit_rate_curve(lists[system], held_out) for system in SYSTEMS if system in lists},
-    }
+        result["systems"]["ease"]["lambda"] = ease[1]
+    result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test))}
+    return {"model_version": model_version, **result}
 
 
-def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
-    """Metrics of the newest complete version in models_dir, with the baselines."""
+def evaluate_fold_in(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
+    train, held = fit_and_held_out(data.ratings, holdout)
+    fold_in, targets = fold_in_and_targets(held)
+    sent = interactions_by_user(fold_in, data.rating_scale)
+    held_out = held_out_by_user(targets)
+    users = sorted(held_out, key=int)
+    retrieved, model_version = retrieval_lists(backend, users, sent)
+    lists = {"popularity": popularity_lists(train, users, sent), "retrieval": retrieved,
+             "two_stage": two_stage_lists(Pipeline(backend, catalogs), users, sent=sent)}
+    ease = ease_fold_in_lists(data, holdout, LIST_LENGTH)
+    if ease is not None:
+        lists["ease"] = ease[0]
+    result = _result(lists, held_out)
+    if ease is not None:
+        result["systems"]["ease"]["lambda"] = ease[1]
+    result["ranking"] = {"rmse": rating_rmse(backend, model_version, targets, data.stars(targets), sent)}
+    return {"model_version": model_version, **result}
+
+
+def earliest_half(test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per user with at least two test ratings: the earliest half (by timestamp, then movie id) and the rest."""
+    earliest, rest = [], []
+    for user in np.unique(test[:, 0]):
+        rows = test[test[:, 0] == user]
+        if len(rows) < 2:
+            continue
+        rows = rows[np.lexsort((rows[:, 1], rows[:, 3]))]
+        earliest.append(rows[:len(rows) // 2])
+        rest.append(rows[len(rows) // 2:])
+    empty = np.zeros((0, test.shape[1]), test.dtype)
+    return np.concatenate(earliest or [empty]), np.concatenate(rest or [empty])
+
+
+def evaluate_recent(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
+    _, test = fit_and_held_out(data.ratings, holdout)
+    earliest, rest = earliest_half(test)
+    sent = interactions_by_user(earliest, data.rating_scale)
+    held_out = held_out_by_user(rest)
+    users = sorted(held_out, key=int)
+    pipeline = Pipeline(backend, catalogs)
+    lists = {"two_stage": two_stage_lists(pipeline, users, sent=sent),
+             "two_stage_without_interactions": two_stage_lists(
+                 pipeline, users, excluded={user: {item for item, _ in pairs} for user, pairs in sent.items()})}
+    result = _result(lists, held_out)
+    with_, without = (np.array([sum(item in held_out[user] for item in lists[system][user][:10]) for user in users])
+                      for system in ("two_stage", "two_stage_without_interactions"))
+    pairs = np.array([len(held_out[user]) for user in users], dtype=np.float64)
+    result["difference"] = {"hr@10": float((with_ - without).sum() / pairs.sum()),
+                            "hr@10_se": _ratio_standard_error((with_ - without).astype(np.float64), pairs)}
+    return {"model_version": backend.current_version(), **result}
+
+
+def default_protocol(holdout: str) -> str:
+    return "fold-in" if holdout in USER_HOLDOUTS else "random"
+
+
+def evaluate_export(models_dir: Path, data: MovieLens, protocol: str | None = None) -> dict:
+    """Metrics of the newest complete version in models_dir under `protocol` (by default the one its
+    holdout was made for), with the baselines."""
     backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)
     if not backend.refresh(catalogs.get):
         raise ModelsUnavailable(f"no loadable model version in {models_dir}")
@@ -120,21 +247,32 @@ def evaluate_export(models_dir: Path, data: MovieLens) -> dict:
     if metadata.get("dataset", "ml-100k") != data.dataset:
         raise ModelsUnavailable(f"model version {version} was trained on {metadata['dataset']}, not {data.dataset}; "
                                 f"pass --dataset {metadata['dataset']}")
-    # A version trained for tuning is scored on the validation split, never on test.
-    metrics = evaluate_backend(backend, catalogs, data, metadata.get("holdout", "test"))
-    metrics["preset"] = metadata["preset"]["name"]
-    metrics["train_seconds"] = metadata.get("train_seconds", {})
+    # A version trained for tuning is scored on its validation part, never on test.
+    holdout = metadata.get("holdout", "test")
+    protocol = protocol or default_protocol(holdout)
+    if (protocol == "fold-in") != (holdout in USER_HOLDOUTS):
+        needs = "--holdout users (or users-validation)" if protocol == "fold-in" else "--holdout test (or validation)"
+        raise ModelsUnavailable(f"the {protocol} protocol scores an export trained with {needs}; model version "
+                                f"{version} was trained with --holdout {holdout}")
+    evaluate = {"random": evaluate_random, "fold-in": evaluate_fold_in, "recent": evaluate_recent}[protocol]
+    metrics = evaluate(backend, catalogs, data, holdout)
+    metrics.update(protocol=protocol, holdout=holdout, preset=metadata["preset"]["name"],
+                   train_seconds=metadata.get("train_seconds", {}))
     return metrics
 
 
 def format_table(metrics: dict) -> str:
-    lines = [f"model version {metrics['model_version']} (preset {metrics.get('preset', '?')}), "
-             f"{metrics['holdout']} split, movies rated in training excluded",
-             f"{'system':<12} {'HR@10':>7} {'HR@100':>7} {'NDCG@10':>8} {'RMSE':>7}"]
-    for system in (system for system in SYSTEMS if system in metrics):
-        row = metrics[system]
-        rmse = f"{metrics['ranking']['rmse']:.4f}" if system == "two_stage" else "-"
-        lines.append(f"{system:<12} {row['hr@10']:>7.4f} {row['hr@100']:>7.4f} {row['ndcg@10']:>8.4f} {rmse:>7}")
+    lines = [f"model version {metrics['model_version']} (preset {metrics.get('preset', '?')}), {metrics['protocol']} "
+             f"protocol, {metrics['holdout']} holdout: {metrics['users']} users, {metrics['pairs']} target pairs",
+             f"{'system':<28} {'HR@10':>15} {'HR@100':>15} {'NDCG@10':>15}"]
+    for system, row in metrics["systems"].items():
+        cells = " ".join(f"{row[key]:>7.4f} ± {row[key + '_se']:.4f}" for key in ("hr@10", "hr@100", "ndcg@10"))
+        lines.append(f"{LABELS.get(system, system):<28} {cells}")
+    if "ranking" in metrics:
+        lines.append(f"ranker RMSE {metrics['ranking']['rmse']:.4f}")
+    if "difference" in metrics:
+        difference = metrics["difference"]
+        lines.append(f"HR@10 with interactions minus without: {difference['hr@10']:+.4f} ± {difference['hr@10_se']:.4f}")
     return "\n".join(lines)
 
 
@@ -143,7 +281,7 @@ def write_json(metrics: dict, path: Path) -> None:
     path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def write_plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
+def write_plot(curves: dict[str, Sequence[float]], path: Path, title: str) -> None:
     """HR@k for k = 1..100, one line per system."""
     import matplotlib
 

@@ -8,7 +8,7 @@ class BruteForceIndex(tf.Module):
     """Catalog embeddings [movies, dim]; a query is one user embedding per row.
 
     Like TFRS's BruteForce, but with a documented interface of its own: excluded catalog
-    positions (a user's rated movies) get a score of -inf before the top-k, which costs one
+    positions (a user's history) get a score of -inf before the top-k, which costs one
     scatter of those positions rather than k + E comparisons per user.
     """
 
@@ -20,13 +20,11 @@ class BruteForceIndex(tf.Module):
         """Dot products [users, movies]."""
         return tf.matmul(queries, self.item_embeddings, transpose_b=True)
 
-    def __call__(self, queries: tf.Tensor, k: int,
-             excluded_positions: tf.RaggedTensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-        """The k best (scores, catalog positions) per user, best first; `excluded_positions`
-        (one row per user) are never returned."""
+    def __call__(self, queries: tf.Tensor, k: int, excluded: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """The k best (scores, catalog positions) per user, best first. `excluded`: int64 [n, 2]
+        (user row, catalog position) pairs scored -inf first, so never returned while k other
+        movies remain; repeats are allowed."""
         scores = self.scores(queries)
-        if excluded_positions is not None:
-            positions = tf.stack([excluded_positions.value_rowids(),
-                                  tf.cast(excluded_positions.values, tf.int64)], axis=1)
-            scores = tf.tensor_scatter_nd_update(scores, positions, tf.fill([tf.shape(positions)[0]], float("-inf")))
+        if excluded is not None:
+            scores = tf.tensor_scatter_nd_update(scores, excluded, tf.fill([tf.shape(excluded)[0]], float("-inf")))
         return tf.math.top_k(scores, k=k)

@@ -8,16 +8,40 @@ import tensorflow_recommenders as tfrs
 from export.presets import Preset
 
 
-def id_tower(vocabulary: list[str], dim: int, l2: float, name: str) -> tf.keras.Model:
-    """String id -> embedding. Index 0 is the out-of-vocabulary row."""
+class IdDropout(tf.keras.layers.Layer):
+    """While training, replaces a `rate` share of lookup indices with 0, the out-of-vocabulary row.
+
+    That row then learns a generic user instead of staying at its random start: what a user
+    the models have no id for (one known only by the interactions sent with a request) gets.
+    """
+
+    def __init__(self, rate: float, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+
+    def call(self, indices: tf.Tensor, training=None) -> tf.Tensor:
+        if not training or not self.rate:
+            return indices
+        dropped = tf.random.uniform(tf.shape(indices)) < self.rate
+        return tf.where(dropped, tf.zeros_like(indices), indices)
+
+
+def id_tower(vocabulary: list[str], dim: int, l2: float, name: str, id_dropout: float = 0.0) -> tf.keras.Model:
+    """String id -> embedding. Index 0 is the out-of-vocabulary row (see `IdDropout`)."""
     regularizer = tf.keras.regularizers.l2(l2) if l2 else None
     return tf.keras.Sequential(
         [
             tf.keras.layers.StringLookup(vocabulary=vocabulary, mask_token=None, name=f"{name}_lookup"),
+            IdDropout(id_dropout, name=f"{name}_id_dropout"),
             tf.keras.layers.Embedding(len(vocabulary) + 1, dim, embeddings_regularizer=regularizer, name=f"{name}_embedding"),
         ],
         name=name,
     )
+
+
+def embedding_table(tower: tf.keras.Model) -> np.ndarray:
+    """An `id_tower`'s embedding rows, in its lookup's order (row 0: out of vocabulary)."""
+    return tower.layers[-1].embeddings.numpy()
 
 
 class RaggedTable(tf.keras.layers.Layer):
@@ -50,10 +74,11 @@ class HistoryUserTower(tf.keras.Model):
 
     def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], dim: int,
                  l2: float, name: str = "history_user_tower", stars: dict[str, np.ndarray] | None = None,
-                 mean_stars: float = 0.0):
+                 mean_stars: float = 0.0, id_dropout: float = 0.0):
         super().__init__(name=name)
         regularizer = tf.keras.regularizers.l2(l2) if l2 else None
         self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
+        self.id_dropout = IdDropout(id_dropout)
         self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
         self.user_embedding = tf.keras.layers.Embedding(len(user_ids) + 1, dim, embeddings_regularizer=regularizer)
         # With stars, each movie's row holds both of its embeddings, [rated | liked]: one table
@@ -96,11 +121,12 @@ class HistoryUserTower(tf.keras.Model):
                   + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:]))
         return summed, history.row_lengths()
 
-    def call(self, inputs) -> tf.Tensor:
+    def call(self, inputs, training=None) -> tf.Tensor:
         """`inputs`: user ids, or {"user_id", "leave_out_item_id"[, "leave_out_stars"]} while training.
 
         A left-out movie must be in the user's history, as every training row is; with
-        `stars`, its stars must be given too.
+        `stars`, its stars must be given too. While training, `id_dropout` of the examples see
+        the out-of-vocabulary id row in place of their own, with their history unchanged.
         """
         leave_out = None
         if isinstance(inputs, dict):
@@ -117,7 +143,8 @@ class HistoryUserTower(tf.keras.Model):
                 own = self._weighted(own, tf.cast(leave_out["leave_out_stars"], tf.float32) - self.mean_stars)
             summed -= own
             count -= 1.0
-        return self.user_embedding(users) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
+        id_rows = self.id_dropout(users, training=training)
+        return self.user_embedding(id_rows) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
 
 
 class ConcatTowers(tf.keras.Model):
@@ -132,8 +159,8 @@ class ConcatTowers(tf.keras.Model):
         super().__init__(name=name)
         self.towers = towers
 
-    def call(self, inputs) -> tf.Tensor:
-        return tf.concat([tower(inputs) for tower in self.towers], axis=1)
+    def call(self, inputs, training=None) -> tf.Tensor:
+        return tf.concat([tower(inputs, training=training) for tower in self.towers], axis=1)
 
 
 def mean_over_global_batch(loss_sum: tf.Tensor, replica_batch_size: tf.Tensor) -> tf.Tensor:
@@ -188,10 +215,11 @@ class RetrievalModel(tfrs.Model):
         for member in range(preset.ensemble_size):
             if preset.user_history:
                 user_members.append(HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim,
-                                                     preset.retrieval_l2, name=f"history_user_tower_{member}"))
+                                                     preset.retrieval_l2, name=f"history_user_tower_{member}",
+                                                     id_dropout=preset.id_dropout))
             else:
                 user_members.append(id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2,
-                                             f"user_tower_{member}"))
+                                             f"user_tower_{member}", preset.id_dropout))
             item_members.append(id_tower(item_ids, preset.embedding_dim, preset.retrieval_l2, f"item_tower_{member}"))
         self.user_model = ConcatTowers(user_members, name="user_model")
         self.item_model = ConcatTowers(item_members, name="item_model")
@@ -205,7 +233,7 @@ class RetrievalModel(tfrs.Model):
         user_input = features["user_id"]
         if self.uses_history:
             user_input = {"user_id": features["user_id"], "leave_out_item_id": features["item_id"]}
-        user_members = [tower(user_input) for tower in self.user_model.towers]
+        user_members = [tower(user_input, training=training) for tower in self.user_model.towers]
         if self.loss_kind == "in_batch":
             return tf.add_n([self.task(users, items(features["item_id"]), compute_metrics=False)
                              for users, items in zip(user_members, self.item_model.towers)])
@@ -231,9 +259,10 @@ class RatingHead(tf.keras.Model):
         if self.user_history:
             self.user_model = HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim, preset.rating_l2,
                                                name="history_user_tower", stars=stars if taste else None,
-                                               mean_stars=mean_stars)
+                                               mean_stars=mean_stars, id_dropout=preset.id_dropout)
         else:
-            self.user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "user_tower")
+            self.user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "user_tower",
+                                       preset.id_dropout)
         if self.item_history:
             raters: dict[str, list[str]] = {}
             rater_stars: dict[str, list[float]] = {}
@@ -255,15 +284,15 @@ class RatingHead(tf.keras.Model):
             name="mlp",
         )
 
-    def call(self, features: dict[str, tf.Tensor], leave_out_rated: bool = False) -> tf.Tensor:
+    def call(self, features: dict[str, tf.Tensor], leave_out_rated: bool = False, training=None) -> tf.Tensor:
         """Predicted stars, [batch, 1]. `leave_out_rated` (training): the example's movie is dropped
         from the user's history and the user from the movie's raters, as they will not be there
         for a pair to predict."""
         if self.user_history and leave_out_rated:
             user_embeddings = self.user_model({"user_id": features["user_id"], "leave_out_item_id": features["item_id"],
-                                               "leave_out_stars": features["rating"]})
+                                               "leave_out_stars": features["rating"]}, training=training)
         else:
-            user_embeddings = self.user_model(features["user_id"])
+            user_embeddings = self.user_model(features["user_id"], training=training)
         if self.item_history and leave_out_rated:
             item_embeddings = self.item_model({"user_id": features["item_id"], "leave_out_item_id": features["user_id"],
                                                "leave_out_stars": features["rating"]})
@@ -292,9 +321,13 @@ class RankingModel(tfrs.Model):
             loss=tf.keras.losses.MeanSquaredError(reduction=tf.keras.losses.Reduction.SUM),
             metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")],
         )
+        self.watch_history = preset.watch_history
         if self.watch_weight:
             self.watch_user_model = ConcatTowers(
-                [id_tower(user_ids, preset.embedding_dim, 0.0, f"watch_user_tower_{member}")
+                [HistoryUserTower(user_ids, item_ids, history or {}, preset.embedding_dim, 0.0,
+                                  name=f"watch_user_tower_{member}", id_dropout=preset.id_dropout)
+                 if self.watch_history else
+                 id_tower(user_ids, preset.embedding_dim, 0.0, f"watch_user_tower_{member}", preset.id_dropout)
                  for member in range(preset.ensemble_size)], name="watch_user_model")
             self.watch_item_model = ConcatTowers(
                 [id_tower(item_ids, preset.embedding_dim, 0.0, f"watch_item_tower_{member}")
@@ -309,10 +342,13 @@ class RankingModel(tfrs.Model):
         batch = tf.shape(features["rating"])[0]
         # Labels as [batch, 1] like the predictions, so the summed loss is per example.
         summed = self.rating_task(labels=features["rating"][:, None],
-                                  predictions=self.rating(features, leave_out_rated=True))
+                                  predictions=self.rating(features, leave_out_rated=True, training=training))
         loss = mean_over_global_batch(summed, batch)
         if self.watch_weight:
-            user_members = [tower(features["user_id"]) for tower in self.watch_user_model.towers]
+            user_input = features["user_id"]
+            if self.watch_history:
+                user_input = {"user_id": features["user_id"], "leave_out_item_id": features["item_id"]}
+            user_members = [tower(user_input, training=training) for tower in self.watch_user_model.towers]
             summed = self.catalog_softmax(user_members, self.watch_item_model.towers, features["item_id"])
             loss += self.watch_weight * mean_over_global_batch(summed, batch)
         return loss

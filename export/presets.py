@@ -57,6 +57,13 @@ class Preset:
     # Those history sums also weigh a second embedding by the stars given (minus the mean):
     # what the user liked and who liked the movie, not only who rated what.
     rating_taste: bool = False
+    # Share of training examples whose user towers see the out-of-vocabulary id row instead of
+    # their own (export/models.py IdDropout): it learns the generic user that serves users known
+    # only by the interactions sent with a request.
+    id_dropout: float = 0.0
+    # The watch head's user towers add the user's rated movies to the id (as retrieval's do),
+    # so interactions sent with a request move the watch score too.
+    watch_history: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +72,8 @@ class Preset:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.ensemble_size < 1 or self.candidate_count < 1 or self.embedding_dim < 1:
             raise ValueError("ensemble_size, candidate_count and embedding_dim must be at least 1")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1); got {self.id_dropout}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,38 +1,68 @@
-"""The README's results table: train each preset, evaluate it with the baselines, one table."""
+"""The README's results tables: train each preset, evaluate it with the baselines under every protocol."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 from export.data import MovieLens
-from export.evaluate import evaluate_export, write_plot
+from export.evaluate import LABELS, evaluate_export, write_plot
 from export.presets import PRESETS
 from export.train import train_and_export
 
+HEADER = ["| system | HR@10 | HR@100 | NDCG@10 | ranker RMSE | train + export |", "|---|---:|---:|---:|---:|---:|"]
+
+
+def _row(label: str, row: dict, rmse: float | None = None, seconds: float | None = None, error: bool = False) -> str:
+    cells = [f"{row[key]:.4f} ± {row[key + '_se']:.4f}" if error else f"{row[key]:.4f}"
+             for key in ("hr@10", "hr@100", "ndcg@10")]
+    return (f"| {label} | {' | '.join(cells)} | {'' if rmse is None else f'{rmse:.4f}'} | "
+            f"{'' if seconds is None else f'{seconds:.0f} s'} |")
+
+
+def _trained(data: MovieLens, name: str, out_dir: Path, holdout: str = "test") -> float:
+    started = time.perf_counter()
+    train_and_export(data, PRESETS[name], out_dir, holdout)
+    return time.perf_counter() - started
+
 
 def run_report(data: MovieLens, presets: list[str], out_dir: Path, plot: Path | None) -> str:
-    """Train `presets` into out_dir/<preset>, evaluate each on the test split, return a Markdown table."""
+    """Train `presets` into out_dir/<preset> (random split) and the default preset into
+    out_dir/default-users (users held out); return the Markdown tables of the three protocols."""
     results = {}
     for name in presets:
-        started = time.perf_counter()
-        train_and_export(data, PRESETS[name], out_dir / name)
-        seconds = time.perf_counter() - started
-        results[name] = (evaluate_export(out_dir / name, data), seconds)
-    first = next(iter(results.values()))[0]
-    rows = [("popularity", first["popularity"], None, None), (f"EASE (lambda {first['ease']['lambda']:g})",
-                                                             first["ease"], None, None)]
+        seconds = _trained(data, name, out_dir / name)
+        results[name] = (evaluate_export(out_dir / name, data, "random"), seconds)
+    first = next(iter(results.values()))[0]["systems"]
+    lines = ["Random split (test rows):", "", *HEADER, _row("popularity", first["popularity"]),
+             _row(f"EASE (lambda {first['ease']['lambda']:g})", first["ease"])]
     for name, (metrics, seconds) in results.items():
-        rows.append((f"`{name}` preset, two-stage", metrics["two_stage"], metrics["ranking"]["rmse"], seconds))
-        rows.append((f"`{name}` preset, retrieval only", metrics["retrieval"], None, None))
-    lines = ["| system | HR@10 | HR@100 | NDCG@10 | ranker RMSE | train + export |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for label, row, rmse, seconds in rows:
-        lines.append(f"| {label} | {row['hr@10']:.4f} | {row['hr@100']:.4f} | {row['ndcg@10']:.4f} | "
-                     f"{'' if rmse is None else f'{rmse:.4f}'} | {'' if seconds is None else f'{seconds:.0f} s'} |")
+        lines.append(_row(f"`{name}` preset, two-stage", metrics["systems"]["two_stage"], metrics["ranking"]["rmse"],
+                          seconds))
+        lines.append(_row(f"`{name}` preset, retrieval only", metrics["systems"]["retrieval"]))
+    if "default" in results:
+        recent = evaluate_export(out_dir / "default", data, "recent")
+        lines += ["", f"Recent interactions ({recent['users']} test users, {recent['pairs']} target pairs):", "",
+                  *HEADER[:1], HEADER[1]]
+        for system in ("two_stage_without_interactions", "two_stage"):
+            lines.append(_row(f"`default` preset, {LABELS.get(system, system).replace('two_stage', 'two-stage')}",
+                              recent["systems"][system], error=True))
+        difference = recent["difference"]
+        lines.append(f"\nHR@10 with interactions minus without: {difference['hr@10']:+.4f} ± {difference['hr@10_se']:.4f}")
+        seconds = _trained(data, "default", out_dir / "default-users", "users")
+        fold_in = evaluate_export(out_dir / "default-users", data, "fold-in")
+        systems = fold_in["systems"]
+        lines += ["", f"Fold-in ({fold_in['users']} users held out of training, {fold_in['pairs']} target pairs):", "",
+                  *HEADER, _row("popularity", systems["popularity"], error=True),
+                  _row(f"EASE folded in (lambda {systems['ease']['lambda']:g})", systems["ease"], error=True),
+                  _row("`default` preset, two-stage", systems["two_stage"], fold_in["ranking"]["rmse"], seconds,
+                       error=True),
+                  _row("`default` preset, retrieval only", systems["retrieval"], error=True)]
     if plot:
-        curves = {"popularity": first["hr_curve"]["popularity"], "EASE": first["hr_curve"]["ease"]}
+        curves = {"popularity": results[presets[0]][0]["hr_curve"]["popularity"],
+                  "EASE": results[presets[0]][0]["hr_curve"]["ease"]}
         for name, (metrics, _) in results.items():
             curves[f"{name} two-stage"] = metrics["hr_curve"]["two_stage"]
             curves[f"{name} retrieval"] = metrics["hr_curve"]["retrieval"]
         write_plot(curves, plot, "MovieLens 100k, test split (rated movies excluded)")
     return "\n".join(lines)
+

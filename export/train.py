@@ -15,7 +15,8 @@ from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, pop
 from export.examples import FitData, from_rows, from_stream
 from export.models import RankingModel, RetrievalModel, make_optimizer
 from export.presets import STRATEGIES, Preset
-from export.savedmodel import RankingServing, RetrievalServing, write_export
+from export.savedmodel import write_export
+from export.serving import RankingServing, RetrievalServing, ServedHistory, ServedUserTower, TowerParts, tower_table
 
 
 class EpochLine(tf.keras.callbacks.Callback):
@@ -87,6 +88,7 @@ def build_metadata(data: MovieLens, fit: FitData, preset: Preset) -> dict:
         "items": {item_id: {"title": item.title, "genres": list(item.genres)} for item_id, item in data.items.items()},
         "popular_item_ids": popularity_order(data.items, fit.rating_counts),
         "rated_item_ids": fit.rated_item_ids,
+        "serves_interactions": preset.user_history,
         "data_source": str(data.source),
     }
 
@@ -157,10 +159,12 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     index_item_ids, item_embeddings = pad_catalog(item_ids, retrieval.index_item_model(tf.constant(item_ids)),
                                                   synthetic_items, preset.seed)
     metadata["synthetic_items"] = synthetic_items
-    retrieval_serving = RetrievalServing(retrieval.index_user_model, user_ids, item_embeddings, index_item_ids,
-                                         metadata["rated_item_ids"], preset.candidate_count)
+    history = ServedHistory(user_ids, item_ids, fit.rated_item_ids, fit.rated_stars, name="history")
+    index_users = ServedUserTower(tower_table(retrieval.index_user_model, user_ids),
+                                  TowerParts.of(retrieval.index_user_model), name="user_tower")
+    retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
-    ranking_serving = RankingServing(ranking, user_ids, item_ids, retrieval.user_model, retrieval.item_model)
+    ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model)
     version = write_export(target, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
     if not chief:
         shutil.rmtree(target, ignore_errors=True)

@@ -7,16 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_item_ids", "include_rated")
+    __slots__ = ("user_id", "k", "exclude_item_ids", "include_rated", "recent_interactions")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_RATED_FIELD_NUMBER: _ClassVar[int]
+    RECENT_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     include_rated: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_rated: _Optional[bool] = ...) -> None: ...
+    recent_interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_rated: _Optional[bool] = ..., recent_interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
+
+class Interaction(_message.Message):
+    __slots__ = ("item_id", "rating", "timestamp_seconds")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    rating: float
+    timestamp_seconds: int
+    def __init__(self, item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp_seconds: _Optional[int] = ...) -> None: ...
 
 class RankedItem(_message.Message):
     __slots__ = ("rank", "item_id", "title", "genres", "score", "retrieval_score", "predicted_rating", "model_version", "fallback")
@@ -65,7 +77,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length")
+    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length", "max_recent_interactions")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +88,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_USER_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEM_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECENT_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     backend: str
     candidate_count: int
@@ -86,4 +99,5 @@ class ModelInfo(_message.Message):
     max_batch_requests: int
     max_user_id_length: int
     max_item_id_length: int
-    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ...) -> None: ...
+    max_recent_interactions: int
+    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ..., max_recent_interactions: _Optional[int] = ...) -> None: ...

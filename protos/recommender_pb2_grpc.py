@@ -82,8 +82,11 @@ class RecommenderServicer:
 
     def Recommend(self, request, context):
         """The user's recommendations, best first: one RankedItem per message, `rank` 1..k.
-        A user the models do not know (cold start) gets the most popular movies,
-        each marked `fallback`. Fewer than k items only if the catalog runs out.
+        Both stages use the user's history: what they rated in the training data plus the
+        request's `recent_interactions`, so what a user just did changes the list at once.
+        A user the models do not know gets a list personalised from the request's
+        interactions alone; with none, the most popular movies, each marked `fallback`.
+        Fewer than k items only if the catalog runs out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

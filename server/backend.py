@@ -19,14 +19,51 @@ from server.errors import ModelsUnavailable
 from server.layout import (
     DEFAULT_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
+    INTERACTION_ITEMS_INPUT,
+    INTERACTION_RATINGS_INPUT,
+    ITEM_IDS_INPUT,
     RANKING_MODEL,
     RETRIEVAL_MODEL,
+    USER_ID_INPUT,
     WARMUP_FILE,
     complete_versions,
 )
 from server.options import DEFAULTS
 
 log = logging.getLogger("recsys.server")
+
+
+@dataclass(frozen=True)
+class UserBatch:
+    """The users of one model call as every signature takes them: ids, and each user's recent
+    interactions padded to one width ("" and 0 stars pad; a user without any has only padding)."""
+
+    user_ids: list[str]
+    interaction_item_ids: np.ndarray  # object [users, n]
+    interaction_ratings: np.ndarray  # float32 [users, n]; 0 = no rating
+
+    @classmethod
+    def of(cls, user_ids: Sequence[str],
+           interactions: Sequence[Sequence[tuple[str, float]]] | None = None) -> "UserBatch":
+        """`interactions`: per user, (movie id, stars) pairs; None: none for anyone."""
+        rows = interactions if interactions is not None else [()] * len(user_ids)
+        width = max((len(row) for row in rows), default=0)
+        item_ids = np.full((len(user_ids), width), "", dtype=object)
+        ratings = np.zeros((len(user_ids), width), dtype=np.float32)
+        for position, row in enumerate(rows):
+            if row:
+                item_ids[position, :len(row)] = [item for item, _ in row]
+                ratings[position, :len(row)] = [stars for _, stars in row]
+        return cls(list(user_ids), item_ids, ratings)
+
+    def repeated(self, times: int) -> "UserBatch":
+        """Each user `times` times in a row (one row per candidate pair)."""
+        return UserBatch(np.repeat(np.asarray(self.user_ids, dtype=object), times).tolist(),
+                         np.repeat(self.interaction_item_ids, times, axis=0),
+                         np.repeat(self.interaction_ratings, times, axis=0))
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
 
 
 @dataclass(frozen=True)
@@ -38,8 +75,8 @@ class Candidates:
 
 @dataclass(frozen=True)
 class Scores:
-    predicted_rating: np.ndarray  # float32 [pairs]
-    score: np.ndarray  # float32 [pairs]
+    predicted_rating: np.ndarray  # float32 [users, candidates]
+    score: np.ndarray  # float32 [users, candidates]
     model_version: str
 
 
@@ -65,31 +102,30 @@ class Backend(abc.ABC):
     load_failures: int = 0
 
     @abc.abstractmethod
-    def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
         ...
 
     @abc.abstractmethod
-    def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
+    def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
              timeout: float | None = None) -> Scores:
-        """Score pairs with the ranking model of `model_version` (the one that retrieved them)."""
+        """Score each user's movies (`item_ids`: [users, candidates]) with the ranking model of
+        `model_version` (the one that retrieved them)."""
 
-    def retrieve_and_rank(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None,
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
                           stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
         """Both stages for every candidate of every user: retrieve, then rank all candidates in one call
         with the same model version. `stage_seconds` accumulates "retrieval" and "ranking" time."""
         timings = stage_seconds if stage_seconds is not None else {}
         started = time.perf_counter()
         expires = None if timeout is None else time.monotonic() + timeout
-        candidates = self.retrieve(user_ids, include_rated, timeout)
+        candidates = self.retrieve(users, include_rated, timeout)
         timings["retrieval"] = timings.get("retrieval", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
-        shape = candidates.item_ids.shape
         remaining = None if expires is None else max(0.0, expires - time.monotonic())
-        ranked = self.rank(np.repeat(np.asarray(user_ids, dtype=object), shape[1]).tolist(),
-                           candidates.item_ids.ravel().tolist(), candidates.model_version, remaining)
+        ranked = self.rank(users, candidates.item_ids, candidates.model_version, remaining)
         timings["ranking"] = timings.get("ranking", 0.0) + time.perf_counter() - started
-        return RankedCandidates(candidates.item_ids, candidates.scores, ranked.score.reshape(shape),
-                                ranked.predicted_rating.reshape(shape), candidates.model_version)
+        return RankedCandidates(candidates.item_ids, candidates.scores, ranked.score, ranked.predicted_rating,
+                                candidates.model_version)
 
     @abc.abstractmethod
     def refresh(self, load_catalog: Callable[[str], Catalog]) -> bool:
@@ -130,6 +166,12 @@ class LoadedPair:
     saved_models: tuple[object, object]  # retrieval, ranking: they own the variables the functions use
 
 
+def _user_inputs(users: UserBatch) -> dict[str, tf.Tensor]:
+    return {USER_ID_INPUT: tf.constant(users.user_ids, dtype=tf.string),
+            INTERACTION_ITEMS_INPUT: tf.constant(users.interaction_item_ids, dtype=tf.string),
+            INTERACTION_RATINGS_INPUT: tf.constant(users.interaction_ratings, dtype=tf.float32)}
+
+
 def fuse(retrieve, rank):
     """retrieve, then rank every candidate, in one graph: the signatures exactly as exported.
 
@@ -137,14 +179,16 @@ def fuse(retrieve, rank):
     signature matching, a measurable share of a lone request's time.
     """
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
-    def retrieve_and_rank(user_id: tf.Tensor) -> dict[str, tf.Tensor]:
-        candidates = retrieve(user_id=user_id)
-        shape = tf.shape(candidates["item_ids"])
-        ranked = rank(user_id=tf.repeat(user_id, shape[1]), item_id=tf.reshape(candidates["item_ids"], [-1]))
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None, None], tf.string),
+                                  tf.TensorSpec([None, None], tf.float32)])
+    def retrieve_and_rank(user_id: tf.Tensor, interaction_item_ids: tf.Tensor,
+                          interaction_ratings: tf.Tensor) -> dict[str, tf.Tensor]:
+        users = {USER_ID_INPUT: user_id, INTERACTION_ITEMS_INPUT: interaction_item_ids,
+                 INTERACTION_RATINGS_INPUT: interaction_ratings}
+        candidates = retrieve(**users)
+        ranked = rank(**users, **{ITEM_IDS_INPUT: candidates["item_ids"]})
         return {"item_ids": candidates["item_ids"], "retrieval_scores": candidates["scores"],
-                "score": tf.reshape(ranked["score"], shape),
-                "predicted_rating": tf.reshape(ranked["predicted_rating"], shape)}
+                "score": ranked["score"], "predicted_rating": ranked["predicted_rating"]}
 
     return retrieve_and_rank.get_concrete_function()
 
@@ -178,16 +222,19 @@ def warm_up(models_dir: Path, pair: LoadedPair) -> int:
         for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
             request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
             function = pair.signatures[(model, request.model_spec.signature_name or DEFAULT_SIGNATURE)]
-            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
-            outputs = function(**{key: tf.constant(value) for key, value in inputs.items()})
-            rows = len(next(iter(inputs.values())))
+            inputs = {key: tf.constant(tf.make_ndarray(proto), dtype=tf.dtypes.as_dtype(proto.dtype))
+                      for key, proto in request.inputs.items()}
+            outputs = function(**inputs)
+            rows = int(inputs[USER_ID_INPUT].shape[0])
             if any(tensor.shape[0] != rows for tensor in outputs.values()):
                 raise ValueError(f"{model} warmup request answered with the wrong batch size")
             replayed += 1
     if not replayed:
         raise ValueError(f"version {pair.model_version} has no warmup requests")
-    for function in pair.retrieve_and_rank.values():  # the fused call's first run, before it serves
-        function(tf.constant(["warmup"]))
+    for function in pair.retrieve_and_rank.values():  # the fused call's first runs, before it serves
+        movie = min(pair.item_ids)
+        for users in (UserBatch.of(["warmup"]), UserBatch.of(["warmup"], [[(movie, 4.0)]])):
+            function(*_user_inputs(users).values())
     return replayed
 
 
@@ -306,26 +353,25 @@ class InProcessBackend(Backend):
             raise ModelsUnavailable(self.not_ready_reason())
         return pair
 
-    def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
         pair = self._serving_pair()
-        outputs = pair.retrieve[include_rated](user_id=tf.constant(user_ids, dtype=tf.string))
+        outputs = pair.retrieve[include_rated](**_user_inputs(users))
         return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)
 
-    def retrieve_and_rank(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None,
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
                           stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
         pair = self._serving_pair()
         started = time.perf_counter()
-        outputs = pair.retrieve_and_rank[include_rated](tf.constant(user_ids, dtype=tf.string))
+        outputs = pair.retrieve_and_rank[include_rated](*_user_inputs(users).values())
         if stage_seconds is not None:  # one graph: the stages cannot be timed apart
             stage_seconds["models"] = stage_seconds.get("models", 0.0) + time.perf_counter() - started
         return RankedCandidates(_strings(outputs["item_ids"]), outputs["retrieval_scores"].numpy(),
                                 outputs["score"].numpy(), outputs["predicted_rating"].numpy(), pair.model_version)
 
-    def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
+    def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
              timeout: float | None = None) -> Scores:
         pair = self._serving_pair()
         if pair.model_version != model_version:
             raise ModelsUnavailable(f"model version {model_version} is no longer loaded; retry")
-        outputs = pair.rank(user_id=tf.constant(user_ids, dtype=tf.string),
-                            item_id=tf.constant(item_ids, dtype=tf.string))
+        outputs = pair.rank(**_user_inputs(users), **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
         return Scores(outputs["predicted_rating"].numpy(), outputs["score"].numpy(), model_version)

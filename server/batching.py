@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from server.errors import Cancelled, DeadlineExceeded, Overloaded
-from server.pipeline import Pipeline, Query, Recommendation
+from server.pipeline import Pipeline, Query, RankedList
 
 log = logging.getLogger("recsys.server")
 
@@ -87,7 +87,7 @@ class RequestBatcher:
 
     def recommend(self, queries: Sequence[Query], timeout: float | None = None,
                   stage_seconds: dict[str, float] | None = None,
-                  is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
+                  is_cancelled: Callable[[], bool] | None = None) -> list[RankedList]:
         future = self.submit(queries, timeout, stage_seconds, is_cancelled)
         try:
             return future.result(timeout)
@@ -185,7 +185,7 @@ class ThreadedPipeline:
             self._queued_queries += len(queries)
         queued_at = time.perf_counter()
 
-        def run() -> list[list[Recommendation]]:
+        def run() -> list[RankedList]:
             with self._lock:
                 self._queued_queries -= len(queries)
                 self._running += 1

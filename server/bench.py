@@ -15,7 +15,8 @@ from client import bench
 from server.options import DEFAULTS
 
 
-def run_in_process(models_dir: Path, duration: float, k: int, users: str) -> tuple[bench.Tally, float]:
+def run_in_process(models_dir: Path, duration: float, k: int, users: str,
+                   interactions: int = 0) -> tuple[bench.Tally, float]:
     """The request mix through the pipeline, one call at a time; TensorFlow's pools sized as the server's."""
     from server.backend import InProcessBackend, set_tensorflow_threads, settle_heap
     from server.catalog import CatalogStore
@@ -26,9 +27,11 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str) -> tup
     if not backend.refresh(catalogs.get):
         raise SystemExit(f"no loadable model version in {models_dir}")
     pipeline = Pipeline(backend, catalogs)
-    known = sorted(pipeline.current_catalog().rated_item_ids, key=lambda user: (len(user), user))
-    user_ids = bench.user_mix(users, known)
-    pipeline.recommend([Query(user_ids[0], k=k)])  # the first call traces; not measured
+    catalog = pipeline.current_catalog()
+    user_ids = bench.user_mix(users, sorted(catalog.rated_item_ids, key=lambda user: (len(user), user)))
+    mix = [tuple(entries) for entries in bench.interaction_mix(interactions, sorted(catalog.titles))]
+    queries = [Query(user_id, k=k, recent_interactions=mix[n % len(mix)]) for n, user_id in enumerate(user_ids)]
+    pipeline.recommend(queries[:1])  # the first call traces; not measured
     settle_heap()  # as the server does once a version and its catalog are loaded
     tally = bench.Tally()
     cpu_before = bench.process_cpu_seconds()
@@ -37,7 +40,7 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str) -> tup
     n = 0
     while time.perf_counter() < stop_at:
         begun = time.perf_counter()
-        pipeline.recommend([Query(user_ids[n % len(user_ids)], k=k)])
+        pipeline.recommend([queries[n % len(queries)]])
         tally.latencies_ms.append((time.perf_counter() - begun) * 1000)
         n += 1
     wall = time.perf_counter() - started
@@ -54,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", default="all",
                         help="'all' or N: draw user ids from the export's first N users; ~3%% are unknown ids "
                              "(cold start) (default: %(default)s)")
+    parser.add_argument("--interactions", type=int, default=0, metavar="N",
+                        help="N recent interactions with every request, as `python -m client bench --interactions` "
+                             "(default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     args = parser.parse_args(argv)
-    tally, wall = run_in_process(args.models, args.duration, args.k, args.users)
+    tally, wall = run_in_process(args.models, args.duration, args.k, args.users, args.interactions)
     summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
     print(bench.format_summary(summary))
     if args.json:

@@ -25,6 +25,9 @@ class Catalog:
     preset: dict
     # Movies padded into the retrieval index for benchmarks (ids "synthetic-<n>", no titles).
     synthetic_items: int = 0
+    # Whether the models compute users from their history, so that interactions sent with a
+    # request personalise the list (false for id-only towers, e.g. the `seed` preset).
+    serves_interactions: bool = False
 
     def is_known_user(self, user_id: str) -> bool:
         return user_id in self.rated_item_ids
@@ -70,6 +73,8 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
         _strings(rated_items, f"rated_item_ids[{user!r}]")
     preset = raw.get("preset", {})
     _expect(isinstance(preset, dict), "preset must be an object")
+    serves_interactions = raw.get("serves_interactions", False)
+    _expect(isinstance(serves_interactions, bool), "serves_interactions must be true or false")
     return Catalog(
         model_version=str(version),
         candidate_count=raw["candidate_count"],
@@ -79,6 +84,7 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
         rated_item_ids={user: frozenset(rated_items) for user, rated_items in rated.items()},
         preset=preset,
         synthetic_items=int(raw.get("synthetic_items", 0) or 0),
+        serves_interactions=serves_interactions,
     )
 
 

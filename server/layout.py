@@ -9,6 +9,12 @@ METADATA_DIR = "metadata"
 DEFAULT_SIGNATURE = "serving_default"
 INCLUDE_RATED_SIGNATURE = "include_rated"
 WARMUP_FILE = "tf_serving_warmup_requests"
+# The signatures' inputs (export/serving.py): every signature takes the user side; ranking also
+# takes each user's candidate movies.
+USER_ID_INPUT = "user_id"
+INTERACTION_ITEMS_INPUT = "interaction_item_ids"
+INTERACTION_RATINGS_INPUT = "interaction_ratings"
+ITEM_IDS_INPUT = "item_ids"
 
 
 def model_versions(model_dir: Path) -> list[int]:

@@ -34,6 +34,8 @@ class CallRecord:
     item_count: int = 0
     fallback_count: int = 0
     model_version: str = ""
+    interaction_count: int = 0  # recent_interactions sent (one per movie)
+    unknown_interaction_count: int = 0  # ... of movies the models do not know (ignored)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -107,6 +109,8 @@ class Observer:
             "status": code,
             "items": record.item_count,
             "fallback_items": record.fallback_count,
+            "interactions": record.interaction_count,
+            "unknown_interactions": record.unknown_interaction_count,
             "model_version": record.model_version,
             "ms": {"total": round(total * 1000, 3),
                    **{stage: round(seconds * 1000, 3) for stage, seconds in record.stage_seconds.items()}},

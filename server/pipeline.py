@@ -1,23 +1,46 @@
-"""retrieve (rated movies already dropped by the model) and rank, in one backend call ->
-drop the request's exclusions -> order by score -> top k, with a popularity fallback.
-Ranking every candidate and filtering after gives the same lists as filtering first,
-since each pair's score is its own.
+"""The serving pipeline: merge each user's history, retrieve and rank (one backend call for a
+batch of users), drop the request's exclusions, order by score, keep the top k, and fill up
+from popularity where the models have nothing to say.
+
+A user is an id plus a history. The models know each trained user's history; a request adds
+its `recent_interactions`, and the models compute both stages from the merged history, so an
+unknown user who sent interactions is served from them alone. Ranking every candidate and
+filtering after gives the same lists as filtering first, since each pair's score is its own.
 
 Written once; it does not know which backend runs the models. Offline evaluation
 calls this same code, so its numbers are what the service returns.
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from server.backend import Backend
+from server.backend import Backend, UserBatch
 from server.catalog import Catalog, CatalogStore
 from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable
-from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH, MAX_K, MAX_USER_ID_LENGTH
+from server.limits import (
+    DEFAULT_K,
+    MAX_EXCLUDED_ITEMS,
+    MAX_ITEM_ID_LENGTH,
+    MAX_K,
+    MAX_RATING,
+    MAX_RECENT_INTERACTIONS,
+    MAX_USER_ID_LENGTH,
+    MIN_RATING,
+)
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """Something a user did with a movie: stars (0 = no rating) at a time (0 = unknown)."""
+
+    item_id: str
+    rating: float = 0.0
+    timestamp_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -26,6 +49,8 @@ class Query:
     k: int = DEFAULT_K
     exclude_item_ids: frozenset[str] = frozenset()
     include_rated: bool = False
+    # One (movie id, stars) per movie, already deduplicated (`make_query`).
+    recent_interactions: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,7 +66,47 @@ class Recommendation:
     fallback: bool
 
 
-def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool) -> Query:
+@dataclass(frozen=True)
+class RankedList:
+    """One query's answer: the items, best first, and how many of its interactions named movies
+    the models do not know (ignored; the request log counts them)."""
+
+    items: list[Recommendation] = field(default_factory=list)
+    unknown_interactions: int = 0
+
+
+def _check_item_id(item_id: str, name: str) -> None:
+    if not item_id:
+        raise InvalidRequest(f"{name} must not be empty")
+    if len(item_id) > MAX_ITEM_ID_LENGTH:
+        raise InvalidRequest(f"{name} is {len(item_id)} characters; the maximum is {MAX_ITEM_ID_LENGTH}")
+
+
+def check_interactions(interactions: Sequence[Interaction],
+                       field_name: str = "recent_interactions") -> tuple[tuple[str, float], ...]:
+    """Validate interactions and keep one per movie, with its latest rating (by timestamp, the later
+    entry on a tie); rating-less entries (0 stars) rate nothing, so they replace no rating."""
+    if len(interactions) > MAX_RECENT_INTERACTIONS:
+        raise InvalidRequest(f"{field_name} has {len(interactions)} entries; the maximum is {MAX_RECENT_INTERACTIONS}")
+    movies: dict[str, None] = {}
+    rated: dict[str, tuple[int, float]] = {}
+    for position, interaction in enumerate(interactions):
+        name = f"{field_name}[{position}]"
+        _check_item_id(interaction.item_id, f"{name}.item_id")
+        rating = interaction.rating
+        if math.isnan(rating) or rating != 0 and not MIN_RATING <= rating <= MAX_RATING:
+            raise InvalidRequest(f"{name}.rating is {rating}; it must be 0 (no rating) or {MIN_RATING} to {MAX_RATING}")
+        if interaction.timestamp_seconds < 0:
+            raise InvalidRequest(f"{name}.timestamp_seconds is {interaction.timestamp_seconds}; it must not be "
+                                 "negative")
+        movies.setdefault(interaction.item_id)
+        if rating and interaction.timestamp_seconds >= rated.get(interaction.item_id, (-1, 0.0))[0]:
+            rated[interaction.item_id] = (interaction.timestamp_seconds, rating)
+    return tuple((item_id, rated.get(item_id, (0, 0.0))[1]) for item_id in movies)
+
+
+def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool,
+               recent_interactions: Sequence[Interaction] = ()) -> Query:
     """Validate one request's fields; the limits are the ones the proto documents."""
     if not user_id or not user_id.strip():
         raise InvalidRequest("user_id must not be empty")
@@ -57,8 +122,7 @@ def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_ra
             raise InvalidRequest(f"exclude_item_ids[{position}] is {len(item_id)} characters; "
                                  f"the maximum is {MAX_ITEM_ID_LENGTH}")
     return Query(user_id=user_id, k=k or DEFAULT_K, exclude_item_ids=frozenset(exclude_item_ids),
-                 include_rated=include_rated)
-
+                 include_rated=include_rated, recent_interactions=check_interactions(recent_interactions))
 
 class Deadline:
     """Seconds left of the caller's deadline, checked between stages; also stops work for
@@ -92,7 +156,7 @@ class Pipeline:
 
     def recommend(self, queries: Sequence[Query], timeout: float | None = None,
                   stage_seconds: dict[str, float] | None = None,
-                  is_cancelled: Callable[[], bool] | None = None) -> list[list[Recommendation]]:
+                  is_cancelled: Callable[[], bool] | None = None) -> list[RankedList]:
         """Recommendations for each query, best first, in the order of `queries`.
 
         `stage_seconds`, if given, accumulates the time spent in the models, per stage where the
@@ -102,7 +166,7 @@ class Pipeline:
             return []
         deadline = Deadline(timeout, is_cancelled)
         timings = stage_seconds if stage_seconds is not None else {}
-        results: list[list[Recommendation] | None] = [None] * len(queries)
+        results: list[RankedList | None] = [None] * len(queries)
         for include_rated in (False, True):
             group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
             if group:
@@ -112,33 +176,42 @@ class Pipeline:
         return results  # type: ignore[return-value]
 
     def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline,
-                         timings: dict[str, float]) -> list[list[Recommendation]]:
-        # Users no model knows need no model call: they get the popularity fallback.
-        known = self.current_catalog()
-        user_ids = list(dict.fromkeys(query.user_id for query in queries if known.is_known_user(query.user_id)))
-        ranked, catalog = None, known
-        if user_ids:
-            ranked = self.backend.retrieve_and_rank(user_ids, include_rated, deadline.remaining(), timings)
+                         timings: dict[str, float]) -> list[RankedList]:
+        catalog = self.current_catalog()
+        # One model row per distinct (user, known interactions). Users the models know nothing of
+        # (no id, no known movie sent) need no model call: they get the popularity fallback.
+        known_interactions = [tuple(pair for pair in query.recent_interactions if pair[0] in catalog.titles)
+                              for query in queries]
+        row_of: dict[tuple[str, tuple[tuple[str, float], ...]], int] = {}
+        for query, interactions in zip(queries, known_interactions):
+            if catalog.is_known_user(query.user_id) or interactions and catalog.serves_interactions:
+                row_of.setdefault((query.user_id, interactions), len(row_of))
+        ranked = None
+        if row_of:
+            users = UserBatch.of([user for user, _ in row_of], [interactions for _, interactions in row_of])
+            ranked = self.backend.retrieve_and_rank(users, include_rated, deadline.remaining(), timings)
             catalog = self.catalogs.get(ranked.model_version)
-        row_of_user = {user_id: row for row, user_id in enumerate(user_ids)}
         results = []
-        for query in queries:
-            row = row_of_user.get(query.user_id)
+        for query, interactions in zip(queries, known_interactions):
+            row = row_of.get((query.user_id, interactions))
             items: list[Recommendation] = []
-            if row is not None and catalog.is_known_user(query.user_id):
-                item_ids, score = ranked.item_ids[row], ranked.score[row]
+            if row is not None:
+                item_ids, score, retrieval_scores = ranked.item_ids[row], ranked.score[row], ranked.retrieval_scores[row]
                 order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
-                if query.exclude_item_ids:  # a set lookup per candidate: no array of every id padded to the longest
-                    order = [i for i in order if item_ids[i] not in query.exclude_item_ids]
+                # -inf: a movie the model excluded (the user's history), listed only when history left
+                # fewer candidates than it returns. Exclusions are a set lookup per candidate: no array of
+                # every id padded to the longest.
+                order = [i for i in order if retrieval_scores[i] != -np.inf and item_ids[i] not in query.exclude_item_ids]
                 items = [
                     Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
                                    genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
-                                   retrieval_score=float(ranked.retrieval_scores[row, i]),
+                                   retrieval_score=float(retrieval_scores[i]),
                                    predicted_rating=float(ranked.predicted_rating[row, i]),
                                    model_version=catalog.model_version, fallback=False)
                     for position, i in enumerate(order[:query.k])
                 ]
-            results.append(self._fill_with_popular(items, query, catalog))
+            results.append(RankedList(self._fill_with_popular(items, query, catalog),
+                                      len(query.recent_interactions) - len(interactions)))
         return results
 
     @staticmethod
@@ -149,6 +222,7 @@ class Pipeline:
         taken = {item.item_id for item in items} | query.exclude_item_ids
         if not query.include_rated:
             taken |= catalog.rated_item_ids.get(query.user_id, frozenset())
+            taken |= {item_id for item_id, _ in query.recent_interactions}
         for item_id in catalog.popular_item_ids:
             if len(items) >= query.k:
                 break

@@ -17,14 +17,31 @@ from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
 from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, Overloaded
-from server.limits import DEFAULT_K, MAX_BATCH_USERS, MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH, MAX_K, MAX_USER_ID_LENGTH
+from server.limits import (
+    DEFAULT_K,
+    MAX_BATCH_INTERACTIONS,
+    MAX_BATCH_USERS,
+    MAX_EXCLUDED_ITEMS,
+    MAX_ITEM_ID_LENGTH,
+    MAX_K,
+    MAX_RECENT_INTERACTIONS,
+    MAX_USER_ID_LENGTH,
+)
 from server.observability import CallRecord, Observer
-from server.pipeline import Query, Recommendation, make_query
+from server.pipeline import Interaction, Query, RankedList, Recommendation, make_query
 from server.status import map_errors
+
+# A Recommend with more interactions than this is validated on a worker thread, not on the event loop.
+LARGE_REQUEST_INTERACTIONS = 100
+
+
+def _interactions(entries) -> list[Interaction]:
+    return [Interaction(entry.item_id, entry.rating, entry.timestamp_seconds) for entry in entries]
 
 
 def _query(request: recommender_pb2.RecommendRequest) -> Query:
-    return make_query(request.user_id, request.k, request.exclude_item_ids, request.include_rated)
+    return make_query(request.user_id, request.k, request.exclude_item_ids, request.include_rated,
+                      _interactions(request.recent_interactions))
 
 
 def _batch_queries(request: recommender_pb2.RecommendBatchRequest) -> list[Query]:
@@ -34,6 +51,10 @@ def _batch_queries(request: recommender_pb2.RecommendBatchRequest) -> list[Query
     if excluded > MAX_EXCLUDED_ITEMS:
         raise InvalidRequest(f"requests[*].exclude_item_ids hold {excluded} ids in all; the maximum over a batch is "
                              f"{MAX_EXCLUDED_ITEMS}")
+    interactions = sum(len(entry.recent_interactions) for entry in request.requests)
+    if interactions > MAX_BATCH_INTERACTIONS:
+        raise InvalidRequest(f"requests[*].recent_interactions hold {interactions} entries in all; the maximum over "
+                             f"a batch is {MAX_BATCH_INTERACTIONS}")
     queries = []
     for position, entry in enumerate(request.requests):
         try:
@@ -43,10 +64,10 @@ def _batch_queries(request: recommender_pb2.RecommendBatchRequest) -> list[Query
     return queries
 
 
-def _batch_response(queries: list[Query], results: list[list[Recommendation]]) -> recommender_pb2.RecommendBatchResponse:
+def _batch_response(queries: list[Query], results: list[RankedList]) -> recommender_pb2.RecommendBatchResponse:
     return recommender_pb2.RecommendBatchResponse(results=[
-        recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in items])
-        for query, items in zip(queries, results)])
+        recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in result.items])
+        for query, result in zip(queries, results)])
 
 
 def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
@@ -56,11 +77,13 @@ def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
         model_version=item.model_version, fallback=item.fallback)
 
 
-def _note(record: CallRecord, results: list[list[Recommendation]]) -> None:
-    items = [item for result in results for item in result]
+def _note(record: CallRecord, queries: Sequence[Query], results: list[RankedList]) -> None:
+    items = [item for result in results for item in result.items]
     record.item_count = len(items)
     record.fallback_count = sum(item.fallback for item in items)
     record.model_version = items[0].model_version if items else ""
+    record.interaction_count = sum(len(query.recent_interactions) for query in queries)
+    record.unknown_interaction_count = sum(result.unknown_interactions for result in results)
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -83,7 +106,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
 
     async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
-                         record: CallRecord) -> list[list[Recommendation]]:
+                         record: CallRecord) -> list[RankedList]:
         """Run the pipeline within the caller's deadline; a caller that goes away is dropped from its batch."""
         gone = threading.Event()
         context.add_done_callback(lambda _: gone.set())
@@ -99,11 +122,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     async def Recommend(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
         self._admit()
-        query = _query(request)
+        if len(request.recent_interactions) > LARGE_REQUEST_INTERACTIONS:  # validating 1,000 is not for the loop
+            query = await asyncio.to_thread(_query, request)
+        else:
+            query = _query(request)
         results = await self._recommend([query], context, record)
-        _note(record, results)
+        _note(record, [query], results)
         streaming_started = time.perf_counter()
-        for item in results[0]:
+        for item in results[0].items:
             yield to_proto(item)
         # Each streamed item is a message of its own: what the stream costs is worth seeing.
         record.stage_seconds["stream"] = time.perf_counter() - streaming_started
@@ -114,7 +140,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._admit()
         queries = await asyncio.to_thread(_batch_queries, request)
         results = await self._recommend(queries, context, record)
-        _note(record, results)
+        _note(record, queries, results)
         return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
 
     @map_errors
@@ -125,4 +151,5 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             model_version=catalog.model_version, backend=self.backend.name, candidate_count=catalog.candidate_count,
             preset=catalog.preset.get("name", ""), default_k=DEFAULT_K, max_k=MAX_K,
             max_exclude_item_ids=MAX_EXCLUDED_ITEMS, max_batch_requests=MAX_BATCH_USERS,
-            max_user_id_length=MAX_USER_ID_LENGTH, max_item_id_length=MAX_ITEM_ID_LENGTH)
+            max_user_id_length=MAX_USER_ID_LENGTH, max_item_id_length=MAX_ITEM_ID_LENGTH,
+            max_recent_interactions=MAX_RECENT_INTERACTIONS)

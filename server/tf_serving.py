@@ -21,10 +21,20 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from server.backend import Backend, Candidates, RankedCandidates, Scores
+from server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
 from server.catalog import Catalog
 from server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
-from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL, metadata_path
+from server.layout import (
+    DEFAULT_SIGNATURE,
+    INCLUDE_RATED_SIGNATURE,
+    INTERACTION_ITEMS_INPUT,
+    INTERACTION_RATINGS_INPUT,
+    ITEM_IDS_INPUT,
+    RANKING_MODEL,
+    RETRIEVAL_MODEL,
+    USER_ID_INPUT,
+    metadata_path,
+)
 
 log = logging.getLogger("recsys.server")
 
@@ -42,11 +52,28 @@ _VALUE_FIELDS = {types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_v
                  types_pb2.DT_INT32: "int_val", types_pb2.DT_INT64: "int64_val"}
 
 
-def string_tensor(values: Sequence[str]) -> tensor_pb2.TensorProto:
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_STRING,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]),
-        string_val=[value.encode() for value in values])
+def _shape(shape: Sequence[int]) -> tensor_shape_pb2.TensorShapeProto:
+    return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in shape])
+
+
+def string_tensor(values: Sequence[str] | np.ndarray) -> tensor_pb2.TensorProto:
+    """A string tensor of `values` (a list: one dimension; an array: its shape)."""
+    array = np.asarray(values, dtype=object)
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=_shape(array.shape),
+                                  string_val=[value.encode() for value in array.ravel().tolist()])
+
+
+def float_tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
+    array = np.ascontiguousarray(values, dtype=np.float32)
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=_shape(array.shape),
+                                  tensor_content=array.tobytes())
+
+
+def user_inputs(request: predict_pb2.PredictRequest, users: UserBatch) -> None:
+    """The user side every signature takes (export/serving.py)."""
+    request.inputs[USER_ID_INPUT].CopyFrom(string_tensor(users.user_ids))
+    request.inputs[INTERACTION_ITEMS_INPUT].CopyFrom(string_tensor(users.interaction_item_ids))
+    request.inputs[INTERACTION_RATINGS_INPUT].CopyFrom(float_tensor(users.interaction_ratings))
 
 
 def to_numpy(proto: tensor_pb2.TensorProto) -> np.ndarray:
@@ -202,41 +229,41 @@ class TFServingBackend(Backend):
             raise ModelsUnavailable(self._last_error)
         return self._version
 
-    def retrieve(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
         version = self._serving_version()
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.retrieval_model, self.retrieval_signatures[include_rated], version),
             output_filter=["item_ids", "scores"])
-        request.inputs["user_id"].CopyFrom(string_tensor(list(user_ids)))
+        user_inputs(request, users)
         response = self._call(self.stub.Predict, request, timeout, f"model '{self.retrieval_model}' version {version}")
         return Candidates(to_numpy(response.outputs["item_ids"]).astype(str),
                           to_numpy(response.outputs["scores"]).astype(np.float32), str(response.model_spec.version.value))
 
-    def rank(self, user_ids: Sequence[str], item_ids: Sequence[str], model_version: str,
+    def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
              timeout: float | None = None) -> Scores:
         # Pinned to the version that retrieved: the pair is never mixed.
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.ranking_model, self.ranking_signature, model_version),
             output_filter=["predicted_rating", "score"])
-        request.inputs["user_id"].CopyFrom(string_tensor(list(user_ids)))
-        request.inputs["item_id"].CopyFrom(string_tensor(list(item_ids)))
+        user_inputs(request, users)
+        request.inputs[ITEM_IDS_INPUT].CopyFrom(string_tensor(item_ids))
         response = self._call(self.stub.Predict, request, timeout,
                               f"model '{self.ranking_model}' version {model_version}")
         return Scores(to_numpy(response.outputs["predicted_rating"]).astype(np.float32),
                       to_numpy(response.outputs["score"]).astype(np.float32), str(response.model_spec.version.value))
 
-    def retrieve_and_rank(self, user_ids: Sequence[str], include_rated: bool, timeout: float | None = None,
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
                           stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
         """Both stages with one version; if TF Serving unloaded it since the last probe (a rollout
         moved on), probe again and run the whole pair once more with the version now served."""
         version = self._serving_version()
         try:
-            return super().retrieve_and_rank(user_ids, include_rated, timeout, stage_seconds)
+            return super().retrieve_and_rank(users, include_rated, timeout, stage_seconds)
         except ModelsUnavailable:
             if not self.refresh(self._load_catalog) or self._version == version:
                 raise
             log.info("version %s left TF Serving mid-call; retrying with version %s", version, self._version)
-            return super().retrieve_and_rank(user_ids, include_rated, timeout, stage_seconds)
+            return super().retrieve_and_rank(users, include_rated, timeout, stage_seconds)
 
     def close(self) -> None:
         self.channel.close()

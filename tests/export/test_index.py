@@ -23,7 +23,7 @@ def test_excluded_positions_are_never_returned():
     index, embeddings = _index()
     queries = np.random.default_rng(2).normal(size=(2, 6)).astype(np.float32)
     best = np.argsort(-(queries @ embeddings.T), axis=1)
-    excluded = tf.ragged.constant([best[0, :5].tolist(), []], dtype=tf.int32)
+    excluded = tf.constant([[0, position] for position in best[0, :5].tolist() + [best[0, 0]]], tf.int64)
     _, positions = index(tf.constant(queries), 10, excluded)
     np.testing.assert_array_equal(positions.numpy()[0], best[0, 5:15])
     np.testing.assert_array_equal(positions.numpy()[1], best[1, :10])

@@ -30,15 +30,21 @@ def test_layout_and_models_config(models_dir, trained):
         assert entry.model_platform == "tensorflow"
 
 
+USER_SIDE = {"user_id": ([None], tf.string), "interaction_item_ids": ([None, None], tf.string),
+             "interaction_ratings": ([None, None], tf.float32)}
+
+
+def _inputs(signature) -> dict[str, tuple[list, tf.DType]]:
+    return {name: (spec.shape.as_list(), spec.dtype) for name, spec in signature.structured_input_signature[1].items()}
+
+
 def test_retrieval_signatures_are_pinned(loaded, trained):
     retrieval, _ = loaded
     assert set(retrieval.signatures) == {"serving_default", "include_rated"}
     candidate_count = trained[1].retrieval.candidate_count
     for name in ("serving_default", "include_rated"):
         signature = retrieval.signatures[name]
-        spec = signature.structured_input_signature[1]
-        assert list(spec) == ["user_id"] and spec["user_id"].dtype == tf.string
-        assert spec["user_id"].shape.as_list() == [None]
+        assert _inputs(signature) == USER_SIDE
         outputs = signature.structured_outputs
         assert outputs["item_ids"].dtype == tf.string and outputs["scores"].dtype == tf.float32
         assert outputs["item_ids"].shape.as_list() == [None, candidate_count]
@@ -48,11 +54,18 @@ def test_ranking_signature_is_pinned(loaded):
     _, ranking = loaded
     assert set(ranking.signatures) == {"serving_default"}
     signature = ranking.signatures["serving_default"]
-    spec = signature.structured_input_signature[1]
-    assert sorted(spec) == ["item_id", "user_id"]
-    assert all(s.dtype == tf.string and s.shape.as_list() == [None] for s in spec.values())
-    assert {name: t.dtype for name, t in signature.structured_outputs.items()} == {
-        "predicted_rating": tf.float32, "score": tf.float32}
+    assert _inputs(signature) == {**USER_SIDE, "item_ids": ([None, None], tf.string)}
+    assert {name: (t.dtype, t.shape.as_list()) for name, t in signature.structured_outputs.items()} == {
+        "predicted_rating": (tf.float32, [None, None]), "score": (tf.float32, [None, None])}
+
+
+def user_side(users: list[str], interactions: list[tuple[str, float]] = ()) -> dict[str, tf.Tensor]:
+    """The signatures' user inputs, the same interactions for every user."""
+    return {"user_id": tf.constant(users),
+            "interaction_item_ids": tf.constant([[item for item, _ in interactions]] * len(users), tf.string,
+                                                shape=[len(users), len(interactions)]),
+            "interaction_ratings": tf.constant([[stars for _, stars in interactions]] * len(users), tf.float32,
+                                               shape=[len(users), len(interactions)])}
 
 
 def _op_types(signature) -> set[str]:
@@ -72,46 +85,49 @@ def test_signatures_run_no_checks_or_branches_per_request(loaded):
 def test_retrieval_round_trip_matches(loaded, trained):
     retrieval, _ = loaded
     module = trained[1].retrieval
-    users = tf.constant(USERS)
-    for restored, original in ((retrieval.signatures["serving_default"], module.retrieve),
-                               (retrieval.signatures["include_rated"], module.retrieve_including_rated)):
-        before, after = original(users), restored(user_id=users)
-        np.testing.assert_array_equal(before["item_ids"].numpy(), after["item_ids"].numpy())
-        np.testing.assert_allclose(before["scores"].numpy(), after["scores"].numpy(), rtol=1e-6, atol=1e-6)
+    for interactions in ([], [("1", 4.0), ("50", 0.0)]):
+        inputs = user_side(USERS, interactions)
+        for restored, original in ((retrieval.signatures["serving_default"], module.retrieve),
+                                   (retrieval.signatures["include_rated"], module.retrieve_including_rated)):
+            before, after = original(**inputs), restored(**inputs)
+            np.testing.assert_array_equal(before["item_ids"].numpy(), after["item_ids"].numpy())
+            np.testing.assert_allclose(before["scores"].numpy(), after["scores"].numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_ranking_round_trip_matches(loaded, trained):
     _, ranking = loaded
-    users = tf.constant(["1", "1", "42", "943", "unknown"])
-    items = tf.constant(["1", "50", "181", "1682", "nope"])
-    before = trained[1].ranking.rank(users, items)
-    after = ranking.signatures["serving_default"](user_id=users, item_id=items)
-    for key in ("predicted_rating", "score"):
-        np.testing.assert_allclose(before[key].numpy(), after[key].numpy(), rtol=1e-6, atol=1e-6)
-    assert np.all((after["predicted_rating"].numpy() > 0) & (after["predicted_rating"].numpy() < 6))
+    items = tf.constant([["1", "50", "181"], ["1682", "nope", "1"], ["2", "3", "4"], ["5", "6", "7"], ["8", "9", "10"]])
+    for interactions in ([], [("1", 4.0), ("50", 0.0)]):
+        inputs = {**user_side(USERS, interactions), "item_ids": items}
+        before = trained[1].ranking.rank(**inputs)
+        after = ranking.signatures["serving_default"](**inputs)
+        for key in ("predicted_rating", "score"):
+            np.testing.assert_allclose(before[key].numpy(), after[key].numpy(), rtol=1e-6, atol=1e-6)
+        assert np.all((after["predicted_rating"].numpy() > 0) & (after["predicted_rating"].numpy() < 6))
 
 
 def test_precomputed_tables_serve_what_the_trained_towers_compute(loaded, trained):
-    """The export stores tower outputs instead of towers; served scores must be the trained models' own."""
+    """Users without interactions are served from the towers' outputs per user; they must be the trained models'."""
     retrieval, ranking = loaded
     result = trained[1]
     users = ["1", "1", "42", "943", "unknown"]
     items = ["1", "50", "181", "1682", "nope"]
     features = {"user_id": tf.constant(users), "item_id": tf.constant(items)}
     model = result.ranking_model
-    served = ranking.signatures["serving_default"](user_id=features["user_id"], item_id=features["item_id"])
-    np.testing.assert_allclose(served["predicted_rating"].numpy(), model(features)[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    served = ranking.signatures["serving_default"](**user_side(users), item_ids=tf.constant(items)[:, None])
+    np.testing.assert_allclose(served["predicted_rating"].numpy()[:, 0], model(features)[:, 0].numpy(),
+                               rtol=1e-4, atol=1e-4)
     towers = result.retrieval_model
     watch_logit = tf.reduce_sum(model.watch_user_model(features["user_id"]) * model.watch_item_model(features["item_id"]),
                                 axis=1)
     expected_score = watch_logit + tf.reduce_sum(
         towers.user_model(features["user_id"]) * towers.item_model(features["item_id"]), axis=1)
-    np.testing.assert_allclose(served["score"].numpy(), expected_score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(served["score"].numpy()[:, 0], expected_score.numpy(), rtol=1e-4, atol=1e-4)
 
     catalog = result.retrieval.item_ids.numpy()
     everything = tf.matmul(towers.index_user_model(tf.constant(users)), towers.index_item_model(tf.constant(catalog)),
                            transpose_b=True).numpy()
-    candidates = retrieval.signatures["include_rated"](user_id=tf.constant(users))
+    candidates = retrieval.signatures["include_rated"](**user_side(users))
     top = np.sort(everything, axis=1)[:, ::-1][:, :candidates["scores"].shape[1]]
     np.testing.assert_allclose(candidates["scores"].numpy(), top, rtol=1e-4, atol=1e-4)
 
@@ -120,11 +136,11 @@ def test_rated_movies_are_excluded_for_the_heaviest_user(loaded, trained, heavie
     retrieval, _ = loaded
     rated = {str(item) for user, item in split[0][:, :2] if str(user) == heaviest_user}
     assert len(rated) > trained[1].retrieval.candidate_count, "more rated movies than candidates"
-    result = retrieval.signatures["serving_default"](user_id=tf.constant([heaviest_user]))
+    result = retrieval.signatures["serving_default"](**user_side([heaviest_user]))
     candidates = set(result["item_ids"].numpy()[0].astype(str))
     assert len(candidates) == result["item_ids"].shape[1], "candidates must be distinct"
     assert not candidates & rated
-    everything = retrieval.signatures["include_rated"](user_id=tf.constant([heaviest_user]))
+    everything = retrieval.signatures["include_rated"](**user_side([heaviest_user]))
     assert set(everything["item_ids"].numpy()[0].astype(str)) & rated, "include_rated keeps rated movies"
 
 
@@ -134,25 +150,33 @@ def cpp_run(model_path, feeds_by_key, output_keys, signature="serving_default"):
     session = SavedModelSession(model_path)
     try:
         signature_def = session.meta_graph.signature_def[signature]
-        feeds = {signature_def.inputs[key].name: tf.make_tensor_proto(value) for key, value in feeds_by_key.items()}
+        feeds = {signature_def.inputs[key].name: tf.make_tensor_proto(
+            value, dtype=tf.string if np.asarray(value).dtype.kind in "OS" else None)
+            for key, value in feeds_by_key.items()}
         outputs = session.run(feeds, [signature_def.outputs[key].name for key in output_keys])
         return {key: tf.make_ndarray(proto) for key, proto in zip(output_keys, outputs)}
     finally:
         session.close()
 
 
+def _numpy_inputs(inputs: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in inputs.items()}
+
+
 def test_tf_serving_style_loading_matches_tf2(models_dir, loaded):
     retrieval, ranking = loaded
-    for signature in ("serving_default", "include_rated"):
-        session_out = cpp_run(models_dir / "retrieval" / "1", {"user_id": USERS}, ["item_ids", "scores"], signature)
-        eager_out = retrieval.signatures[signature](user_id=tf.constant(USERS))
-        np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
-        np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
-    pairs = {"user_id": ["42", "42", "7"], "item_id": ["1", "2", "3"]}
-    session_out = cpp_run(models_dir / "ranking" / "1", pairs, ["predicted_rating", "score"])
-    eager_out = ranking.signatures["serving_default"](user_id=tf.constant(pairs["user_id"]),
-                                                      item_id=tf.constant(pairs["item_id"]))
-    np.testing.assert_allclose(session_out["score"], eager_out["score"].numpy(), rtol=1e-5, atol=1e-5)
+    for interactions in ([], [("1", 5.0), ("2", 0.0), ("not-a-movie", 3.0)]):
+        inputs = user_side(USERS, interactions)
+        for signature in ("serving_default", "include_rated"):
+            session_out = cpp_run(models_dir / "retrieval" / "1", _numpy_inputs(inputs), ["item_ids", "scores"],
+                                  signature)
+            eager_out = retrieval.signatures[signature](**inputs)
+            np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
+            np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
+        ranking_inputs = {**inputs, "item_ids": tf.constant([["1", "2", "3"]] * len(USERS))}
+        session_out = cpp_run(models_dir / "ranking" / "1", _numpy_inputs(ranking_inputs), ["predicted_rating", "score"])
+        eager_out = ranking.signatures["serving_default"](**ranking_inputs)
+        np.testing.assert_allclose(session_out["score"], eager_out["score"].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_warmup_records_are_prediction_logs_that_run(models_dir):
@@ -160,15 +184,18 @@ def test_warmup_records_are_prediction_logs_that_run(models_dir):
         path = models_dir / model / "1" / "assets.extra" / "tf_serving_warmup_requests"
         records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
         assert 3 <= len(records) <= 20
+        with_interactions = 0
         for record in records:
             log = prediction_log_pb2.PredictionLog.FromString(record)
             request = log.predict_log.request
             assert request.model_spec.name == model
             feeds = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+            with_interactions += feeds["interaction_item_ids"].shape[1] > 0
             signature = request.model_spec.signature_name or "serving_default"
             outputs = ["item_ids", "scores"] if model == "retrieval" else ["predicted_rating", "score"]
             result = cpp_run(models_dir / model / "1", feeds, outputs, signature)
-            assert len(result[outputs[0]]) == len(next(iter(feeds.values())))
+            assert len(result[outputs[0]]) == len(feeds["user_id"])
+        assert with_interactions >= 2, "warmup exercises the interaction path too"
 
 
 def test_a_second_export_gets_the_next_version_and_keeps_the_first(tmp_path, trained):

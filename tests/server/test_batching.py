@@ -43,12 +43,12 @@ def test_concurrent_requests_are_merged_and_answered_individually(gated):
     with futures.ThreadPoolExecutor(len(users)) as pool:
         pending = [pool.submit(batcher.recommend, [Query(user, k=5)], 30) for user in users]
         backend.gate.set()
-        batched = [future.result()[0] for future in pending]
+        batched = [future.result()[0].items for future in pending]
     assert backend.model_calls < len(users)
     # One observation per batch, together covering every query; some batch merged several.
     assert sum(backend.batch_sizes) == len(users) and len(backend.batch_sizes) < len(users)
     for user, items in zip(users, batched):
-        alone = pipeline.recommend([Query(user, k=5)])[0]
+        alone = pipeline.recommend([Query(user, k=5)])[0].items
         assert [item.item_id for item in items] == [item.item_id for item in alone]
         assert [item.score for item in items] == pytest.approx([item.score for item in alone], abs=1e-5)
 
@@ -58,7 +58,7 @@ def test_a_caller_past_its_deadline_gets_deadline_exceeded(gated):
     with pytest.raises(DeadlineExceeded):
         batcher.recommend([Query("42")], timeout=0.05)  # the gate holds retrieval longer than that
     backend.gate.set()
-    assert len(batcher.recommend([Query("42")], timeout=10)[0]) == 10
+    assert len(batcher.recommend([Query("42")], timeout=10)[0].items) == 10
 
 
 def test_a_caller_that_went_away_costs_no_model_call(gated):
@@ -67,7 +67,7 @@ def test_a_caller_that_went_away_costs_no_model_call(gated):
         blocker = pool.submit(batcher.recommend, [Query("1")], 30)  # holds the batcher at the gate
         gone = pool.submit(batcher.recommend, [Query("42")], 30, None, lambda: True)
         backend.gate.set()
-        assert len(blocker.result()[0]) == 10
+        assert len(blocker.result()[0].items) == 10
         with pytest.raises(Cancelled):
             gone.result()
     assert backend.model_calls == 1

@@ -20,7 +20,7 @@ import server.backend
 from client import RecommenderClient
 from protos import recommender_pb2
 from server.app import create_server
-from server.backend import InProcessBackend
+from server.backend import InProcessBackend, UserBatch
 from server.limits import MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH
 from server.options import ServerOptions
 from tests.conftest import REPO_ROOT, publish, start_server_process, start_tf_serving, status_of, stop_process, wait_for
@@ -278,10 +278,10 @@ def test_a_failed_tf_serving_call_fails_that_call_only(models_dir):
         with grpc.insecure_channel(f"127.0.0.1:{dead}") as channel:  # a real connection refused
             backend.stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             with pytest.raises(ModelsUnavailable, match="retry"):
-                backend.retrieve(["42"], include_rated=False, timeout=2)
+                backend.retrieve(UserBatch.of(["42"]), include_rated=False, timeout=2)
         backend.stub = real_stub
         assert backend.is_ready(), "one failed call does not mark the replica down"
-        assert backend.retrieve(["42"], include_rated=False, timeout=5).item_ids.shape[0] == 1
+        assert backend.retrieve(UserBatch.of(["42"]), include_rated=False, timeout=5).item_ids.shape[0] == 1
         backend.close()
     finally:
         stop_process(process)

@@ -15,6 +15,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from client import RecommenderClient
 from server.app import create_server
+from server.backend import UserBatch
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
 from server.options import ServerOptions
@@ -51,7 +52,9 @@ def served(models_dir, tf_serving):
 def test_same_items_same_order_as_in_process(served, client):
     via_tf_serving, _ = served
     for user in SAMPLE_USERS:
-        for options in ({"k": 20}, {"k": 10, "exclude": ["50", "100", "181"]}, {"k": 10, "include_rated": True}):
+        for options in ({"k": 20}, {"k": 10, "exclude": ["50", "100", "181"]}, {"k": 10, "include_rated": True},
+                        {"k": 20, "interactions": [("50", 5.0), ("181", 0.0), ("2", 1.0), ("no-such-movie", 3.0)]},
+                        {"k": 10, "include_rated": True, "interactions": [("1", 4.5)]}):
             remote = via_tf_serving.recommend(user, **options)
             local = client.recommend(user, **options)
             assert [item.item_id for item in remote] == [item.item_id for item in local], (user, options)
@@ -133,7 +136,7 @@ def test_a_version_gone_between_stages_is_unavailable_not_a_precondition(models_
     backend = TFServingBackend(f"127.0.0.1:{tf_serving}", models_dir)
     assert backend.refresh(CatalogStore(models_dir).get)
     with pytest.raises(ModelsUnavailable, match=r"Specific\(ranking, 7\)"):
-        backend.rank(["42"], ["1"], model_version="7", timeout=5)
+        backend.rank(UserBatch.of(["42"]), np.array([["1"]], dtype=object), model_version="7", timeout=5)
 
 
 @pytest.mark.slow
@@ -247,7 +250,7 @@ def test_a_version_that_fails_its_warmup_never_serves(rollout, models_dir):
         request.predict_log.request.model_spec.name = "ranking"
         request.predict_log.request.inputs["user_id"].CopyFrom(tf.make_tensor_proto([b"42"]))
         with tf.io.TFRecordWriter(str(staging / "assets.extra" / "tf_serving_warmup_requests")) as writer:
-            writer.write(request.SerializeToString())  # no item_id: the warmup request fails
+            writer.write(request.SerializeToString())  # inputs missing: the warmup request fails
         staging.rename(directory / "ranking" / "2")
         time.sleep(3)
     finally:

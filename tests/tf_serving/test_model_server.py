@@ -40,8 +40,30 @@ def _request(model: str, signature: str = "", version: int | None = None, **inpu
     if version is not None:
         request.model_spec.version.value = version
     for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        value = np.asarray(value)
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string if value.dtype == object else None))
     return request
+
+
+def user_inputs(*user_ids: str, interactions: list[tuple[str, float]] = ()) -> dict[str, np.ndarray]:
+    """The user side of every signature; the same interactions for each user."""
+    count = len(user_ids)
+    return {"user_id": np.array([user.encode() for user in user_ids], dtype=object),
+            "interaction_item_ids": np.array([[item.encode() for item, _ in interactions]] * count,
+                                             dtype=object).reshape(count, len(interactions)),
+            "interaction_ratings": np.array([[stars for _, stars in interactions]] * count,
+                                            dtype=np.float32).reshape(count, len(interactions))}
+
+
+def ranking_inputs(*user_ids: str, item_ids=("1", "2"), interactions: list[tuple[str, float]] = ()):
+    return {**user_inputs(*user_ids, interactions=interactions),
+            "item_ids": np.array([[item.encode() for item in item_ids]] * len(user_ids), dtype=object)}
+
+
+RECENT = [("1", 4.0), ("50", 0.0)]
+SIGNATURE_INPUTS = {("retrieval", "serving_default"): user_inputs("42", interactions=RECENT),
+                    ("retrieval", "include_rated"): user_inputs("42", interactions=RECENT),
+                    ("ranking", "serving_default"): ranking_inputs("42", interactions=RECENT)}
 
 
 def test_the_port_opens_after_the_initial_load(standin):
@@ -54,32 +76,49 @@ def test_the_port_opens_after_the_initial_load(standin):
 
 def test_predict_answers_with_typed_proto_fields(standin):
     _, stub = standin
-    response = stub.Predict(_request("retrieval", user_id=np.array([b"42", b"nobody"])), timeout=10)
+    response = stub.Predict(_request("retrieval", **user_inputs("42", "nobody", interactions=[("1", 4.0)])),
+                            timeout=10)
     assert response.model_spec.version.value == 1 and response.model_spec.signature_name == "serving_default"
     item_ids, scores = response.outputs["item_ids"], response.outputs["scores"]
     assert item_ids.string_val and not item_ids.tensor_content and scores.float_val and not scores.tensor_content
     assert [dim.size for dim in scores.tensor_shape.dim] == [2, len(scores.float_val) // 2]
 
 
-@pytest.mark.parametrize("model, signature, inputs", [
-    ("retrieval", "serving_default", {"user_id"}), ("retrieval", "include_rated", {"user_id"}),
-    ("ranking", "serving_default", {"user_id", "item_id"}),
-])
-@pytest.mark.parametrize("shape", [(), (1, 1), (2, 3)])
-def test_every_signature_rejects_a_wrong_rank_and_the_server_stays_up(standin, model, signature, inputs, shape):
+@pytest.mark.parametrize("model, signature, name", [(model, signature, name) for (model, signature), inputs
+                                                     in SIGNATURE_INPUTS.items() for name in inputs])
+@pytest.mark.parametrize("wrong", ["scalar", "one more dimension"])
+def test_every_signature_rejects_a_wrong_rank_and_the_server_stays_up(standin, model, signature, name, wrong):
     process, stub = standin
-    values = np.full(shape, b"42", dtype=object)
-    code, details = status_of(lambda: stub.Predict(_request(model, signature, **{key: values for key in inputs}),
-                                                   timeout=10))
+    inputs = dict(SIGNATURE_INPUTS[(model, signature)])
+    valid = inputs[name]
+    inputs[name] = valid.ravel()[0] if wrong == "scalar" else valid[..., None]
+    code, details = status_of(lambda: stub.Predict(_request(model, signature, **inputs), timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape" in details.lower()
     assert process.poll() is None, "a malformed input must not take TF Serving down"
-    assert stub.Predict(_request("retrieval", user_id=np.array([b"42"])), timeout=10).outputs
+    assert stub.Predict(_request("retrieval", **user_inputs("42")), timeout=10).outputs
+
+
+@pytest.mark.parametrize("model, signature", list(SIGNATURE_INPUTS))
+@pytest.mark.parametrize("mismatch", ["ratings", "more interaction rows", "more user ids"])
+def test_inputs_whose_shapes_disagree_are_invalid_argument(standin, model, signature, mismatch):
+    process, stub = standin
+    inputs = dict(SIGNATURE_INPUTS[(model, signature)])
+    if mismatch == "ratings":  # one rating for two movies
+        inputs["interaction_ratings"] = inputs["interaction_ratings"][:, :1]
+    elif mismatch == "more interaction rows":  # interactions for three users, one user id
+        inputs["interaction_item_ids"] = np.repeat(inputs["interaction_item_ids"], 3, axis=0)
+        inputs["interaction_ratings"] = np.repeat(inputs["interaction_ratings"], 3, axis=0)
+    else:
+        inputs["user_id"] = np.repeat(inputs["user_id"], 3)
+    code, _ = status_of(lambda: stub.Predict(_request(model, signature, **inputs), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert process.poll() is None
 
 
 def test_a_wrong_dtype_is_invalid_argument(standin):
     _, stub = standin
-    code, details = status_of(lambda: stub.Predict(_request("retrieval", user_id=np.array([1.5], np.float32)),
-                                                   timeout=10))
+    inputs = {**user_inputs("42"), "user_id": np.array([1.5], np.float32)}
+    code, details = status_of(lambda: stub.Predict(_request("retrieval", **inputs), timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "string" in details
 
 
@@ -100,7 +139,7 @@ def test_a_wrong_dtype_is_invalid_argument(standin):
 ])
 def test_predict_follows_predict_util(standin, change, code, message):
     _, stub = standin
-    request = _request("retrieval", user_id=np.array([b"42"]))
+    request = _request("retrieval", **user_inputs("42"))
     change(request)
     got_code, details = status_of(lambda: stub.Predict(request, timeout=10))
     assert got_code == code and message in details
@@ -122,9 +161,11 @@ def test_the_deadline_is_enforced_inside_session_run(models_dir):
     """RunOptions.timeout_in_ms, as TF Serving sets it from the call's deadline."""
     session = SavedModelSession(models_dir / "retrieval" / "1")
     signature = session.meta_graph.signature_def["serving_default"]
-    users = tf.make_tensor_proto(np.array([str(n).encode() for n in range(200_000)], dtype=object))
+    inputs = user_inputs(*(str(n) for n in range(200_000)))
+    feeds = {signature.inputs[key].name: tf.make_tensor_proto(value, dtype=tf.string if value.dtype == object else None)
+             for key, value in inputs.items()}
     with pytest.raises(TFError) as error:
-        session.run({signature.inputs["user_id"].name: users}, [signature.outputs["scores"].name], timeout_ms=1)
+        session.run(feeds, [signature.outputs["scores"].name], timeout_ms=1)
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     session.close()
 
@@ -158,7 +199,7 @@ def test_only_the_latest_versions_are_served_and_a_failed_warmup_fails_the_versi
         _copy_version(models_dir, tmp_path, version)
     broken = tmp_path / "ranking" / "3" / "assets.extra" / "tf_serving_warmup_requests"
     with tf.io.TFRecordWriter(str(broken)) as writer:  # a request the signature refuses
-        request = _request("ranking", user_id=np.array([b"42"]))
+        request = _request("ranking", **user_inputs("42"))
         writer.write(prediction_log_pb2.PredictionLog(
             predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
     process, port = start_tf_serving(_config(tmp_path))
@@ -167,7 +208,7 @@ def test_only_the_latest_versions_are_served_and_a_failed_warmup_fails_the_versi
         ranking = _statuses(port, "ranking")
         assert ranking[2].state == AVAILABLE and ranking[3].state == END
         assert ranking[3].status.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert "Missing but required: {item_id}" in ranking[3].status.error_message
+        assert "Missing but required: {item_ids}" in ranking[3].status.error_message
         _copy_version(models_dir, tmp_path, 4, models=("retrieval",))
         wait_for(lambda: set(_statuses(port, "retrieval")) == {3, 4}, what="version 2 unloaded once 4 is AVAILABLE")
     finally:

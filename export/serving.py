@@ -1,0 +1,325 @@
+"""The served graphs: what the retrieval and ranking SavedModels compute for a request.
+
+A user is an id plus a history. Every user tower of the trained models is
+`id row + (sum of the history's rows [+ (stars - mean) x liked rows]) / sqrt(history length)`
+(export/models.py `HistoryUserTower`), so the served graph can compute it for any history:
+the user's training history merged with the interactions a request sends. Users who send
+none get their tower's output as trained, read from a table (no history sums per request),
+so their results are exactly the trained model's.
+
+Every signature takes the same user-side inputs:
+    user_id               string [users]          a user id; unknown ids get the out-of-vocabulary row
+    interaction_item_ids  string [users, n]       recent movies, "" for padding; unknown movies are ignored
+    interaction_ratings   float  [users, n]       their stars; 0 = no rating (watched or clicked)
+A movie counts once per user: a rating sent with the request replaces the training one, and a
+rating-less interaction leaves a known rating as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from export.index import BruteForceIndex
+from export.models import ConcatTowers, HistoryUserTower, RaggedTable, embedding_table
+from server.layout import INTERACTION_ITEMS_INPUT, INTERACTION_RATINGS_INPUT, ITEM_IDS_INPUT, USER_ID_INPUT
+
+OUT_OF_VOCABULARY_PROBE = "\x00out-of-vocabulary"
+TABLE_CHUNK = 4096
+
+USER_INPUTS = [tf.TensorSpec([None], tf.string, name=USER_ID_INPUT),
+               tf.TensorSpec([None, None], tf.string, name=INTERACTION_ITEMS_INPUT),
+               tf.TensorSpec([None, None], tf.float32, name=INTERACTION_RATINGS_INPUT)]
+
+
+def tower_table(tower: tf.keras.Model, vocabulary: list[str]) -> np.ndarray:
+    """The tower's output for every id of `vocabulary`, after a row 0 with its output for an
+    unknown id: the same layout as a StringLookup over `vocabulary` with one OOV bucket."""
+    ids = [OUT_OF_VOCABULARY_PROBE] + vocabulary
+    return np.concatenate([tower(tf.constant(ids[start:start + TABLE_CHUNK])).numpy()
+                           for start in range(0, len(ids), TABLE_CHUNK)])
+
+
+@dataclass(frozen=True)
+class TowerParts:
+    """A user tower as the arrays of its formula, rows in lookup order (row 0: out of vocabulary).
+
+    `rated` is None for an id-only tower (interactions do not move it); `liked` is None for a
+    tower that does not weigh its history by stars.
+    """
+
+    ids: np.ndarray  # [users + 1, width]
+    rated: np.ndarray | None  # [movies + 1, width]
+    liked: np.ndarray | None  # [movies + 1, width]
+    mean_stars: float = 0.0
+
+    @staticmethod
+    def of(tower: tf.keras.Model) -> "TowerParts":
+        if isinstance(tower, ConcatTowers):
+            members = [TowerParts.of(member) for member in tower.towers]
+            if any(member.liked is not None for member in members):
+                raise ValueError("concatenated towers that weigh stars are not supported")
+            widths = [member.ids.shape[1] for member in members]
+            movies = next((member.rated.shape[0] for member in members if member.rated is not None), None)
+            rated = None if movies is None else np.concatenate(
+                [member.rated if member.rated is not None else np.zeros((movies, width), np.float32)
+                 for member, width in zip(members, widths)], axis=1)
+            return TowerParts(np.concatenate([member.ids for member in members], axis=1), rated, None)
+        if isinstance(tower, HistoryUserTower):
+            table = tower.history_embedding.embeddings.numpy()
+            ids = tower.user_embedding.embeddings.numpy()
+            if tower.with_stars:
+                return TowerParts(ids, table[:, :tower.dim], table[:, tower.dim:], tower.mean_stars)
+            return TowerParts(ids, table, None)
+        return TowerParts(embedding_table(tower), None, None)
+
+    def times(self, kernel: np.ndarray) -> "TowerParts":
+        """The parts of `tower(x) @ kernel`: the formula is linear in its rows."""
+        return TowerParts(self.ids @ kernel, None if self.rated is None else self.rated @ kernel,
+                          None if self.liked is None else self.liked @ kernel, self.mean_stars)
+
+
+class MergedHistory(NamedTuple):
+    """The histories of the users of a request that sent interactions, one entry per (user, movie)."""
+
+    active: tf.Tensor  # int64 [active users]: their rows in the request
+    users: tf.Tensor  # int64 [active users]: their user lookup rows (0: unknown user)
+    rows: tf.Tensor  # int64 [entries]: which active user (0..active users - 1)
+    positions: tf.Tensor  # int64 [entries]: the movie's lookup row (1..movies)
+    stars: tf.Tensor  # float32 [entries]: 0 where no rating is known
+    counts: tf.Tensor  # float32 [active users]: history length
+
+
+class ServedHistory(tf.keras.layers.Layer):
+    """Who rated what in training, per user row, and the merge with a request's interactions."""
+
+    def __init__(self, user_ids: list[str], item_ids: list[str], rated_item_ids: dict[str, list[str]],
+                 rated_stars: dict[str, np.ndarray], **kwargs):
+        super().__init__(**kwargs)
+        self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
+        # "" (padding) and unknown movies map to 0, which is never a history entry.
+        self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
+        self.movie_count = len(item_ids)
+        position = {item_id: index + 1 for index, item_id in enumerate(item_ids)}
+        self.positions = RaggedTable([[position[item] for item in rated_item_ids.get(user, [])] for user in user_ids],
+                                     np.int64, name="positions")
+        self.stars = RaggedTable([np.asarray(rated_stars.get(user, []), np.float32) for user in user_ids], np.float32,
+                                 name="stars")
+
+    def user_rows(self, user_id: tf.Tensor) -> tf.Tensor:
+        return self.user_lookup(user_id)
+
+    def training_positions(self, user_rows: tf.Tensor) -> tf.RaggedTensor:
+        """Each user's training history as movie lookup rows. The row splits were checked when the
+        table was built: checking them per request would add an Assert to the graph."""
+        return self.positions.rows(user_rows, validate=False)
+
+    def request_positions(self, interaction_item_ids: tf.Tensor) -> tf.Tensor:
+        return self.item_lookup(interaction_item_ids)
+
+    def merge(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor) -> MergedHistory:
+        """Training history plus interactions, for the users with at least one known movie in them.
+
+        Entries are ranked, then deduplicated keeping the first: rated interactions (the request's
+        stars win), then the training history, then rating-less interactions.
+        """
+        active = tf.where(tf.reduce_any(positions > 0, axis=1))[:, 0]
+        users = tf.gather(user_rows, active)
+        history = self.training_positions(users)
+        history_stars = self.stars.rows(users, validate=False)
+        positions, stars = tf.gather(positions, active), tf.gather(stars, active)
+        width = tf.constant(self.movie_count + 1, tf.int64)
+        request_rows = tf.broadcast_to(tf.range(tf.shape(positions, out_type=tf.int64)[0])[:, None],
+                                       tf.shape(positions, out_type=tf.int64))
+        request_keys = request_rows * width + positions
+        rated, unrated = (positions > 0) & (stars > 0), (positions > 0) & ~(stars > 0)
+        keys = tf.concat([tf.boolean_mask(request_keys, rated), history.value_rowids() * width + history.values,
+                          tf.boolean_mask(request_keys, unrated)], axis=0)
+        entry_stars = tf.concat([tf.boolean_mask(stars, rated), history_stars.values,
+                                 tf.zeros_like(tf.boolean_mask(stars, unrated))], axis=0)
+        unique_keys, entry = tf.unique(keys, out_idx=tf.int64)
+        first = tf.math.unsorted_segment_min(tf.range(tf.size(keys, out_type=tf.int64)), entry,
+                                             tf.size(unique_keys, out_type=tf.int64))
+        rows = unique_keys // width
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(rows, tf.float32), rows, tf.size(active))
+        return MergedHistory(active, users, rows, unique_keys % width, tf.gather(entry_stars, first), counts)
+
+
+class ServedUserTower(tf.keras.layers.Layer):
+    """A user tower at serving time: its trained output per user (a table), and for users whose
+    request sent interactions, its formula over their merged history."""
+
+    def __init__(self, outputs: np.ndarray, parts: TowerParts, **kwargs):
+        super().__init__(**kwargs)
+        self.outputs = tf.Variable(outputs, trainable=False, name="outputs")
+        self.with_history = parts.rated is not None
+        if self.with_history:
+            self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
+            self.rated = tf.Variable(parts.rated, trainable=False, name="rated")
+            self.with_stars = parts.liked is not None
+            if self.with_stars:
+                self.liked = tf.Variable(parts.liked, trainable=False, name="liked")
+                self.mean_stars = parts.mean_stars
+
+    def history_sums(self, merged: MergedHistory) -> tf.Tensor:
+        """[active users, width]: the history part of the formula, before normalising."""
+        summed = tf.math.unsorted_segment_sum(tf.gather(self.rated, merged.positions), merged.rows,
+                                              tf.size(merged.active))
+        if self.with_stars:
+            weights = tf.where(merged.stars > 0, merged.stars - self.mean_stars, tf.zeros_like(merged.stars))
+            summed += tf.math.unsorted_segment_sum(tf.gather(self.liked, merged.positions) * weights[:, None],
+                                                   merged.rows, tf.size(merged.active))
+        return summed
+
+    def call(self, user_rows: tf.Tensor, merged: MergedHistory) -> tf.Tensor:
+        trained = tf.gather(self.outputs, user_rows)
+        if not self.with_history:
+            return trained
+        computed = (tf.gather(self.ids, merged.users)
+                    + self.history_sums(merged) / tf.sqrt(tf.maximum(merged.counts, 1.0))[:, None])
+        return tf.tensor_scatter_nd_update(trained, merged.active[:, None], computed)
+
+
+class LookupTower(tf.keras.layers.Layer):
+    """Id -> a precomputed row (row 0 for unknown ids): a movie tower's output per movie."""
+
+    def __init__(self, vocabulary: list[str], table: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.lookup = tf.keras.layers.StringLookup(vocabulary=vocabulary, mask_token=None)
+        self.table = tf.Variable(table, trainable=False, name="table")
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.table, self.lookup(ids))
+
+
+def _checked(user_id: tf.Tensor, interaction_item_ids: tf.Tensor, interaction_ratings: tf.Tensor):
+    # A fed tensor bypasses the placeholder's shape: without these checks a scalar or [1, 1]
+    # user_id reaches RaggedGather, whose CHECK aborts the whole TF Serving process
+    # (tensorflow/tensorflow#85242). EnsureShape answers INVALID_ARGUMENT instead.
+    return (tf.ensure_shape(user_id, [None]), tf.ensure_shape(interaction_item_ids, [None, None]),
+            tf.ensure_shape(interaction_ratings, [None, None]))
+
+
+def same_rows(user_id: tf.Tensor, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`user_id` [users] and `rows` [users, n] as they are, or INVALID_ARGUMENT if the users differ."""
+    both = tf.concat([user_id[:, None], rows], axis=1)
+    return both[:, 0], both[:, 1:]
+
+
+class RequestUsers:
+    """One request's users as the towers see them: lookup rows and merged histories."""
+
+    def __init__(self, history: ServedHistory, user_id: tf.Tensor, interaction_item_ids: tf.Tensor,
+                 interaction_ratings: tf.Tensor):
+        user_id, interaction_item_ids, interaction_ratings = _checked(user_id, interaction_item_ids,
+                                                                      interaction_ratings)
+        # One interaction row per user, one rating per movie, or INVALID_ARGUMENT (from ConcatV2 and
+        # Reshape, which check at run time what an Assert op would check on every request).
+        user_id, interaction_item_ids = same_rows(user_id, interaction_item_ids)
+        interaction_ratings = tf.reshape(interaction_ratings, tf.shape(interaction_item_ids))
+        self.rows = history.user_rows(user_id)
+        self.request_positions = history.request_positions(interaction_item_ids)
+        self.merged = history.merge(self.rows, self.request_positions, interaction_ratings)
+
+
+class RetrievalServing(tf.Module):
+    """User -> the top `candidate_count` movie ids and scores of a brute-force index.
+
+    `serving_default` never returns a movie of the user's history (training or request);
+    `include_rated` skips that filter. With more history than the catalog can spare, the
+    last candidates are excluded movies scored -inf, which the service drops.
+    """
+
+    def __init__(self, history: ServedHistory, user_tower: ServedUserTower, item_embeddings: tf.Tensor,
+                 item_ids: list[str], candidate_count: int):
+        super().__init__()
+        if candidate_count > len(item_ids):
+            raise ValueError(f"candidate_count {candidate_count} exceeds the catalog ({len(item_ids)} movies)")
+        self.candidate_count = candidate_count
+        self.item_ids = tf.Variable(item_ids, dtype=tf.string, trainable=False, name="item_ids")
+        self.history = history
+        self.user_tower = user_tower
+        self.index = BruteForceIndex(item_embeddings, name="index")
+
+    def _candidates(self, users: RequestUsers, exclude_history: bool) -> dict[str, tf.Tensor]:
+        excluded = None
+        if exclude_history:
+            # (user, catalog position) pairs; catalog positions are lookup rows - 1, since the index
+            # lists the vocabulary's movies first.
+            history = self.history.training_positions(users.rows)
+            sent = tf.where(users.request_positions > 0)
+            excluded = tf.concat([tf.stack([history.value_rowids(), history.values - 1], axis=1),
+                                  tf.stack([sent[:, 0], tf.gather_nd(users.request_positions, sent) - 1], axis=1)],
+                                 axis=0)
+        scores, positions = self.index(self.user_tower(users.rows, users.merged), self.candidate_count, excluded)
+        return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
+
+    @tf.function(input_signature=USER_INPUTS)
+    def retrieve(self, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
+        return self._candidates(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), True)
+
+    @tf.function(input_signature=USER_INPUTS)
+    def retrieve_including_rated(self, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
+        return self._candidates(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), False)
+
+
+class RankingServing(tf.Module):
+    """Each user's candidate movies -> predicted stars and the score the service orders by.
+
+    With a watch head, `score` = the ranker's watch logit + the retrieval towers' dot
+    product: two independently trained estimates of log p(movie | user) up to a
+    per-user constant, so their sum orders each user's candidates like an ensemble.
+    The retrieval towers are copied into this SavedModel frozen (training the ranker
+    never touches them). Without a watch head, `score` is the rating.
+
+    The two dot products are one dot product of concatenated [watch, retrieval] vectors, and
+    the rating MLP's first layer W [user; movie] + b is split into a per-user and a per-movie
+    part, so a candidate costs two gathers, an add and the remaining small layers.
+    """
+
+    def __init__(self, ranking_model: tf.keras.Model, history: ServedHistory, user_ids: list[str],
+                 item_ids: list[str], retrieval_user_model: tf.keras.Model | None = None,
+                 retrieval_item_model: tf.keras.Model | None = None):
+        super().__init__()
+        self.history = history
+        rating = ranking_model.rating
+        first, *rest = rating.mlp.layers
+        kernel, bias = first.kernel.numpy(), first.bias.numpy()
+        rating_users = tower_table(rating.user_model, user_ids)
+        user_kernel, item_kernel = kernel[:rating_users.shape[1]], kernel[rating_users.shape[1]:]
+        self.first_activation = first.activation
+        self.rest = rest
+        self.user_hidden = ServedUserTower(rating_users @ user_kernel,
+                                           TowerParts.of(rating.user_model).times(user_kernel), name="user_hidden")
+        self.item_hidden = LookupTower(item_ids, tower_table(rating.item_model, item_ids) @ item_kernel + bias,
+                                       name="item_hidden")
+        self.orders_by_watch = bool(ranking_model.watch_weight)
+        if self.orders_by_watch:
+            user_towers = ConcatTowers([ranking_model.watch_user_model, retrieval_user_model], name="score_users")
+            self.user_vectors = ServedUserTower(tower_table(user_towers, user_ids), TowerParts.of(user_towers),
+                                                name="user_vectors")
+            self.item_vectors = LookupTower(item_ids, np.concatenate(
+                [tower_table(ranking_model.watch_item_model, item_ids), tower_table(retrieval_item_model, item_ids)],
+                axis=1), name="item_vectors")
+
+    def scores(self, users: RequestUsers, item_ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """[users, candidates] predicted stars and scores of `item_ids` [users, candidates]."""
+        hidden = self.first_activation(self.user_hidden(users.rows, users.merged)[:, None, :]
+                                       + self.item_hidden(item_ids))
+        for layer in self.rest:
+            hidden = layer(hidden)
+        predicted_rating = hidden[:, :, 0]
+        if self.orders_by_watch:
+            score = tf.einsum("ud,ucd->uc", self.user_vectors(users.rows, users.merged), self.item_vectors(item_ids))
+        else:
+            score = tf.identity(predicted_rating)
+        return {"predicted_rating": predicted_rating, "score": score}
+
+    @tf.function(input_signature=[USER_INPUTS[0], tf.TensorSpec([None, None], tf.string, name=ITEM_IDS_INPUT),
+                                  *USER_INPUTS[1:]])
+    def rank(self, user_id, item_ids, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
+        item_ids = tf.ensure_shape(item_ids, [None, None])
+        user_id, item_ids = same_rows(tf.ensure_shape(user_id, [None]), item_ids)  # a row of movies per user
+        return self.scores(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), item_ids)

@@ -1,0 +1,163 @@
+"""Recent interactions in the request, on the wire: real server, generated client, real SavedModels."""
+import dataclasses
+import json
+import logging
+import math
+import re
+
+import grpc
+import pytest
+
+from client.__main__ import main as client_main
+from export.evaluate import interactions_by_user, two_stage_lists
+from protos import recommender_pb2
+from server.backend import InProcessBackend
+from server.catalog import CatalogStore
+from server.errors import InvalidRequest
+from server.pipeline import Interaction, Pipeline, Query, check_interactions
+from tests.conftest import status_of
+
+NEW_USER = "someone-new"
+
+
+@pytest.fixture(scope="module")
+def popular(models_dir):
+    return CatalogStore(models_dir).get("1").popular_item_ids
+
+
+def _ids(items) -> list[str]:
+    return [item.item_id for item in items]
+
+
+def test_a_known_users_interactions_change_their_list_at_once(client, popular):
+    before = client.recommend("42", k=20)
+    sent = [(item.item_id, 5.0) for item in before[:3]] + [(popular[-1], 1.0)]
+    after = client.recommend("42", k=20, interactions=sent)
+    assert _ids(after) != _ids(before)
+    assert not {item for item, _ in sent} & set(_ids(after)), "movies just rated are never returned"
+    assert all(not item.fallback for item in after)
+    everything = client.recommend("42", k=100, include_rated=True, interactions=sent)
+    assert {item for item, _ in sent} & set(_ids(everything)), "include_rated lets them through"
+
+
+def test_an_unknown_user_with_interactions_is_personalised_not_the_fallback(client, popular, split):
+    cold = client.recommend(NEW_USER, k=10)
+    assert all(item.fallback for item in cold) and _ids(cold) == list(popular[:10])
+    sent = [(str(item), float(stars)) for _, item, stars, _ in split[0][split[0][:, 0] == 7][:8].tolist()]
+    served = client.recommend(NEW_USER, k=10, interactions=sent)
+    assert all(not item.fallback for item in served) and len(served) == 10
+    assert _ids(served) != list(popular[:10])
+    assert not {item for item, _ in sent} & set(_ids(served))
+    other = client.recommend(NEW_USER, k=10, interactions=[(item, 5.0) for item in popular[-8:]])
+    assert _ids(other) != _ids(served), "different interactions, a different list"
+
+
+def test_only_unknown_movies_means_the_fallback_and_they_are_counted(client, caplog, popular):
+    caplog.set_level(logging.INFO, logger="recsys.requests")
+    items = client.recommend(NEW_USER, k=5, interactions=[("no-such-movie", 4.0), ("nor-this", 0.0)])
+    assert all(item.fallback for item in items) and _ids(items) == list(popular[:5])
+    known = client.recommend("42", k=5, interactions=[("no-such-movie", 4.0), (popular[0], 5.0)])
+    assert all(not item.fallback for item in known)
+    lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "recsys.requests"]
+    assert [(line["interactions"], line["unknown_interactions"]) for line in lines[-2:]] == [(2, 2), (2, 1)]
+
+
+def test_the_served_list_is_the_offline_pipelines_with_the_same_interactions(client, models_dir, split):
+    rows = split[1][split[1][:, 0] <= 30]
+    sent = interactions_by_user(rows)
+    backend = InProcessBackend(models_dir)
+    assert backend.refresh(CatalogStore(models_dir).get)
+    users = sorted(sent, key=int)[:8] + [NEW_USER]
+    sent[NEW_USER] = sent[users[0]]
+    offline = two_stage_lists(Pipeline(backend, CatalogStore(models_dir)), users, k=20, sent=sent)
+    for user in users:
+        assert _ids(client.recommend(user, k=20, interactions=sent[user])) == offline[user]
+
+
+def test_a_batch_carries_interactions_per_request(client, popular):
+    sent = {"42": [(popular[0], 5.0), (popular[3], 2.0)], NEW_USER: [(popular[1], 4.0)]}
+    results = client.recommend_batch(["42", "7", NEW_USER], k=5, interactions=sent)
+    for result in results:
+        single = client.recommend(result.user_id, k=5, interactions=sent.get(result.user_id, ()))
+        assert _ids(result.items) == _ids(single)
+        assert [item.fallback for item in result.items] == [item.fallback for item in single]
+    assert not any(item.fallback for item in results[2].items)
+
+
+def _request(**fields) -> recommender_pb2.RecommendRequest:
+    return recommender_pb2.RecommendRequest(user_id="42", **fields)
+
+
+def _interaction(item_id="50", rating=4.0, timestamp_seconds=0) -> recommender_pb2.Interaction:
+    return recommender_pb2.Interaction(item_id=item_id, rating=rating, timestamp_seconds=timestamp_seconds)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (_request(recent_interactions=[_interaction(rating=7.0)]),
+     r"recent_interactions\[0\]\.rating is 7\.0; it must be 0 \(no rating\) or 0\.5 to 5"),
+    (_request(recent_interactions=[_interaction(), _interaction(rating=0.25)]), r"recent_interactions\[1\]\.rating"),
+    (_request(recent_interactions=[_interaction(rating=-1.0)]), r"recent_interactions\[0\]\.rating"),
+    (_request(recent_interactions=[_interaction(rating=math.nan)]), r"recent_interactions\[0\]\.rating is nan"),
+    (_request(recent_interactions=[_interaction(rating=math.inf)]), r"recent_interactions\[0\]\.rating is inf"),
+    (_request(recent_interactions=[_interaction(item_id="")]), r"recent_interactions\[0\]\.item_id must not be empty"),
+    (_request(recent_interactions=[_interaction(item_id="x" * 129)]),
+     r"recent_interactions\[0\]\.item_id is 129 characters; the maximum is 128"),
+    (_request(recent_interactions=[_interaction(timestamp_seconds=-5)]),
+     r"recent_interactions\[0\]\.timestamp_seconds is -5"),
+    (_request(recent_interactions=[_interaction(item_id=str(n)) for n in range(1001)]),
+     r"recent_interactions has 1001 entries; the maximum is 1000"),
+])
+def test_bad_interactions_get_invalid_argument_naming_the_field(client, request_, message):
+    code, details = status_of(lambda: list(client.stub.Recommend(request_, timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, details), details
+
+
+def test_a_batch_is_limited_in_interactions_overall(client):
+    many = [_interaction(item_id=str(n)) for n in range(1000)]
+    request = recommender_pb2.RecommendBatchRequest(requests=[_request(recent_interactions=many)] * 11)
+    code, details = status_of(lambda: client.stub.RecommendBatch(request, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "hold 11000 entries in all" in details
+    ok = recommender_pb2.RecommendBatchRequest(requests=[_request(recent_interactions=many)] * 10)
+    assert len(client.stub.RecommendBatch(ok, timeout=30).results) == 10
+
+
+def test_the_limit_is_in_model_info(client):
+    assert client.model_info().max_recent_interactions == 1000
+
+
+def test_one_entry_per_movie_with_its_latest_rating():
+    interactions = [Interaction("1", 4.0, 100), Interaction("2", 0.0, 50), Interaction("1", 2.0, 90),
+                    Interaction("3", 5.0, 10), Interaction("3", 0.0, 20), Interaction("2", 3.0, 40),
+                    Interaction("4", 1.0, 7), Interaction("4", 2.0, 7)]
+    assert check_interactions(interactions) == (("1", 4.0), ("2", 3.0), ("3", 5.0), ("4", 2.0))
+    with pytest.raises(InvalidRequest, match=r"recent_interactions\[0\]\.rating"):
+        check_interactions([Interaction("1", 5.5)])
+
+
+def test_models_without_history_towers_serve_unknown_users_the_fallback(models_dir, popular):
+    """Id-only towers (the `seed` preset) cannot use interactions: an unknown user still gets the fallback."""
+
+    class IdOnly(CatalogStore):
+        def get(self, model_version):
+            return dataclasses.replace(super().get(model_version), serves_interactions=False)
+
+    backend = InProcessBackend(models_dir)
+    catalogs = IdOnly(models_dir)
+    assert backend.refresh(catalogs.get)
+    result = Pipeline(backend, catalogs).recommend([Query(NEW_USER, k=4, recent_interactions=((popular[5], 5.0),))])
+    assert all(item.fallback for item in result[0].items)
+    assert popular[5] not in _ids(result[0].items)
+
+
+def test_the_cli_sends_interactions(running_server, capsys, popular):
+    _, port = running_server
+    target = f"127.0.0.1:{port}"
+    assert client_main(["recommend", "--target", target, "--user", NEW_USER, "-k", "3", "--json",
+                        "--interaction", f"{popular[0]}:4.5", "--interaction", popular[1]]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert len(items) == 3 and not any(item.get("fallback") for item in items)
+    assert client_main(["recommend", "--target", target, "--user", NEW_USER, "--interaction", "50:9"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        client_main(["recommend", "--target", target, "--user", "42", "--interaction", "50:lots"])
