@@ -61,7 +61,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         known_users = sorted(metadata["rated_item_ids"], key=lambda user: (len(user), user))
         known_items = sorted(metadata["items"], key=lambda item: (len(item), item))
     user_ids = bench.user_mix(args.users, known_users)
-    interactions = bench.interaction_mix(args.interactions, known_items)
+    interactions = bench.interaction_mix(max(args.interactions, int(args.record)), known_items)
     try:
         sampler = bench.ServerSampler(args.server_pid, args.rss_every) if args.server_pid else None
     except ValueError as error:
@@ -72,7 +72,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 return 1
     with sampler or contextlib.nullcontext():
         tally, wall = bench.run_against_server(args.target, args.concurrency, args.duration, args.k, user_ids,
-                                               args.processes, args.timeout, interactions)
+                                               args.processes, args.timeout, interactions, args.record)
     summary = bench.summarize(tally, wall, args.target, args.concurrency, args.k)
     if sampler:
         bench.add_server_figures(summary, sampler)
@@ -112,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_connection_arguments(recommend)
 
+    record = commands.add_parser("record", help="record what a user did, for their later lists and the next "
+                                                "training run (needs a server with an interaction store)")
+    record.add_argument("--user", required=True, help="user id (any, known to the models or not)")
+    record.add_argument("--interaction", action="append", required=True, type=parse_interaction,
+                        metavar="ITEM[:STARS]", dest="interactions",
+                        help="a movie the user rated STARS (0.5 to 5) or, without STARS, watched; repeatable")
+    forget = commands.add_parser("forget", help="erase a user's recorded interactions")
+    forget.add_argument("--user", required=True, help="user id")
+    for command in (record, forget):
+        command.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
+        command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
+                             help="deadline in seconds (default: %(default)s)")
+        add_connection_arguments(command)
+
     bench = commands.add_parser("bench", help="load-test Recommend and print throughput and latency percentiles")
     bench.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
     bench.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: %(default)s)")
@@ -132,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--interactions", type=int, default=0, metavar="N",
                        help="send N recent interactions (distinct movies, 1 to 5 stars) with every request, as a "
                             "client that passes what its user just did (default: %(default)s)")
+    bench.add_argument("--record", action="store_true",
+                       help="load RecordInteractions instead of Recommend: each call records the --interactions "
+                            "(at least 1) for a user of the mix")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     bench.add_argument("--server-pid", type=int, metavar="PID",
                        help="also report this server process's CPU use (percent of one core, ms per request) "
@@ -144,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args, parser)
 
     with connect(args) as client:
-        if args.wait and not wait_until_serving(client, args.wait):
-            return 1
         try:
+            if args.command == "record":
+                print(f"recorded {client.record_interactions(args.user, args.interactions)} movies for user {args.user}")
+                return 0
+            if args.command == "forget":
+                print(f"forgot {client.forget_user(args.user)} interactions of user {args.user}")
+                return 0
+            if args.wait and not wait_until_serving(client, args.wait):
+                return 1
             items = client.recommend(args.user, k=args.k, exclude=args.exclude, include_rated=args.include_rated,
                                      interactions=args.interactions)
         except grpc.RpcError as error:

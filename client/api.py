@@ -10,15 +10,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
-# gRPC's retry policy (service config) for the calls that read and change nothing: an UNAVAILABLE
-# (a replica draining after GOAWAY, a connection reset, a model not loaded yet) is retried with
-# backoff, within the call's deadline. A streamed call is retried only before its first item.
+# gRPC's retry policy (service config) for the calls that are safe to repeat (every one: reads, and
+# writes that record one row per user and movie): an UNAVAILABLE (a replica draining after GOAWAY,
+# a connection reset, a model not loaded yet, the store down for a moment) is retried with backoff,
+# within the call's deadline. A streamed call is retried only before its first item.
 RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"]}
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": "recsys.v1.Recommender", "method": method}
-                               for method in ("Recommend", "RecommendBatch", "GetModelInfo")],
+                               for method in ("Recommend", "RecommendBatch", "GetModelInfo", "RecordInteractions",
+                                              "ForgetUser")],
                       "retryPolicy": RETRY_POLICY}],
 })
 
@@ -105,6 +107,19 @@ class RecommenderClient:
             self._request(user_id, k, excluded, include_rated, (interactions or {}).get(str(user_id), ()))
             for user_id in user_ids])
         return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout), metadata=self.metadata).results)
+
+    def record_interactions(self, user_id: str, interactions: Iterable[InteractionLike],
+                            timeout: float | None = None) -> int:
+        """Store what the user did (durable once this returns), for their later lists and the next
+        training run; returns how many movies were recorded. Safe to retry."""
+        request = recommender_pb2.RecordInteractionsRequest(
+            user_id=str(user_id), interactions=[interaction(entry) for entry in interactions])
+        return self.stub.RecordInteractions(request, timeout=self._deadline(timeout), metadata=self.metadata).recorded
+
+    def forget_user(self, user_id: str, timeout: float | None = None) -> int:
+        """Erase the user's stored interactions; returns how many there were."""
+        return self.stub.ForgetUser(recommender_pb2.ForgetUserRequest(user_id=str(user_id)),
+                                    timeout=self._deadline(timeout), metadata=self.metadata).forgotten
 
     def model_info(self, timeout: float | None = None) -> recommender_pb2.ModelInfo:
         return self.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=self._deadline(timeout),

@@ -109,7 +109,7 @@ def process_cpu_seconds() -> float:
 
 
 async def _drive(target: str, concurrency: int, duration: float, k: int, user_ids: list[str],
-                 timeout: float, interactions: list[list[tuple[str, float]]]) -> Tally:
+                 timeout: float, interactions: list[list[tuple[str, float]]], record: bool) -> Tally:
     import grpc
 
     from protos import recommender_pb2, recommender_pb2_grpc
@@ -124,14 +124,17 @@ async def _drive(target: str, concurrency: int, duration: float, k: int, user_id
         async def worker(offset: int) -> None:
             n = offset
             while time.perf_counter() < stop_at:
-                request = recommender_pb2.RecommendRequest(user_id=user_ids[n % len(user_ids)], k=k,
-                                                           recent_interactions=recent[n % len(recent)])
+                user_id, entries = user_ids[n % len(user_ids)], recent[n % len(recent)]
                 n += concurrency
                 started = time.perf_counter()
                 try:
-                    count = 0
-                    async for _ in stub.Recommend(request, timeout=timeout):
-                        count += 1
+                    if record:
+                        await stub.RecordInteractions(recommender_pb2.RecordInteractionsRequest(
+                            user_id=user_id, interactions=entries), timeout=timeout)
+                    else:
+                        request = recommender_pb2.RecommendRequest(user_id=user_id, k=k, recent_interactions=entries)
+                        async for _ in stub.Recommend(request, timeout=timeout):
+                            pass
                     tally.latencies_ms.append((time.perf_counter() - started) * 1000)
                 except grpc.aio.AioRpcError as error:
                     tally.errors[error.code().name] += 1
@@ -149,11 +152,12 @@ def _process_main(args: tuple) -> Tally:
 
 def run_against_server(target: str, concurrency: int, duration: float, k: int, user_ids: list[str],
                        processes: int = 1, timeout: float = 5.0,
-                       interactions: list[list[tuple[str, float]]] | None = None) -> tuple[Tally, float]:
+                       interactions: list[list[tuple[str, float]]] | None = None,
+                       record: bool = False) -> tuple[Tally, float]:
     """Returns the merged tally and the wall time it covered. `interactions` (`interaction_mix`) go
-    with the requests in turn."""
+    with the requests in turn; with `record`, the calls are RecordInteractions of them instead."""
     shares = [concurrency // processes + (1 if n < concurrency % processes else 0) for n in range(processes)]
-    jobs = [(target, share, duration, k, user_ids[n::processes] or user_ids, timeout, interactions or [[]])
+    jobs = [(target, share, duration, k, user_ids[n::processes] or user_ids, timeout, interactions or [[]], record)
             for n, share in enumerate(shares) if share]
     started = time.perf_counter()
     if len(jobs) == 1:

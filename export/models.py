@@ -74,11 +74,11 @@ class HistoryUserTower(tf.keras.Model):
 
     def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], dim: int,
                  l2: float, name: str = "history_user_tower", stars: dict[str, np.ndarray] | None = None,
-                 mean_stars: float = 0.0, id_dropout: float = 0.0):
+                 mean_stars: float = 0.0, id_dropout: float = 0.0, history_keep: float = 1.0):
         super().__init__(name=name)
         regularizer = tf.keras.regularizers.l2(l2) if l2 else None
         self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
-        self.id_dropout = IdDropout(id_dropout)
+        self.id_dropout, self.history_keep = id_dropout, history_keep
         self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
         self.user_embedding = tf.keras.layers.Embedding(len(user_ids) + 1, dim, embeddings_regularizer=regularizer)
         # With stars, each movie's row holds both of its embeddings, [rated | liked]: one table
@@ -121,12 +121,31 @@ class HistoryUserTower(tf.keras.Model):
                   + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:]))
         return summed, history.row_lengths()
 
+    def _subsampled_sums(self, users: tf.Tensor, leave_out_items: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per example: its user's history without the left-out movie, each other movie kept with
+        probability `history_keep`, summed; and how many were kept."""
+        history = self.rated_positions.rows(users)
+        rows = history.value_rowids()
+        keep = ((tf.random.uniform(tf.shape(history.values)) < self.history_keep)
+                & (history.values != tf.gather(self.item_lookup(leave_out_items), rows)))
+        indices = tf.boolean_mask(tf.stack([rows, history.values], axis=1), keep)
+        table = self.history_embedding.embeddings
+        shape = tf.stack([tf.shape(users, out_type=tf.int64)[0], tf.shape(table, out_type=tf.int64)[0]])
+        count = tf.math.unsorted_segment_sum(tf.cast(keep, tf.float32), rows, tf.shape(users)[0])
+        rated = tf.SparseTensor(indices, tf.ones_like(indices[:, 0], tf.float32), shape)
+        if not self.with_stars:
+            return tf.sparse.sparse_dense_matmul(rated, table), count
+        liked = tf.SparseTensor(indices, tf.boolean_mask(self.star_weights.rows(users).values, keep), shape)
+        return (tf.sparse.sparse_dense_matmul(rated, table[:, :self.dim])
+                + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:])), count
+
     def call(self, inputs, training=None) -> tf.Tensor:
         """`inputs`: user ids, or {"user_id", "leave_out_item_id"[, "leave_out_stars"]} while training.
 
         A left-out movie must be in the user's history, as every training row is; with
         `stars`, its stars must be given too. While training, `id_dropout` of the examples see
-        the out-of-vocabulary id row in place of their own, with their history unchanged.
+        the out-of-vocabulary id row in place of their own, as a user known only by interactions
+        would; with `history_keep` < 1, those examples also see only part of their history.
         """
         leave_out = None
         if isinstance(inputs, dict):
@@ -143,7 +162,16 @@ class HistoryUserTower(tf.keras.Model):
                 own = self._weighted(own, tf.cast(leave_out["leave_out_stars"], tf.float32) - self.mean_stars)
             summed -= own
             count -= 1.0
-        id_rows = self.id_dropout(users, training=training)
+        id_rows = users
+        if training and self.id_dropout:
+            dropped = tf.random.uniform(tf.shape(users)) < self.id_dropout
+            id_rows = tf.where(dropped, tf.zeros_like(users), users)
+            if self.history_keep < 1.0 and leave_out is not None:
+                at = tf.where(dropped)
+                partial, kept = self._subsampled_sums(tf.gather_nd(users, at),
+                                                      tf.gather_nd(leave_out["leave_out_item_id"], at))
+                summed = tf.tensor_scatter_nd_update(summed, at, partial)
+                count = tf.tensor_scatter_nd_update(count, at, kept)
         return self.user_embedding(id_rows) + summed / tf.sqrt(tf.maximum(count, 1.0))[:, None]
 
 
@@ -216,7 +244,7 @@ class RetrievalModel(tfrs.Model):
             if preset.user_history:
                 user_members.append(HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim,
                                                      preset.retrieval_l2, name=f"history_user_tower_{member}",
-                                                     id_dropout=preset.id_dropout))
+                                                     id_dropout=preset.id_dropout, history_keep=preset.history_keep))
             else:
                 user_members.append(id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2,
                                              f"user_tower_{member}", preset.id_dropout))
@@ -259,7 +287,8 @@ class RatingHead(tf.keras.Model):
         if self.user_history:
             self.user_model = HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim, preset.rating_l2,
                                                name="history_user_tower", stars=stars if taste else None,
-                                               mean_stars=mean_stars, id_dropout=preset.id_dropout)
+                                               mean_stars=mean_stars, id_dropout=preset.id_dropout,
+                                               history_keep=preset.history_keep)
         else:
             self.user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "user_tower",
                                        preset.id_dropout)
@@ -325,7 +354,8 @@ class RankingModel(tfrs.Model):
         if self.watch_weight:
             self.watch_user_model = ConcatTowers(
                 [HistoryUserTower(user_ids, item_ids, history or {}, preset.embedding_dim, 0.0,
-                                  name=f"watch_user_tower_{member}", id_dropout=preset.id_dropout)
+                                  name=f"watch_user_tower_{member}", id_dropout=preset.id_dropout,
+                                  history_keep=preset.history_keep)
                  if self.watch_history else
                  id_tower(user_ids, preset.embedding_dim, 0.0, f"watch_user_tower_{member}", preset.id_dropout)
                  for member in range(preset.ensemble_size)], name="watch_user_model")

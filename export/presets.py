@@ -61,6 +61,9 @@ class Preset:
     # their own (export/models.py IdDropout): it learns the generic user that serves users known
     # only by the interactions sent with a request.
     id_dropout: float = 0.0
+    # Those examples keep each movie of their history with this probability: a new user has sent
+    # only some of what they rated.
+    history_keep: float = 1.0
     # The watch head's user towers add the user's rated movies to the id (as retrieval's do),
     # so interactions sent with a request move the watch score too.
     watch_history: bool = False
@@ -74,6 +77,8 @@ class Preset:
             raise ValueError("ensemble_size, candidate_count and embedding_dim must be at least 1")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1); got {self.id_dropout}")
+        if not 0.0 < self.history_keep <= 1.0:
+            raise ValueError(f"history_keep must be in (0, 1]; got {self.history_keep}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

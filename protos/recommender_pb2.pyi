@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RecordInteractionsRequest(_message.Message):
+    __slots__ = ("user_id", "interactions")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    interactions: _containers.RepeatedCompositeFieldContainer[Interaction]
+    def __init__(self, user_id: _Optional[str] = ..., interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
+
+class RecordInteractionsResponse(_message.Message):
+    __slots__ = ("recorded",)
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    recorded: int
+    def __init__(self, recorded: _Optional[int] = ...) -> None: ...
+
+class ForgetUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUserResponse(_message.Message):
+    __slots__ = ("forgotten",)
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    forgotten: int
+    def __init__(self, forgotten: _Optional[int] = ...) -> None: ...
+
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "k", "exclude_item_ids", "include_rated", "recent_interactions")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -77,7 +103,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length", "max_recent_interactions")
+    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length", "max_recent_interactions", "interaction_store", "stored_interactions")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +115,8 @@ class ModelInfo(_message.Message):
     MAX_USER_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEM_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_RECENT_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    INTERACTION_STORE_FIELD_NUMBER: _ClassVar[int]
+    STORED_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     backend: str
     candidate_count: int
@@ -100,4 +128,6 @@ class ModelInfo(_message.Message):
     max_user_id_length: int
     max_item_id_length: int
     max_recent_interactions: int
-    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ..., max_recent_interactions: _Optional[int] = ...) -> None: ...
+    interaction_store: str
+    stored_interactions: int
+    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ..., max_recent_interactions: _Optional[int] = ..., interaction_store: _Optional[str] = ..., stored_interactions: _Optional[int] = ...) -> None: ...

@@ -57,6 +57,16 @@ class RecommenderStub:
                 request_serializer=protos_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
                 response_deserializer=protos_dot_recommender__pb2.RecommendBatchResponse.FromString,
                 _registered_method=True)
+        self.RecordInteractions = channel.unary_unary(
+                '/recsys.v1.Recommender/RecordInteractions',
+                request_serializer=protos_dot_recommender__pb2.RecordInteractionsRequest.SerializeToString,
+                response_deserializer=protos_dot_recommender__pb2.RecordInteractionsResponse.FromString,
+                _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/recsys.v1.Recommender/ForgetUser',
+                request_serializer=protos_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=protos_dot_recommender__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/recsys.v1.Recommender/GetModelInfo',
                 request_serializer=protos_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
@@ -100,6 +110,27 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordInteractions(self, request, context):
+        """Record what a user did, for every later Recommend and RecommendBatch (which merge the
+        user's newest stored interactions with the request's, as if the caller had sent them)
+        and for the next training run. OK means committed to the interaction store: durable.
+        One entry per (user, movie) is kept, with the latest rating, so a retried call records
+        nothing twice. Same limits as `recent_interactions`; any user id may be recorded, known
+        to the models or not. UNAVAILABLE while the store is down; FAILED_PRECONDITION on a
+        server started without a store (--interactions-db none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUser(self, request, context):
+        """Erase a user's stored interactions; their lists stop using them at once. Errors as in
+        RecordInteractions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """The model version being served and the request limits.
         """
@@ -119,6 +150,16 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.RecommendBatch,
                     request_deserializer=protos_dot_recommender__pb2.RecommendBatchRequest.FromString,
                     response_serializer=protos_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
+            ),
+            'RecordInteractions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordInteractions,
+                    request_deserializer=protos_dot_recommender__pb2.RecordInteractionsRequest.FromString,
+                    response_serializer=protos_dot_recommender__pb2.RecordInteractionsResponse.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=protos_dot_recommender__pb2.ForgetUserRequest.FromString,
+                    response_serializer=protos_dot_recommender__pb2.ForgetUserResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -193,6 +234,60 @@ class Recommender:
             '/recsys.v1.Recommender/RecommendBatch',
             protos_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
             protos_dot_recommender__pb2.RecommendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordInteractions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Recommender/RecordInteractions',
+            protos_dot_recommender__pb2.RecordInteractionsRequest.SerializeToString,
+            protos_dot_recommender__pb2.RecordInteractionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Recommender/ForgetUser',
+            protos_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+            protos_dot_recommender__pb2.ForgetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

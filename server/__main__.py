@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--auth-token-file", type=Path,
                           help="file holding a token; calls without 'authorization: Bearer <token>' metadata get "
                                "UNAUTHENTICATED (the health service stays open for probes)")
+    store = parser.add_argument_group("interaction store (RecordInteractions, ForgetUser)")
+    store.add_argument("--interactions-db", default=DEFAULTS.interactions_db, metavar="PATH|URL|none",
+                       help="where recorded interactions live: an SQLite file (created if missing; one server), a "
+                            "postgresql://user@host/db URL (shared by replicas), or none (default: %(default)s)")
+    store.add_argument("--stored-interactions", type=int, default=DEFAULTS.stored_interactions, metavar="N",
+                       help="merge each user's newest N stored interactions into every Recommend "
+                            "(default: %(default)s)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics over HTTP on this port (default: off)")
     return parser
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if args.stored_interactions < 0:
+        parser.error("--stored-interactions must be 0 or more")
     if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) < 0:
         parser.error("--tensorflow-*-op-parallelism must be 0 (one thread per core) or more")
     logging.getLogger().setLevel(logging.INFO)
@@ -98,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.app import create_server
     from server.security import read_token
+    from server.store import describe, open_store
 
     options = ServerOptions(
         host=args.host, port=args.port, grace_seconds=args.grace_seconds,
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_queued_queries=args.max_queued_queries, backend_timeout_seconds=args.backend_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
-        max_connection_age_seconds=args.max_connection_age_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds, interactions_db=args.interactions_db,
+        stored_interactions=args.stored_interactions,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
@@ -129,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     try:
-        recommender, port = create_server(f"{options.host}:{options.port}", backend, args.models, options)
+        store = open_store(options.interactions_db)
+        log.info("interaction store: %s", describe(options.interactions_db))
+        recommender, port = create_server(f"{options.host}:{options.port}", backend, args.models, options, store)
         recommender.metrics.log_lines_dropped.set_function(lambda: sum(writer.dropped for writer in log_writers))
         recommender.start()
         if args.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", options.host, recommender.serve_metrics(args.metrics_port,
                                                                                               options.host))
-    except (OSError, RuntimeError) as error:  # e.g. the port is taken
+    except (OSError, RuntimeError, sqlite3.Error) as error:  # e.g. the port is taken, the store's file unwritable
         log.error("could not start: %s", error)
         _stop_writers(log_writers, 5.0)
         return 1

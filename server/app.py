@@ -7,12 +7,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 
 from protos import recommender_pb2
 from server.backend import Backend, settle_heap
@@ -23,6 +23,7 @@ from server.options import ServerOptions
 from server.pipeline import Pipeline
 from server.security import BearerTokenInterceptor
 from server.servicer import RecommenderServicer
+from server.store import InteractionStore
 from server.wire import add_recommender_to_server
 
 log = logging.getLogger("recsys.server")
@@ -62,13 +63,17 @@ class ReadinessMonitor:
     only that the process answers."""
 
     def __init__(self, backend: Backend, set_health: Callable[[str, int], None], poll_seconds: float,
-                 metrics: Metrics, load_catalog: Callable[[str], object]):
+                 metrics: Metrics, load_catalog: Callable[[str], object],
+                 counted: Sequence[tuple[Callable[[], int], Counter]] = ()):
+        """`counted`: running totals kept elsewhere (backend load failures, store errors), mirrored
+        into Prometheus counters at every poll."""
         self.backend = backend
         self.load_catalog = load_catalog
         self.set_health = set_health
         self.poll_seconds = poll_seconds
         self.metrics = metrics
-        self._failures_reported = 0
+        self._counted = [(lambda: backend.load_failures, metrics.model_load_failures), *counted]
+        self._reported = [0] * len(self._counted)
         self._settled_version: str | None = None
         self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._stopped = threading.Event()
@@ -100,10 +105,11 @@ class ReadinessMonitor:
             ready = False
         version = self.backend.current_version()
         self.metrics.model_version.set(int(version) if version and version.isdigit() else 0)
-        failures = self.backend.load_failures
-        if failures > self._failures_reported:
-            self.metrics.model_load_failures.inc(failures - self._failures_reported)
-            self._failures_reported = failures
+        for position, (total, counter) in enumerate(self._counted):
+            value = total()
+            if value > self._reported[position]:
+                counter.inc(value - self._reported[position])
+                self._reported[position] = value
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         if not self._stopped.is_set() and status != self._status:
             # Only on change: every set() is pushed to Watch subscribers.
@@ -165,6 +171,7 @@ class RecommenderServer:
             self.loop_thread.run(self.grpc_server.stop(grace))
             if getattr(self, "_metrics_http", None) is not None:
                 self._metrics_http.shutdown()
+            self.servicer.store_threads.shutdown(wait=False, cancel_futures=True)  # store calls are time-bounded
             finished = self.servicer.pipeline.close(max(0.0, deadline - time.monotonic()) + STOP_SLACK_SECONDS)
             self.monitor.join(max(0.0, deadline - time.monotonic()))
             self.forced = not finished or self.monitor.is_alive()
@@ -181,12 +188,14 @@ class RecommenderServer:
         return not self._stopped.wait(timeout)
 
 
-def create_server(address: str, backend: Backend, models_dir: Path,
-                  options: ServerOptions = ServerOptions()) -> tuple[RecommenderServer, int]:
-    """Build (not start) the server on `address`; port 0 binds a free port, which is returned."""
+def create_server(address: str, backend: Backend, models_dir: Path, options: ServerOptions = ServerOptions(),
+                  store: InteractionStore | None = None) -> tuple[RecommenderServer, int]:
+    """Build (not start) the server on `address`; port 0 binds a free port, which is returned.
+    `store`: where RecordInteractions writes and Recommend reads (`options.interactions_db` is for
+    the CLI, which opens it)."""
     loop_thread = EventLoopThread()
     observer = Observer()
-    pipeline = Pipeline(backend, CatalogStore(models_dir))
+    pipeline = Pipeline(backend, CatalogStore(models_dir), store, options.stored_interactions)
     if options.max_batch_size > 1:
         # Batches of in-process models run one at a time (TensorFlow uses the cores); TF Serving
         # calls wait on the network, so several may be in flight.
@@ -196,7 +205,8 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     else:
         runner = ThreadedPipeline(pipeline, options.max_workers, options.backend_timeout_seconds,
                                   options.max_queued_queries)
-    servicer = RecommenderServicer(runner, backend, observer, options.max_concurrent_rpcs)
+    servicer = RecommenderServicer(runner, backend, observer, options.max_concurrent_rpcs, store,
+                                   options.stored_interactions)
 
     async def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # grpc.aio objects belong to the loop they are created on.
@@ -234,5 +244,9 @@ def create_server(address: str, backend: Backend, models_dir: Path,
     def set_health(service: str, status: int) -> None:
         loop_thread.run(health_servicer.set(service, status))
 
-    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.get)
+    counted = [(lambda: pipeline.store_reads_failed, observer.metrics.store_reads_failed)]
+    if store is not None:
+        counted.append((lambda: store.failures, observer.metrics.store_errors))
+    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.get,
+                               counted)
     return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer), port

@@ -28,3 +28,11 @@ class Cancelled(RecsysError):
 
 class Overloaded(RecsysError):
     """Too much work in flight (here or in the backend); retry later or elsewhere."""
+
+
+class StoreUnavailable(RecsysError):
+    """The interaction store cannot be reached or failed; retrying may help."""
+
+
+class NotConfigured(RecsysError):
+    """The call needs something this server was started without (e.g. an interaction store)."""

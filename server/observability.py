@@ -36,6 +36,7 @@ class CallRecord:
     model_version: str = ""
     interaction_count: int = 0  # recent_interactions sent (one per movie)
     unknown_interaction_count: int = 0  # ... of movies the models do not know (ignored)
+    stored_interaction_count: int = 0  # merged in from the interaction store
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -62,6 +63,12 @@ class Metrics:
         self.model_load_failures = Counter("recsys_model_load_failures",
                                            "Model versions that failed to load or answer their warmup",
                                            registry=self.registry)
+        self.store_errors = Counter("recsys_store_errors",
+                                    "Interaction store calls that failed (the store down or broken); Recommend "
+                                    "then goes on with the request's own interactions", registry=self.registry)
+        self.store_reads_failed = Counter("recsys_store_reads_failed",
+                                          "Recommend batches served without their stored interactions (store failed "
+                                          "or paused after a failure)", registry=self.registry)
         self.log_lines_dropped = Gauge("recsys_log_lines_dropped",
                                        "Log lines dropped since start, written while stderr was "
                                        f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m server)",
@@ -111,6 +118,7 @@ class Observer:
             "fallback_items": record.fallback_count,
             "interactions": record.interaction_count,
             "unknown_interactions": record.unknown_interaction_count,
+            "stored_interactions": record.stored_interaction_count,
             "model_version": record.model_version,
             "ms": {"total": round(total * 1000, 3),
                    **{stage: round(seconds * 1000, 3) for stage, seconds in record.stage_seconds.items()}},

@@ -4,7 +4,13 @@ Importing this module loads neither TensorFlow nor grpc, so `python -m server --
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+# The embedded interaction store's file, in the user's state directory (XDG_STATE_HOME).
+DEFAULT_INTERACTIONS_DB = str(Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+                              / "recsys" / "interactions.sqlite3")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,11 @@ class ServerOptions:
     # backend.set_tensorflow_threads for why one each.
     tensorflow_intra_op_parallelism: int = 1
     tensorflow_inter_op_parallelism: int = 1
+    # Where RecordInteractions writes: an SQLite file, a postgresql:// URL (shared by replicas), or
+    # "none". The CLI opens it; create_server takes the opened store.
+    interactions_db: str = DEFAULT_INTERACTIONS_DB
+    # Each user's newest stored interactions merged into every Recommend.
+    stored_interactions: int = 100
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     auth_token: str | None = None

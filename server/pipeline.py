@@ -12,6 +12,7 @@ calls this same code, so its numbers are what the service returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 
 from server.backend import Backend, UserBatch
 from server.catalog import Catalog, CatalogStore
-from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable
+from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable, StoreUnavailable
 from server.limits import (
     DEFAULT_K,
     MAX_EXCLUDED_ITEMS,
@@ -32,6 +33,8 @@ from server.limits import (
     MAX_USER_ID_LENGTH,
     MIN_RATING,
 )
+from server.options import DEFAULTS
+from server.store import InteractionStore, StoredInteraction
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,13 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class RankedList:
-    """One query's answer: the items, best first, and how many of its interactions named movies
-    the models do not know (ignored; the request log counts them)."""
+    """One query's answer: the items, best first; how many of its interactions (sent or stored)
+    named movies the models do not know (ignored; the request log counts them); and how many
+    came from the interaction store."""
 
     items: list[Recommendation] = field(default_factory=list)
     unknown_interactions: int = 0
+    stored_interactions: int = 0
 
 
 def _check_item_id(item_id: str, name: str) -> None:
@@ -82,14 +87,10 @@ def _check_item_id(item_id: str, name: str) -> None:
         raise InvalidRequest(f"{name} is {len(item_id)} characters; the maximum is {MAX_ITEM_ID_LENGTH}")
 
 
-def check_interactions(interactions: Sequence[Interaction],
-                       field_name: str = "recent_interactions") -> tuple[tuple[str, float], ...]:
-    """Validate interactions and keep one per movie, with its latest rating (by timestamp, the later
-    entry on a tie); rating-less entries (0 stars) rate nothing, so they replace no rating."""
+def validate_interactions(interactions: Sequence[Interaction], field_name: str = "recent_interactions") -> None:
+    """Every limit the proto documents for a list of interactions; the message names the field."""
     if len(interactions) > MAX_RECENT_INTERACTIONS:
         raise InvalidRequest(f"{field_name} has {len(interactions)} entries; the maximum is {MAX_RECENT_INTERACTIONS}")
-    movies: dict[str, None] = {}
-    rated: dict[str, tuple[int, float]] = {}
     for position, interaction in enumerate(interactions):
         name = f"{field_name}[{position}]"
         _check_item_id(interaction.item_id, f"{name}.item_id")
@@ -99,19 +100,46 @@ def check_interactions(interactions: Sequence[Interaction],
         if interaction.timestamp_seconds < 0:
             raise InvalidRequest(f"{name}.timestamp_seconds is {interaction.timestamp_seconds}; it must not be "
                                  "negative")
+
+
+def check_interactions(interactions: Sequence[Interaction],
+                       field_name: str = "recent_interactions") -> tuple[tuple[str, float], ...]:
+    """Validate interactions and keep one per movie, with its latest rating (by timestamp, the later
+    entry on a tie); rating-less entries (0 stars) rate nothing, so they replace no rating."""
+    validate_interactions(interactions, field_name)
+    movies: dict[str, None] = {}
+    rated: dict[str, tuple[int, float]] = {}
+    for interaction in interactions:
         movies.setdefault(interaction.item_id)
-        if rating and interaction.timestamp_seconds >= rated.get(interaction.item_id, (-1, 0.0))[0]:
-            rated[interaction.item_id] = (interaction.timestamp_seconds, rating)
+        if interaction.rating and interaction.timestamp_seconds >= rated.get(interaction.item_id, (-1, 0.0))[0]:
+            rated[interaction.item_id] = (interaction.timestamp_seconds, interaction.rating)
     return tuple((item_id, rated.get(item_id, (0, 0.0))[1]) for item_id in movies)
+
+
+def with_stored(query: Query, stored: Sequence[StoredInteraction]) -> Query:
+    """The query as if its caller had also sent the user's stored interactions: the request's own
+    are newer, so they win, except that a rating-less one keeps a stored rating."""
+    if not stored:
+        return query
+    merged = {entry.item_id: entry.rating for entry in reversed(stored)}  # oldest first, newest last
+    for item_id, rating in query.recent_interactions:
+        if rating or item_id not in merged:
+            merged[item_id] = rating
+    return dataclasses.replace(query, recent_interactions=tuple(merged.items()))
+
+
+def check_user_id(user_id: str) -> str:
+    if not user_id or not user_id.strip():
+        raise InvalidRequest("user_id must not be empty")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        raise InvalidRequest(f"user_id is {len(user_id)} characters; the maximum is {MAX_USER_ID_LENGTH}")
+    return user_id
 
 
 def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool,
                recent_interactions: Sequence[Interaction] = ()) -> Query:
     """Validate one request's fields; the limits are the ones the proto documents."""
-    if not user_id or not user_id.strip():
-        raise InvalidRequest("user_id must not be empty")
-    if len(user_id) > MAX_USER_ID_LENGTH:
-        raise InvalidRequest(f"user_id is {len(user_id)} characters; the maximum is {MAX_USER_ID_LENGTH}")
+    check_user_id(user_id)
     if k > MAX_K:
         raise InvalidRequest(f"k={k} exceeds the maximum of {MAX_K}")
     if len(exclude_item_ids) > MAX_EXCLUDED_ITEMS:
@@ -123,6 +151,7 @@ def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_ra
                                  f"the maximum is {MAX_ITEM_ID_LENGTH}")
     return Query(user_id=user_id, k=k or DEFAULT_K, exclude_item_ids=frozenset(exclude_item_ids),
                  include_rated=include_rated, recent_interactions=check_interactions(recent_interactions))
+
 
 class Deadline:
     """Seconds left of the caller's deadline, checked between stages; also stops work for
@@ -144,9 +173,29 @@ class Deadline:
 
 
 class Pipeline:
-    def __init__(self, backend: Backend, catalogs: CatalogStore):
+    """`store`: recorded interactions, each user's newest `stored_interactions` merged into every
+    query (`with_stored`); when the store fails, queries go on with what the caller sent."""
+
+    def __init__(self, backend: Backend, catalogs: CatalogStore, store: InteractionStore | None = None,
+                 stored_interactions: int = DEFAULTS.stored_interactions):
         self.backend = backend
         self.catalogs = catalogs
+        self.store = store
+        self.stored_interactions = stored_interactions
+        self.store_reads_failed = 0  # Recommend calls served without their stored interactions
+
+    def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> dict[str, list[StoredInteraction]]:
+        """The batch's users' stored interactions, in one query; nothing if the store fails."""
+        if self.store is None or self.stored_interactions <= 0:
+            return {}
+        started = time.perf_counter()
+        try:
+            return self.store.recent([query.user_id for query in queries], self.stored_interactions)
+        except StoreUnavailable:
+            self.store_reads_failed += 1
+            return {}
+        finally:
+            timings["store"] = timings.get("store", 0.0) + time.perf_counter() - started
 
     def current_catalog(self) -> Catalog:
         version = self.backend.current_version()
@@ -166,13 +215,16 @@ class Pipeline:
             return []
         deadline = Deadline(timeout, is_cancelled)
         timings = stage_seconds if stage_seconds is not None else {}
+        stored = self._stored(queries, timings)
+        stored_counts = [len(stored.get(query.user_id, ())) for query in queries]
+        queries = [with_stored(query, stored.get(query.user_id, ())) for query in queries]
         results: list[RankedList | None] = [None] * len(queries)
         for include_rated in (False, True):
             group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
             if group:
                 group_results = self._recommend_group([queries[i] for i in group], include_rated, deadline, timings)
-                for i, items in zip(group, group_results):
-                    results[i] = items
+                for i, result in zip(group, group_results):
+                    results[i] = dataclasses.replace(result, stored_interactions=stored_counts[i])
         return results  # type: ignore[return-value]
 
     def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent import futures
 from typing import Sequence
 
 import grpc
@@ -16,7 +17,7 @@ import grpc
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
-from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, Overloaded
+from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, NotConfigured, Overloaded
 from server.limits import (
     DEFAULT_K,
     MAX_BATCH_INTERACTIONS,
@@ -28,11 +29,21 @@ from server.limits import (
     MAX_USER_ID_LENGTH,
 )
 from server.observability import CallRecord, Observer
-from server.pipeline import Interaction, Query, RankedList, Recommendation, make_query
+from server.pipeline import (
+    Interaction,
+    Query,
+    RankedList,
+    Recommendation,
+    check_user_id,
+    make_query,
+    validate_interactions,
+)
 from server.status import map_errors
+from server.store import InteractionStore
 
 # A Recommend with more interactions than this is validated on a worker thread, not on the event loop.
 LARGE_REQUEST_INTERACTIONS = 100
+STORE_THREADS = 4
 
 
 def _interactions(entries) -> list[Interaction]:
@@ -84,26 +95,51 @@ def _note(record: CallRecord, queries: Sequence[Query], results: list[RankedList
     record.model_version = items[0].model_version if items else ""
     record.interaction_count = sum(len(query.recent_interactions) for query in queries)
     record.unknown_interaction_count = sum(result.unknown_interactions for result in results)
+    record.stored_interaction_count = sum(result.stored_interactions for result in results)
+
+
+def _recorded(request: recommender_pb2.RecordInteractionsRequest) -> tuple[str, list[tuple[str, float, int]]]:
+    interactions = _interactions(request.interactions)
+    validate_interactions(interactions, "interactions")
+    return check_user_id(request.user_id), [(entry.item_id, entry.rating, entry.timestamp_seconds)
+                                            for entry in interactions]
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
-                 max_concurrent_rpcs: int):
+                 max_concurrent_rpcs: int, store: InteractionStore | None = None, stored_interactions: int = 0):
         self.pipeline = pipeline
         self.backend = backend
         self.observer = observer
+        self.store = store
+        self.stored_interactions = stored_interactions if store is not None else 0
+        # Writes have threads of their own: a slow store never holds up the pipeline or other work.
+        self.store_threads = futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
         # Admission control: calls in flight beyond this are refused at once. Only this service's
         # calls count; health checks and Watch streams never do.
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.accepting = True  # false once shutdown starts: new calls get UNAVAILABLE
 
-    def _admit(self) -> None:
+    def _admit(self, needs_models: bool = True) -> None:
         if not self.accepting:
             raise ModelsUnavailable("server is shutting down; retry (another replica)")
         if self.observer.active_calls > self.max_concurrent_rpcs:
             raise Overloaded(f"the server is at its limit of {self.max_concurrent_rpcs} calls in flight; retry later")
-        if not self.backend.is_ready():
+        if needs_models and not self.backend.is_ready():
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
+
+    def _store(self) -> InteractionStore:
+        if self.store is None:
+            raise NotConfigured("this server keeps no interaction store (started with --interactions-db none)")
+        return self.store
+
+    async def _in_store(self, context: grpc.aio.ServicerContext, work, *args):
+        """Run a store call on the store's threads, within the caller's deadline."""
+        future = asyncio.get_running_loop().run_in_executor(self.store_threads, work, *args)
+        try:
+            return await asyncio.wait_for(future, context.time_remaining())
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("deadline exceeded before the interaction store answered") from None
 
     async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
                          record: CallRecord) -> list[RankedList]:
@@ -144,6 +180,25 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
 
     @map_errors
+    async def RecordInteractions(self, request, context, record: CallRecord):
+        record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
+        self._admit(needs_models=False)
+        store = self._store()
+        user_id, interactions = await asyncio.to_thread(_recorded, request)
+        record.interaction_count = len(interactions)
+        recorded = await self._in_store(context, store.record, user_id, interactions)
+        return recommender_pb2.RecordInteractionsResponse(recorded=recorded)
+
+    @map_errors
+    async def ForgetUser(self, request, context, record: CallRecord):
+        record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
+        self._admit(needs_models=False)
+        store = self._store()
+        forgotten = await self._in_store(context, store.forget, check_user_id(request.user_id))
+        record.interaction_count = forgotten
+        return recommender_pb2.ForgetUserResponse(forgotten=forgotten)
+
+    @map_errors
     async def GetModelInfo(self, request, context, record: CallRecord):
         self._admit()
         catalog = await asyncio.to_thread(self.pipeline.current_catalog)  # parsing metadata is not for the loop
@@ -152,4 +207,5 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             preset=catalog.preset.get("name", ""), default_k=DEFAULT_K, max_k=MAX_K,
             max_exclude_item_ids=MAX_EXCLUDED_ITEMS, max_batch_requests=MAX_BATCH_USERS,
             max_user_id_length=MAX_USER_ID_LENGTH, max_item_id_length=MAX_ITEM_ID_LENGTH,
-            max_recent_interactions=MAX_RECENT_INTERACTIONS)
+            max_recent_interactions=MAX_RECENT_INTERACTIONS, interaction_store=self.store.kind if self.store else "",
+            stored_interactions=self.stored_interactions)

@@ -15,8 +15,10 @@ from server.errors import (
     DeadlineExceeded,
     InvalidRequest,
     ModelsUnavailable,
+    NotConfigured,
     Overloaded,
     RecsysError,
+    StoreUnavailable,
 )
 from server.wire import Undecodable
 
@@ -29,6 +31,8 @@ STATUS_OF_ERROR: dict[type[RecsysError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

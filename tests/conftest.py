@@ -192,6 +192,8 @@ def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -
 
     Its stderr is collected in `process.log_lines` (`process.log_drain` ends at its EOF), or,
     with `read_log=False`, not read past the line reporting the port: a log reader that stopped."""
+    if not any(flag.startswith("--interactions-db") for flag in flags):
+        flags = (*flags, "--interactions-db", "none")  # never the user's own store
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0", *flags],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -235,3 +237,27 @@ def stop_process(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres.py), emptied before each test that asks."""
+    from tests.postgres import PostgresServer
+
+    server_ = PostgresServer()
+    server_.start()
+    yield server_
+    try:
+        server_.stop()
+    finally:
+        server_.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path):
+    """Where an interaction store lives: an SQLite file, or a real PostgreSQL database (emptied)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "interactions.sqlite3")
+    postgres = request.getfixturevalue("postgres")
+    postgres.clear()
+    return postgres.url

@@ -64,3 +64,33 @@ def test_concatenated_towers_score_the_sum_of_their_members():
     summed = sum(tf.reduce_sum(user(user_ids) * item(item_ids), axis=1) for user, item in zip(users, items))
     assert ConcatTowers(users, "users")(user_ids).shape == (3, 12)
     np.testing.assert_allclose(concatenated.numpy(), summed.numpy(), rtol=1e-5)
+
+
+def test_id_dropout_serves_the_out_of_vocabulary_row_with_the_history_while_training():
+    """A dropped example sees row 0 (the generic user) and its own history, less its own movie; with
+    `history_keep`, part of that history (none at all, at the limit)."""
+    items = ["20", "10", "40"]
+    features = {"user_id": tf.constant(["1", "1", "3"]), "leave_out_item_id": tf.constant(items),
+                "leave_out_stars": tf.constant([STARS["1"][1], STARS["1"][0], STARS["3"][1]])}
+    tower = _tower(HISTORY, STARS)
+    oov = tower.user_embedding.get_weights()[0][0]
+    for keep in (1.0, 1e-9):
+        dropping = HistoryUserTower(USERS, ITEMS, HISTORY, dim=4, l2=0.0, stars=STARS, mean_stars=3.5,
+                                    id_dropout=0.999999, history_keep=keep)
+        dropping(tf.constant(USERS))
+        for layer in ("user_embedding", "history_embedding"):
+            getattr(dropping, layer).set_weights(getattr(tower, layer).get_weights())
+        trained = dropping(features, training=True).numpy()
+        served = dropping(features).numpy()
+        np.testing.assert_allclose(served, tower(features).numpy(), rtol=1e-6), "no dropout outside training"
+        history_part = tower(features).numpy() - tower.user_embedding(tower.user_lookup(features["user_id"])).numpy()
+        expected = oov + (history_part if keep == 1.0 else np.zeros_like(history_part))
+        np.testing.assert_allclose(trained, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_id_dropout_in_an_id_tower_only_while_training():
+    from export.models import IdDropout
+
+    ids = tf.constant([1, 2, 3, 4], tf.int64)
+    assert IdDropout(0.999999)(ids, training=True).numpy().tolist() == [0, 0, 0, 0]
+    assert IdDropout(0.999999)(ids).numpy().tolist() == [1, 2, 3, 4]
