@@ -8,6 +8,8 @@ from pathlib import Path
 
 import export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from export.data import (
+    CSV_ITEMS_HEADER,
+    CSV_RATINGS_HEADER,
     DATASETS,
     DEFAULT_SHUFFLE_BUFFER,
     HOLDOUTS,
@@ -21,8 +23,19 @@ from export.presets import PRESETS, STRATEGIES
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
              "$RECSYS_DATA_DIR, then ./data/<dataset>, then download <dataset>.zip from GroupLens into "
              "~/.cache/recsys ($RECSYS_CACHE_DIR) and verify its sha256")
-DATASET_HELP = ("which MovieLens: ml-100k (default), ml-1m (::-separated .dat files), ml-20m or ml-25m "
-                "(ratings.csv and movies.csv, half-star ratings)")
+DATASET_HELP = ("which data: ml-100k (default), ml-1m (::-separated .dat files), ml-20m or ml-25m "
+                "(ratings.csv and movies.csv, half-star ratings), or csv: a catalog of your own in --ratings and "
+                "--items")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help=DATA_HELP)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
+    parser.add_argument("--ratings", type=Path, help=f"with --dataset csv: the ratings, a CSV file with the header "
+                                                      f"'{CSV_RATINGS_HEADER}' (integer ids, 0.5 to 5 stars in steps of "
+                                                      f"0.5, Unix seconds)")
+    parser.add_argument("--items", type=Path, help=f"with --dataset csv: the movies, a CSV file with the header "
+                                                    f"'{CSV_ITEMS_HEADER}' (genres separated by |)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                        help="override one field of the preset, e.g. --set ensemble_size=1 (repeatable; tuples as "
                             "256,64); the export's metadata records the values trained with")
-    train.add_argument("--data-dir", help=DATA_HELP)
-    train.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
+    add_data_arguments(train)
+    train.add_argument("--interactions-db", metavar="PATH|URL",
+                       help="also train on the ratings recorded through the service (RecordInteractions) in this "
+                            "interaction store: an SQLite file or a postgresql:// URL, as given to the server. Users "
+                            "new to the data set join the vocabulary; movies outside the catalog and rating-less "
+                            "interactions are counted and skipped; the evaluation split stays the data set's own")
     train.add_argument("--out", required=True, type=Path, help="models directory (TF Serving layout); a new version is added")
     train.add_argument("--holdout", choices=HOLDOUTS, default="test",
                        help="'test' (default) trains on the fixed train split: the version to serve and report. "
@@ -61,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="score the newest exported version with the baselines, on the test "
                                                     "split (or the validation split, for a --holdout validation export)")
     evaluate.add_argument("--models", required=True, type=Path, help="models directory written by 'train'")
-    evaluate.add_argument("--data-dir", help=DATA_HELP)
-    evaluate.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
+    add_data_arguments(evaluate)
     evaluate.add_argument("--protocol", choices=PROTOCOLS,
                           help="random: the row split's test pairs; fold-in: users held out of training, 80%% of "
                                "their ratings sent as interactions, the rest the targets (an export trained with "
@@ -100,22 +116,32 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--holdout {args.holdout} splits users, which needs the ratings in memory: add --no-stream")
     if args.command == "data-bench":
         return data_bench(args)
-    from export.data import load_movielens
+    from export.data import load_csv, load_movielens
 
     dataset = getattr(args, "dataset", "ml-100k")
+    if (dataset == "csv") != bool(getattr(args, "ratings", None) and getattr(args, "items", None)):
+        parser.error("--dataset csv takes --ratings FILE and --items FILE, and they need --dataset csv")
     stream = args.command == "train" and (DATASETS[dataset].stream_by_default if args.stream is None else args.stream)
+    if args.command == "train" and args.interactions_db and stream:
+        parser.error("--interactions-db needs the ratings in memory: add --no-stream")
     try:
-        data = load_movielens(args.data_dir, dataset, with_ratings=not stream)
+        data = load_csv(args.ratings, args.items) if dataset == "csv" else load_movielens(args.data_dir, dataset,
+                                                                                         with_ratings=not stream)
     except (DataSourceError, DataFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":
+        from export.stored import stored_ratings
         from export.train import train_and_export
+        from server.errors import StoreUnavailable
 
+        if args.interactions_db == "none":
+            parser.error("--interactions-db none: name the store to read (a path or a postgresql:// URL)")
         try:
+            stored = stored_ratings(args.interactions_db, data) if args.interactions_db else None
             train_and_export(data, preset, args.out, args.holdout, args.synthetic_items, args.strategy,
-                             args.shuffle_buffer)
-        except DataFormatError as error:  # a streamed file is checked as it is read
+                             args.shuffle_buffer, stored)
+        except (DataFormatError, StoreUnavailable) as error:  # a streamed file is checked as it is read
             print(f"error: {error}", file=sys.stderr)
             return 2
         return 0

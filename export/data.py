@@ -306,6 +306,13 @@ def _csv_spec(name: str, title: str, sha256: str) -> DatasetSpec:
         stream_by_default=True)
 
 
+# A catalog of one's own (`--dataset csv --ratings FILE --items FILE`): two CSV files with these headers.
+# Ids are integers; ratings are stars from 0.5 to 5 in steps of 0.5; timestamps Unix seconds; genres
+# are "|"-separated (may be empty).
+CSV_RATINGS_HEADER = "user_id,item_id,rating,timestamp"
+CSV_ITEMS_HEADER = "item_id,title,genres"
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "ml-100k": DatasetSpec(
         "MovieLens 100k", ML100K_URL, ML100K_SHA256, REQUIRED_FILES, 1.0, "u.data", "\t", None,
@@ -318,7 +325,22 @@ DATASETS: dict[str, DatasetSpec] = {
                            read_ml1m_users(directory / "users.dat"))),
     "ml-20m": _csv_spec("ml-20m", "MovieLens 20M", "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3"),
     "ml-25m": _csv_spec("ml-25m", "MovieLens 25M", "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa"),
+    # One's own catalog: read by `load_csv` from two named files, never downloaded or streamed.
+    "csv": DatasetSpec("CSV catalog", "", "", (), 0.5, "", ",", CSV_RATINGS_HEADER, lambda directory: ({}, {})),
 }
+
+
+def load_csv(ratings_file: str | os.PathLike, items_file: str | os.PathLike) -> MovieLens:
+    """A catalog of one's own in the documented CSV format; a malformed row fails naming file and line."""
+    ratings_path, items_path = Path(ratings_file), Path(items_file)
+    for path in (ratings_path, items_path):
+        if not path.is_file():
+            raise DataSourceError(f"{path} is not a file")
+    items = read_movies_table(items_path, ",", "utf-8", header=CSV_ITEMS_HEADER)
+    ratings = read_ratings_table(ratings_path, ",", DATASETS["csv"].rating_scale, header=CSV_RATINGS_HEADER)
+    check_rated_movies_known(items_path, np.unique(ratings[:, 1]), items)
+    return MovieLens(ratings=ratings, items=items, users={}, source=ratings_path.parent,
+                     rating_scale=DATASETS["csv"].rating_scale, dataset="csv")
 
 
 def load_movielens(data_dir: str | os.PathLike | None = None, dataset: str = "ml-100k",

@@ -33,34 +33,58 @@ class FitData:
     batches: Callable[[int, int], tf.data.Dataset]
 
 
-def _summarise(users: np.ndarray, items: np.ndarray,
-               stars: np.ndarray) -> tuple[list[str], dict[str, list[str]], dict[str, np.ndarray], dict[str, int]]:
-    """Users, who rated what with how many stars (in row order) and rating counts, from parallel columns."""
+def _summarise(users: np.ndarray, items: np.ndarray, stars: np.ndarray, names: np.ndarray | None = None
+               ) -> tuple[list[str], dict[str, list[str]], dict[str, np.ndarray], dict[str, int]]:
+    """Users, who rated what with how many stars (in row order) and rating counts, from parallel columns.
+    `names`: user codes -> user ids, where `users` holds codes rather than the ids themselves."""
     order = np.argsort(users, kind="stable")
     users, items, stars = users[order], items[order], stars[order]
     starts = np.flatnonzero(np.diff(users)) + 1
-    firsts = users[np.r_[0, starts]].astype(str).tolist() if len(users) else []
+    firsts = users[np.r_[0, starts]] if len(users) else np.zeros(0, users.dtype)
+    firsts = (names[firsts] if names is not None else firsts).astype(str).tolist()
     rated = dict(zip(firsts, (chunk.astype(str).tolist() for chunk in np.split(items, starts))))
     rated_stars = dict(zip(firsts, np.split(stars, starts)))
     movies, counts = np.unique(items, return_counts=True)
     return list(rated), rated, rated_stars, dict(zip(movies.astype(str).tolist(), counts.tolist()))
 
 
-def from_rows(rows: np.ndarray, rating_scale: float = 1.0) -> FitData:
-    """Rows already in memory (user, movie, rating units, timestamp)."""
-    columns = {"user_id": rows[:, 0].astype(str), "item_id": rows[:, 1].astype(str),
-               "rating": rows[:, 2].astype(np.float32) * rating_scale}
+@dataclass(frozen=True)
+class ExtraRows:
+    """Ratings from outside the data set's files (the interaction store), trained on with the fit rows:
+    user ids may be any string; movies are catalog ids."""
+
+    user_ids: np.ndarray  # str
+    item_ids: np.ndarray  # int64
+    stars: np.ndarray  # float32
+
+
+def from_rows(rows: np.ndarray, rating_scale: float = 1.0, extra: ExtraRows | None = None) -> FitData:
+    """Rows already in memory (user, movie, rating units, timestamp), and `extra` rows after them.
+    Users new to the data set join the vocabulary after its own users."""
+    users, items, stars = rows[:, 0], rows[:, 1], rows[:, 2].astype(np.float32) * rating_scale
+    names = None
+    if extra is not None and len(extra.user_ids):
+        known = np.unique(users)
+        names = np.concatenate([known.astype(str), np.array(sorted(set(extra.user_ids) - set(known.astype(str))),
+                                                            dtype=str)])
+        code = {name: position for position, name in enumerate(names.tolist())}
+        users = np.concatenate([np.searchsorted(known, users), [code[user] for user in extra.user_ids]])
+        items = np.concatenate([items, extra.item_ids])
+        stars = np.concatenate([stars, extra.stars.astype(np.float32)])
+    columns = {"user_id": (names[users] if names is not None else users).astype(str), "item_id": items.astype(str),
+               "rating": stars}
+    row_count = len(users)
 
     def batches(batch_size: int, seed: int) -> tf.data.Dataset:
         # Shuffles row indices and gathers: far cheaper than shuffling strings.
         tensors = {name: tf.constant(values) for name, values in columns.items()}
-        return (tf.data.Dataset.range(len(rows))
-                .shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+        return (tf.data.Dataset.range(row_count)
+                .shuffle(row_count, seed=seed, reshuffle_each_iteration=True)
                 .batch(batch_size)
                 .map(lambda index: {name: tf.gather(values, index) for name, values in tensors.items()})
                 .prefetch(tf.data.AUTOTUNE))
 
-    return FitData(*_summarise(rows[:, 0], rows[:, 1], columns["rating"]), row_count=len(rows), batches=batches)
+    return FitData(*_summarise(users, items, stars, names), row_count=row_count, batches=batches)
 
 
 def count_rows(path: Path, has_header: bool) -> int:

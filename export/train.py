@@ -17,6 +17,7 @@ from export.models import RankingModel, RetrievalModel, make_optimizer
 from export.presets import STRATEGIES, Preset
 from export.savedmodel import write_export
 from export.serving import RankingServing, RetrievalServing, ServedHistory, ServedUserTower, TowerParts, tower_table
+from export.stored import StoredRatings
 
 
 class EpochLine(tf.keras.callbacks.Callback):
@@ -118,14 +119,16 @@ def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, see
 
 def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test",
                      synthetic_items: int = 0, strategy: str = "default",
-                     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> TrainedExport | None:
+                     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                     stored: StoredRatings | None = None) -> TrainedExport | None:
     """Train retrieval then ranking and write them as the next version.
 
     holdout="test" trains on the fixed train split (what is served and reported);
     "validation" trains on train minus the validation split, for tuning.
     synthetic_items pads the retrieval index for catalog-scale benchmarks (never for serving users).
     With strategy "multi-worker" every worker trains its shard of each batch and only the
-    chief writes the export; the others return None.
+    chief writes the export; the others return None. `stored`: ratings recorded through the
+    service (export/stored.py), added to the fit rows.
     Data loaded without ratings (`load_movielens(with_ratings=False)`) are streamed from the
     ratings file through a shuffle buffer of `shuffle_buffer` rows instead of held in memory.
     """
@@ -135,12 +138,18 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
         fit = from_stream(data, holdout, shuffle_buffer)
         print(f"streaming {fit.row_count} fit rows from {data.source / data.spec.ratings_file}", flush=True)
     else:
-        fit = from_rows(fit_and_held_out(data.ratings, holdout)[0], data.rating_scale)
+        fit = from_rows(fit_and_held_out(data.ratings, holdout)[0], data.rating_scale, stored and stored.rows)
+        if stored is not None:
+            print(stored.summary(), flush=True)
     user_ids, item_ids = fit.user_ids, sorted(data.items, key=int)
     metadata = build_metadata(data, fit, preset)
     metadata["holdout"] = holdout
     metadata["dataset"] = data.dataset
     metadata["streamed"] = data.ratings is None
+    if stored is not None:
+        metadata["stored_ratings"] = {"added": len(stored.rows.user_ids), "new_users": stored.new_users,
+                                      "skipped_unknown_movies": stored.unknown_movies, "skipped_unrated": stored.unrated,
+                                      "skipped_in_data_set": stored.in_data_set}
     started = time.perf_counter()
     retrieval = train_retrieval(fit, item_ids, preset, distribution)
     retrieval_seconds = time.perf_counter() - started

@@ -10,6 +10,7 @@ from export.__main__ import main as export_cli
 from export.data import DataFormatError, fit_and_held_out, load_movielens, split_row_numbers
 from export.examples import from_rows, from_stream
 from server.layout import complete_versions, metadata_path
+from tests.export.test_savedmodel import user_side
 
 ML1M = {
     "ratings.dat": "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n2::3408::1::978300275\n",
@@ -117,7 +118,7 @@ def test_ml25m_trains_streamed_by_default_end_to_end(tmp_path, capsys):
             == {user: sorted(items) for user, items in expected.rated_item_ids.items()})
     retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
     user = expected.user_ids[0]
-    candidates = retrieval.signatures["serving_default"](user_id=tf.constant([user]))["item_ids"].numpy()[0]
+    candidates = retrieval.signatures["serving_default"](**user_side([user]))["item_ids"].numpy()[0]
     rated = set(expected.rated_item_ids[user])
     assert len(candidates) and not {item.decode() for item in candidates} & rated
 
