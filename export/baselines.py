@@ -6,6 +6,7 @@ from functools import lru_cache
 import numpy as np
 
 from export.data import MovieLens, fit_and_held_out, fold_in_and_targets
+from export.models import ease_weights
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 # EASE inverts an items x items matrix and scores a dense users x items one.
@@ -16,16 +17,6 @@ def _interactions(rows: np.ndarray, user_index: dict[int, int], item_index: dict
     matrix = np.zeros((len(user_index), len(item_index)), dtype=np.float64)
     matrix[[user_index[u] for u in rows[:, 0]], [item_index[i] for i in rows[:, 1]]] = 1.0
     return matrix
-
-
-def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
-    """EASE (Steck 2019): closed-form item-item weights with a zero diagonal."""
-    gram = interactions.T @ interactions
-    gram[np.diag_indices_from(gram)] += l2
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)[None, :]
-    weights[np.diag_indices_from(weights)] = 0.0
-    return weights
 
 
 def ease_scores(interactions: np.ndarray, l2: float) -> np.ndarray:

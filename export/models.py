@@ -384,6 +384,31 @@ class RankingModel(tfrs.Model):
         return loss
 
 
+def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
+    """EASE (Steck 2019): closed-form item-item weights B with a zero diagonal, fit to a binary
+    [users x movies] matrix X; a user's score for movie c is (x_u B)_c, the sum of B[h, c] over
+    the movies h in their history. Dense [movies x movies]: for catalogs up to EASE_MAX_MOVIES."""
+    gram = interactions.T @ interactions
+    gram[np.diag_indices_from(gram)] += l2
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)[None, :]
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights
+
+
+# Above this many movies, the dense item-item weights (movies^2 floats) are not built.
+EASE_MAX_MOVIES = 20_000
+
+
+def history_matrix(user_ids: list[str], item_ids: list[str], history: dict[str, list[str]]) -> np.ndarray:
+    """Binary [users x movies], rows and columns in vocabulary order."""
+    position = {item_id: index for index, item_id in enumerate(item_ids)}
+    matrix = np.zeros((len(user_ids), len(item_ids)), dtype=np.float64)
+    for row, user in enumerate(user_ids):
+        matrix[row, [position[item] for item in history.get(user, [])]] = 1.0
+    return matrix
+
+
 def make_optimizer(name: str, learning_rate: float, decay_steps: int = 0) -> tf.keras.optimizers.Optimizer:
     """With `decay_steps`, the rate follows a cosine from `learning_rate` to 0 over that many steps:
     training ends at a settled point instead of wherever the last full-rate steps left it."""

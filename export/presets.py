@@ -67,6 +67,12 @@ class Preset:
     # The watch head's user towers add the user's rated movies to the id (as retrieval's do),
     # so interactions sent with a request move the watch score too.
     watch_history: bool = False
+    # The ranker's score also adds an item-item model, EASE (Steck 2019) fit in closed form to the
+    # training histories: weight x (sum over the user's history of B[movie, candidate]); one weight
+    # for users the models know, one for users known only by their interactions.
+    ease_weight: float = 0.0
+    ease_weight_new_users: float = 0.0
+    ease_lambda: float = 300.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,8 +83,14 @@ class Preset:
             raise ValueError("ensemble_size, candidate_count and embedding_dim must be at least 1")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1); got {self.id_dropout}")
+        if min(self.ease_weight, self.ease_weight_new_users) < 0 or self.ease_lambda <= 0:
+            raise ValueError("ease_weight and ease_weight_new_users must be 0 or more, ease_lambda above 0")
         if not 0.0 < self.history_keep <= 1.0:
             raise ValueError(f"history_keep must be in (0, 1]; got {self.history_keep}")
+
+    @property
+    def uses_ease(self) -> bool:
+        return bool(self.ease_weight or self.ease_weight_new_users)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,5 +188,10 @@ PRESETS: dict[str, Preset] = {
         rating_user_history=True,
         rating_item_history=True,
         rating_taste=True,
+        id_dropout=0.2,
+        history_keep=0.5,
+        watch_history=True,
+        ease_weight=10.0,
+        ease_weight_new_users=100.0,
     ),
 }

@@ -50,10 +50,12 @@ class TowerParts:
     tower that does not weigh its history by stars.
     """
 
-    ids: np.ndarray  # [users + 1, width]
+    ids: np.ndarray | None  # [users + 1, width]; None: no id part
     rated: np.ndarray | None  # [movies + 1, width]
     liked: np.ndarray | None  # [movies + 1, width]
     mean_stars: float = 0.0
+    # Whether the history sum is divided by sqrt(history length), as the towers do (EASE does not).
+    normalised: bool = True
 
     @staticmethod
     def of(tower: tf.keras.Model) -> "TowerParts":
@@ -156,7 +158,10 @@ class ServedUserTower(tf.keras.layers.Layer):
         self.outputs = tf.Variable(outputs, trainable=False, name="outputs")
         self.with_history = parts.rated is not None
         if self.with_history:
-            self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
+            self.normalised = parts.normalised
+            self.with_ids = parts.ids is not None
+            if self.with_ids:
+                self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
             self.rated = tf.Variable(parts.rated, trainable=False, name="rated")
             self.with_stars = parts.liked is not None
             if self.with_stars:
@@ -177,8 +182,11 @@ class ServedUserTower(tf.keras.layers.Layer):
         trained = tf.gather(self.outputs, user_rows)
         if not self.with_history:
             return trained
-        computed = (tf.gather(self.ids, merged.users)
-                    + self.history_sums(merged) / tf.sqrt(tf.maximum(merged.counts, 1.0))[:, None])
+        computed = self.history_sums(merged)
+        if self.normalised:
+            computed /= tf.sqrt(tf.maximum(merged.counts, 1.0))[:, None]
+        if self.with_ids:
+            computed += tf.gather(self.ids, merged.users)
         return tf.tensor_scatter_nd_update(trained, merged.active[:, None], computed)
 
 
@@ -265,6 +273,18 @@ class RetrievalServing(tf.Module):
         return self._candidates(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), False)
 
 
+@dataclass(frozen=True)
+class ItemItem:
+    """The ranker's item-item part: EASE weights B [movies x movies] and the training histories
+    [users x movies] (binary, vocabulary order); a candidate scores weight x sum over the user's
+    history of B[movie, candidate]."""
+
+    weights: np.ndarray
+    history: np.ndarray
+    weight: float
+    weight_new_users: float
+
+
 class RankingServing(tf.Module):
     """Each user's candidate movies -> predicted stars and the score the service orders by.
 
@@ -272,7 +292,8 @@ class RankingServing(tf.Module):
     product: two independently trained estimates of log p(movie | user) up to a
     per-user constant, so their sum orders each user's candidates like an ensemble.
     The retrieval towers are copied into this SavedModel frozen (training the ranker
-    never touches them). Without a watch head, `score` is the rating.
+    never touches them). Without a watch head, `score` is the rating. With an item-item
+    part (`ItemItem`, EASE), the score adds its weighted sum over the user's history.
 
     The two dot products are one dot product of concatenated [watch, retrieval] vectors, and
     the rating MLP's first layer W [user; movie] + b is split into a per-user and a per-movie
@@ -281,7 +302,7 @@ class RankingServing(tf.Module):
 
     def __init__(self, ranking_model: tf.keras.Model, history: ServedHistory, user_ids: list[str],
                  item_ids: list[str], retrieval_user_model: tf.keras.Model | None = None,
-                 retrieval_item_model: tf.keras.Model | None = None):
+                 retrieval_item_model: tf.keras.Model | None = None, item_item: ItemItem | None = None):
         super().__init__()
         self.history = history
         rating = ranking_model.rating
@@ -303,6 +324,16 @@ class RankingServing(tf.Module):
             self.item_vectors = LookupTower(item_ids, np.concatenate(
                 [tower_table(ranking_model.watch_item_model, item_ids), tower_table(retrieval_item_model, item_ids)],
                 axis=1), name="item_vectors")
+        self.with_item_item = item_item is not None
+        if self.with_item_item:
+            weights = np.vstack([np.zeros((1, len(item_ids)), np.float32), item_item.weights])  # row 0: unknown
+            trained = np.vstack([np.zeros((1, len(item_ids)), np.float32), item_item.history @ item_item.weights])
+            self.item_item_users = ServedUserTower(trained.astype(np.float32),
+                                                   TowerParts(None, weights.astype(np.float32), None, normalised=False),
+                                                   name="item_item_users")
+            self.item_item_weight = tf.constant(item_item.weight, tf.float32)
+            self.item_item_weight_new_users = tf.constant(item_item.weight_new_users, tf.float32)
+            self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
 
     def scores(self, users: RequestUsers, item_ids: tf.Tensor) -> dict[str, tf.Tensor]:
         """[users, candidates] predicted stars and scores of `item_ids` [users, candidates]."""
@@ -315,6 +346,11 @@ class RankingServing(tf.Module):
             score = tf.einsum("ud,ucd->uc", self.user_vectors(users.rows, users.merged), self.item_vectors(item_ids))
         else:
             score = tf.identity(predicted_rating)
+        if self.with_item_item:
+            # Column 0 of the padded scores stands for movies the catalog does not know: 0.
+            item_scores = tf.pad(self.item_item_users(users.rows, users.merged), [[0, 0], [1, 0]])
+            weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
+            score += weight[:, None] * tf.gather(item_scores, self.item_lookup(item_ids), batch_dims=1)
         return {"predicted_rating": predicted_rating, "score": score}
 
     @tf.function(input_signature=[USER_INPUTS[0], tf.TensorSpec([None, None], tf.string, name=ITEM_IDS_INPUT),

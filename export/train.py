@@ -13,10 +13,18 @@ import tensorflow as tf
 
 from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, popularity_order
 from export.examples import FitData, from_rows, from_stream
-from export.models import RankingModel, RetrievalModel, make_optimizer
+from export.models import EASE_MAX_MOVIES, RankingModel, RetrievalModel, ease_weights, history_matrix, make_optimizer
 from export.presets import STRATEGIES, Preset
 from export.savedmodel import write_export
-from export.serving import RankingServing, RetrievalServing, ServedHistory, ServedUserTower, TowerParts, tower_table
+from export.serving import (
+    ItemItem,
+    RankingServing,
+    RetrievalServing,
+    ServedHistory,
+    ServedUserTower,
+    TowerParts,
+    tower_table,
+)
 from export.stored import StoredRatings
 
 
@@ -173,7 +181,18 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
                                   TowerParts.of(retrieval.index_user_model), name="user_tower")
     retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
-    ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model)
+    item_item = None
+    if preset.uses_ease:
+        if len(item_ids) > EASE_MAX_MOVIES:
+            raise ValueError(f"ease_weight needs a catalog of at most {EASE_MAX_MOVIES:,} movies; this one has "
+                             f"{len(item_ids):,}: train with --set ease_weight=0 --set ease_weight_new_users=0")
+        started_item_item = time.perf_counter()
+        fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids)
+        item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32), fitted.astype(np.float32),
+                             preset.ease_weight, preset.ease_weight_new_users)
+        print(f"item-item (EASE) weights fitted in {time.perf_counter() - started_item_item:.1f}s", flush=True)
+    ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model,
+                                     item_item)
     version = write_export(target, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
     if not chief:
         shutil.rmtree(target, ignore_errors=True)

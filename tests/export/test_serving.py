@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from export.examples import from_rows
-from export.models import ConcatTowers, HistoryUserTower
+from export.models import ConcatTowers, HistoryUserTower, ease_weights, history_matrix
+from export.presets import PRESETS
 from tests.export.test_savedmodel import user_side
 
 KNOWN, UNKNOWN = "42", "someone-new"
@@ -82,10 +83,19 @@ def test_retrieval_with_interactions_is_the_tower_over_the_merged_history(loaded
     np.testing.assert_allclose(served["scores"].numpy()[0], top, rtol=1e-4, atol=1e-4)
 
 
+def item_item_scores(fit, movielens, preset, merged, items):
+    """EASE fit in closed form to the training histories, summed over `merged` for `items`."""
+    catalog = sorted(movielens.items, key=int)
+    weights = ease_weights(history_matrix(fit.user_ids, catalog, fit.rated_item_ids), preset.ease_lambda)
+    rows = [catalog.index(item) for item in merged]
+    return np.array([weights[rows, catalog.index(item)].sum() for item in items])
+
+
 @pytest.mark.parametrize("user", [KNOWN, UNKNOWN])
-def test_ranking_with_interactions_is_the_towers_over_the_merged_history(loaded, trained, fit, user):
+def test_ranking_with_interactions_is_the_towers_over_the_merged_history(loaded, trained, fit, movielens, user):
     _, ranking = loaded
     model, retrieval = trained[1].ranking_model, trained[1].retrieval_model
+    preset = PRESETS["tiny"]
     interactions = _interactions(fit, user)
     merged = merged_history(fit, user, interactions)
     items = ["1", "50", "181", "300", "7"]
@@ -95,7 +105,9 @@ def test_ranking_with_interactions_is_the_towers_over_the_merged_history(loaded,
                                   tower_on(retrieval.user_model, user, merged)], axis=1)
     item_vectors = np.concatenate([model.watch_item_model(item_ids).numpy(), retrieval.item_model(item_ids).numpy()],
                                   axis=1)
-    np.testing.assert_allclose(served["score"].numpy()[0], item_vectors @ user_vector[0], rtol=1e-4, atol=1e-4)
+    weight = preset.ease_weight if user == KNOWN else preset.ease_weight_new_users
+    expected = item_vectors @ user_vector[0] + weight * item_item_scores(fit, movielens, preset, merged, items)
+    np.testing.assert_allclose(served["score"].numpy()[0], expected, rtol=1e-4, atol=1e-3)
     rating_user = np.repeat(tower_on(model.rating.user_model, user, merged), len(items), axis=0)
     predicted = model.rating.mlp(tf.concat([rating_user, model.rating.item_model(item_ids)], axis=1))[:, 0]
     np.testing.assert_allclose(served["predicted_rating"].numpy()[0], predicted.numpy(), rtol=1e-4, atol=1e-4)

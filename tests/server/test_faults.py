@@ -171,13 +171,32 @@ def test_admission_control_refuses_at_once_and_health_never_counts(models_dir):
 
 
 @pytest.mark.parametrize("damage, why", [
+    (lambda raw: "{" + json.dumps(raw)[:1000], "cannot be read"),
+    (lambda raw: json.dumps({**raw, "candidate_count": "many"}), "candidate_count"),
+    (lambda raw: json.dumps({**raw, "popular_item_ids": ["no-such-movie"]}), "popular_item_ids"),
+    (lambda raw: json.dumps({**raw, "items": dict(list(raw["items"].items())[1:])}), "missing from"),
+    (lambda raw: json.dumps({**raw, "serves_interactions": "yes"}), "serves_interactions"),
+])
+def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
+    from server.catalog import InvalidMetadata, load_catalog
+
+    path = fresh_models / "metadata" / "1.json"
+    path.write_text(damage(json.loads(path.read_text())))
+    with pytest.raises(InvalidMetadata, match=why):
+        load_catalog(fresh_models, 1)
+
+
+# One kind of damage in the fast tier; the others (each a server that loads a version three times) are slow.
+@pytest.mark.parametrize("damage, why", [
     (lambda path: path.write_text(path.read_text()[:1000]), "truncated"),
-    (lambda path: path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": "many"})),
-     "candidate_count"),
-    (lambda path: path.write_text(json.dumps({**json.loads(path.read_text()),
-                                              "popular_item_ids": ["no-such-movie"]})), "popular_item_ids"),
-    (lambda path: path.write_text(json.dumps({**(raw := json.loads(path.read_text())),
-                                              "items": dict(list(raw["items"].items())[1:])})), "missing from"),
+    pytest.param(lambda path: path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": "many"})),
+                 "candidate_count", marks=pytest.mark.slow),
+    pytest.param(lambda path: path.write_text(json.dumps({**json.loads(path.read_text()),
+                                                          "popular_item_ids": ["no-such-movie"]})),
+                 "popular_item_ids", marks=pytest.mark.slow),
+    pytest.param(lambda path: path.write_text(json.dumps({**(raw := json.loads(path.read_text())),
+                                                          "items": dict(list(raw["items"].items())[1:])})),
+                 "missing from", marks=pytest.mark.slow),
 ])
 def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fresh_models, monkeypatch, damage, why):
     monkeypatch.setattr(server.backend, "RETRY_SECONDS", 0.4)
