@@ -19,6 +19,8 @@ def format_items(items) -> str:
         marker = " (fallback)" if item.fallback else ""
         lines.append(f"{item.rank:>4}  {item.title[:50]:<50} {', '.join(item.genres)[:32]:<32} "
                      f"{item.score:>8.3f} {item.predicted_rating:>6.2f}{marker}")
+        if item.because_titles:
+            lines.append(f"{'':>6}because you liked {'; '.join(item.because_titles)}")
     return "\n".join(lines)
 
 
@@ -112,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_connection_arguments(recommend)
 
+    similar = commands.add_parser("similar", help="print the movies most like one movie (\"more like this\")")
+    similar.add_argument("--item", required=True, help="movie id, e.g. 1 (Toy Story)")
+    similar.add_argument("--user", default="", help="also leave out this user's history and order for them")
+    similar.add_argument("-k", type=int, default=10, help="how many movies (default: %(default)s; server maximum 100)")
+    similar.add_argument("--exclude", nargs="*", default=[], metavar="ITEM_ID", help="movie ids never to return")
+    similar.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     record = commands.add_parser("record", help="record what a user did, for their later lists and the next "
                                                 "training run (needs a server with an interaction store)")
     record.add_argument("--user", required=True, help="user id (any, known to the models or not)")
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a movie the user rated STARS (0.5 to 5) or, without STARS, watched; repeatable")
     forget = commands.add_parser("forget", help="erase a user's recorded interactions")
     forget.add_argument("--user", required=True, help="user id")
-    for command in (record, forget):
+    for command in (similar, record, forget):
         command.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
         command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                              help="deadline in seconds (default: %(default)s)")
@@ -168,18 +177,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "forget":
                 print(f"forgot {client.forget_user(args.user)} interactions of user {args.user}")
                 return 0
-            if args.wait and not wait_until_serving(client, args.wait):
-                return 1
-            items = client.recommend(args.user, k=args.k, exclude=args.exclude, include_rated=args.include_rated,
-                                     interactions=args.interactions)
+            if args.command == "similar":
+                items = client.similar(args.item, k=args.k, exclude=args.exclude, user_id=args.user)
+                heading = f"like movie {args.item}" + (f", for user {args.user}" if args.user else "")
+            else:
+                if args.wait and not wait_until_serving(client, args.wait):
+                    return 1
+                items = client.recommend(args.user, k=args.k, exclude=args.exclude, include_rated=args.include_rated,
+                                         interactions=args.interactions)
+                heading = f"user {args.user}"
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps([json_format.MessageToDict(item, preserving_proto_field_name=True) for item in items], indent=2))
     else:
-        version = items[0].model_version if items else "?"
-        print(f"user {args.user}, model version {version}")
+        print(f"{heading}, model version {items[0].model_version if items else '?'}")
         print(format_items(items))
     return 0
 

@@ -19,8 +19,8 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", 
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": "recsys.v1.Recommender", "method": method}
-                               for method in ("Recommend", "RecommendBatch", "GetModelInfo", "RecordInteractions",
-                                              "ForgetUser")],
+                               for method in ("Recommend", "RecommendBatch", "SimilarItems", "GetModelInfo",
+                                              "RecordInteractions", "ForgetUser")],
                       "retryPolicy": RETRY_POLICY}],
 })
 
@@ -107,6 +107,14 @@ class RecommenderClient:
             self._request(user_id, k, excluded, include_rated, (interactions or {}).get(str(user_id), ()))
             for user_id in user_ids])
         return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout), metadata=self.metadata).results)
+
+    def similar(self, item_id: str, k: int = 10, exclude: Iterable[str] = (), user_id: str = "",
+                timeout: float | None = None) -> list[recommender_pb2.RankedItem]:
+        """"More like this": the movies nearest `item_id`; with `user_id`, without their history and
+        ordered for them."""
+        request = recommender_pb2.SimilarItemsRequest(item_id=str(item_id), k=k, exclude_item_ids=list(exclude),
+                                                      user_id=str(user_id))
+        return list(self.stub.SimilarItems(request, timeout=self._deadline(timeout), metadata=self.metadata))
 
     def record_interactions(self, user_id: str, interactions: Iterable[InteractionLike],
                             timeout: float | None = None) -> int:

@@ -6,11 +6,11 @@ from functools import lru_cache
 import numpy as np
 
 from export.data import MovieLens, fit_and_held_out, fold_in_and_targets
-from export.models import ease_weights
+from export.models import MAX_DENSE_CELLS, ease_weights
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 # EASE inverts an items x items matrix and scores a dense users x items one.
-EASE_MAX_CELLS = 400_000_000
+EASE_MAX_CELLS = MAX_DENSE_CELLS
 
 
 def _interactions(rows: np.ndarray, user_index: dict[int, int], item_index: dict[int, int]) -> np.ndarray:

@@ -396,8 +396,33 @@ def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
     return weights
 
 
-# Above this many movies, the dense item-item weights (movies^2 floats) are not built.
+# Above this many movies, the dense item-item weights (movies^2 floats) are not built; above this many
+# users x movies, no dense training matrix is (EASE and the co-rating factors need one).
 EASE_MAX_MOVIES = 20_000
+MAX_DENSE_CELLS = 400_000_000
+
+
+def item_towers_by_member(ranking_model: "RankingModel", retrieval_model: "RetrievalModel",
+                          item_ids: list[str]) -> np.ndarray:
+    """The item towers' outputs side by side, each member scaled to unit length: cosine over the
+    result averages the members' cosines (SimilarItems' space where no dense matrix fits)."""
+    towers = list(retrieval_model.item_model.towers)
+    if ranking_model.watch_weight:
+        towers = list(ranking_model.watch_item_model.towers) + towers
+    ids = tf.constant(item_ids)
+    parts = [tower(ids).numpy() for tower in towers]
+    return np.concatenate([part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12) for part in parts],
+                          axis=1).astype(np.float32)
+
+
+def co_rating_factors(interactions: np.ndarray, dim: int) -> np.ndarray:
+    """Each movie's factors [movies x dim] from a truncated SVD of the binary [users x movies] matrix
+    with unit-length movie columns (PureSVD, Cremonesi et al. 2010): cosine between two movies'
+    factors approximates the cosine of their co-ratings, item-kNN's similarity, in `dim` numbers."""
+    columns = interactions / np.maximum(np.linalg.norm(interactions, axis=0, keepdims=True), 1e-12)
+    _, singular, rows = np.linalg.svd(columns, full_matrices=False)
+    dim = min(dim, len(singular))
+    return (rows[:dim].T * singular[:dim]).astype(np.float32)
 
 
 def history_matrix(user_ids: list[str], item_ids: list[str], history: dict[str, list[str]]) -> np.ndarray:

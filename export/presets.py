@@ -73,6 +73,9 @@ class Preset:
     ease_weight: float = 0.0
     ease_weight_new_users: float = 0.0
     ease_lambda: float = 300.0
+    # SimilarItems' space: movies' co-rating factors of this many dimensions (export/models.py
+    # co_rating_factors), where the training matrix fits in memory; else the item towers.
+    similar_dim: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -164,6 +167,11 @@ PRESETS: dict[str, Preset] = {
         rating_user_history=True,
         rating_item_history=True,
         rating_taste=True,
+        id_dropout=0.1,
+        history_keep=0.5,
+        watch_history=True,
+        ease_weight=15.0,
+        ease_weight_new_users=200.0,
     ),
     # Trains in seconds on a small catalog: for smoke tests of the whole system, never for serving.
     "tiny": Preset(

@@ -1,8 +1,8 @@
 """Write one trained pair as TF Serving SavedModels plus the metadata the server needs.
 
 Layout (one integer version names one pair):
-    DIR/retrieval/<v>/   SavedModel, signatures `serving_default`, `include_rated`
-    DIR/ranking/<v>/     SavedModel, signature `serving_default`
+    DIR/retrieval/<v>/   SavedModel, signatures `serving_default`, `include_rated`, `similar_items`
+    DIR/ranking/<v>/     SavedModel, signatures `serving_default` (scores), `explain` (reasons)
     DIR/metadata/<v>.json  titles, genres, popularity, known users, rated movies, preset
     DIR/models.config    ModelServerConfig for `tensorflow_model_server --model_config_file`
 Each SavedModel has assets.extra/tf_serving_warmup_requests for --enable_model_warmup.
@@ -22,10 +22,17 @@ from tensorflow_serving.config import model_server_config_pb2
 from export.serving import RankingServing, RetrievalServing
 from server.layout import (
     DEFAULT_SIGNATURE,
+    EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
+    INTERACTION_ITEMS_INPUT,
+    INTERACTION_RATINGS_INPUT,
+    ITEM_ID_INPUT,
+    ITEM_IDS_INPUT,
     METADATA_DIR,
     RANKING_MODEL,
     RETRIEVAL_MODEL,
+    SIMILAR_ITEMS_SIGNATURE,
+    USER_ID_INPUT,
     WARMUP_FILE,
 )
 
@@ -48,7 +55,7 @@ def warmup_requests(model_name: str, signature_name: str, inputs: list[dict[str,
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature_name))
         for key, values in request_inputs.items():
-            dtype = tf.float32 if key == "interaction_ratings" else tf.string
+            dtype = tf.float32 if key == INTERACTION_RATINGS_INPUT else tf.string
             request.inputs[key].CopyFrom(tf.make_tensor_proto(values, dtype=dtype))
         log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
         records.append(log.SerializeToString())
@@ -59,8 +66,8 @@ def warmup_inputs(user_ids: list[str], item_ids: list[str]) -> list[dict[str, li
     """Requests for the user-side inputs: each user alone, all together, a user with interactions
     (one rated, one not), and an unknown user with interactions only."""
     def request(users: list[str], interactions: list[tuple[str, float]]) -> dict[str, list]:
-        return {"user_id": users, "interaction_item_ids": [[item for item, _ in interactions]] * len(users),
-                "interaction_ratings": [[stars for _, stars in interactions]] * len(users)}
+        return {USER_ID_INPUT: users, INTERACTION_ITEMS_INPUT: [[item for item, _ in interactions]] * len(users),
+                INTERACTION_RATINGS_INPUT: [[stars for _, stars in interactions]] * len(users)}
 
     recent = [(item_ids[0], 4.0), (item_ids[-1], 0.0)]
     return ([request([user], []) for user in user_ids] + [request(user_ids, [])]
@@ -111,16 +118,21 @@ def write_export(out_dir: Path, retrieval: RetrievalServing, ranking: RankingSer
     user_requests = warmup_inputs(warmup_user_ids, popular[:8])
     retrieval_warmup = warmup_requests(RETRIEVAL_MODEL, DEFAULT_SIGNATURE, user_requests)
     retrieval_warmup += warmup_requests(RETRIEVAL_MODEL, INCLUDE_RATED_SIGNATURE, user_requests[-2:])
-    ranking_warmup = warmup_requests(RANKING_MODEL, DEFAULT_SIGNATURE,
-                                     [{**inputs, "item_ids": [popular[:8]] * len(inputs["user_id"])}
-                                      for inputs in user_requests])
+    retrieval_warmup += warmup_requests(RETRIEVAL_MODEL, SIMILAR_ITEMS_SIGNATURE,
+                                        [{**inputs, ITEM_ID_INPUT: popular[:len(inputs[USER_ID_INPUT])]}
+                                         for inputs in user_requests[-3:]])
+    with_candidates = [{**inputs, ITEM_IDS_INPUT: [popular[:8]] * len(inputs[USER_ID_INPUT])} for inputs in user_requests]
+    ranking_warmup = warmup_requests(RANKING_MODEL, DEFAULT_SIGNATURE, with_candidates)
+    ranking_warmup += warmup_requests(RANKING_MODEL, EXPLAIN_SIGNATURE, with_candidates[-3:])
     # Metadata, then ranking, then retrieval: whoever sees retrieval/<v> finds the rest of the pair.
     metadata = {**metadata, "model_version": version}
     staging = out_dir / METADATA_DIR / f".{version}.json.tmp"
     staging.write_text(json.dumps(metadata))
     staging.rename(out_dir / METADATA_DIR / f"{version}.json")
-    _save(ranking, {DEFAULT_SIGNATURE: ranking.rank}, out_dir / RANKING_MODEL / str(version), ranking_warmup)
-    _save(retrieval, {DEFAULT_SIGNATURE: retrieval.retrieve, INCLUDE_RATED_SIGNATURE: retrieval.retrieve_including_rated},
+    _save(ranking, {DEFAULT_SIGNATURE: ranking.rank, EXPLAIN_SIGNATURE: ranking.explain},
+          out_dir / RANKING_MODEL / str(version), ranking_warmup)
+    _save(retrieval, {DEFAULT_SIGNATURE: retrieval.retrieve, INCLUDE_RATED_SIGNATURE: retrieval.retrieve_including_rated,
+                      SIMILAR_ITEMS_SIGNATURE: retrieval.similar_items},
           out_dir / RETRIEVAL_MODEL / str(version), retrieval_warmup)
     write_models_config(out_dir)
     return version

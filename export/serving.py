@@ -24,7 +24,18 @@ import tensorflow as tf
 
 from export.index import BruteForceIndex
 from export.models import ConcatTowers, HistoryUserTower, RaggedTable, embedding_table
-from server.layout import INTERACTION_ITEMS_INPUT, INTERACTION_RATINGS_INPUT, ITEM_IDS_INPUT, USER_ID_INPUT
+from server.layout import (
+    INTERACTION_ITEMS_INPUT,
+    INTERACTION_RATINGS_INPUT,
+    ITEM_ID_INPUT,
+    ITEM_IDS_INPUT,
+    USER_ID_INPUT,
+)
+from server.limits import MAX_K
+
+# Neighbours `similar_items` returns per movie (what SimilarItems may ask for), and reasons per movie.
+SIMILAR_CANDIDATES = MAX_K
+REASONS = 3
 
 OUT_OF_VOCABULARY_PROBE = "\x00out-of-vocabulary"
 TABLE_CHUNK = 4096
@@ -121,13 +132,18 @@ class ServedHistory(tf.keras.layers.Layer):
     def request_positions(self, interaction_item_ids: tf.Tensor) -> tf.Tensor:
         return self.item_lookup(interaction_item_ids)
 
-    def merge(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor) -> MergedHistory:
-        """Training history plus interactions, for the users with at least one known movie in them.
+    def merge(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor,
+              everyone: bool = False) -> MergedHistory:
+        """Training history plus interactions, for the users with at least one known movie in them
+        (`everyone`: for all users).
 
         Entries are ranked, then deduplicated keeping the first: rated interactions (the request's
         stars win), then the training history, then rating-less interactions.
         """
-        active = tf.where(tf.reduce_any(positions > 0, axis=1))[:, 0]
+        if everyone:
+            active = tf.range(tf.size(user_rows, out_type=tf.int64))
+        else:
+            active = tf.where(tf.reduce_any(positions > 0, axis=1))[:, 0]
         users = tf.gather(user_rows, active)
         history = self.training_positions(users)
         history_stars = self.stars.rows(users, validate=False)
@@ -229,7 +245,19 @@ class RequestUsers:
         interaction_ratings = tf.reshape(interaction_ratings, tf.shape(interaction_item_ids))
         self.rows = history.user_rows(user_id)
         self.request_positions = history.request_positions(interaction_item_ids)
+        self.request_stars = interaction_ratings
         self.merged = history.merge(self.rows, self.request_positions, interaction_ratings)
+        self.history = history
+
+    def whole_histories(self) -> tuple[MergedHistory, tf.Tensor]:
+        """Every user's merged history (not only those who sent interactions), as entries and as
+        [users, longest] lookup rows padded with 0."""
+        merged = self.history.merge(self.rows, self.request_positions, self.request_stars, everyone=True)
+        by_user = tf.argsort(merged.rows, stable=True)  # entries come in merge order; rows must be sorted here
+        padded = tf.RaggedTensor.from_value_rowids(tf.gather(merged.positions, by_user), tf.gather(merged.rows, by_user),
+                                                   nrows=tf.size(self.rows, out_type=tf.int64), validate=False)
+        # At least one column, so that a user with no history still has a row to look at.
+        return merged, tf.pad(padded.to_tensor(), [[0, 0], [0, 1]])
 
 
 class RetrievalServing(tf.Module):
@@ -241,7 +269,9 @@ class RetrievalServing(tf.Module):
     """
 
     def __init__(self, history: ServedHistory, user_tower: ServedUserTower, item_embeddings: tf.Tensor,
-                 item_ids: list[str], candidate_count: int):
+                 item_ids: list[str], candidate_count: int, similarity: np.ndarray):
+        """`similarity`: each catalog movie's vector (vocabulary order) in the space `similar_items`
+        finds neighbours in, by cosine."""
         super().__init__()
         if candidate_count > len(item_ids):
             raise ValueError(f"candidate_count {candidate_count} exceeds the catalog ({len(item_ids)} movies)")
@@ -250,6 +280,14 @@ class RetrievalServing(tf.Module):
         self.history = history
         self.user_tower = user_tower
         self.index = BruteForceIndex(item_embeddings, name="index")
+        movies = history.movie_count
+        self.similar_count = min(SIMILAR_CANDIDATES, movies - 1)
+        self.movie_ids = tf.Variable([""] + item_ids[:movies], dtype=tf.string, trainable=False, name="movie_ids")
+        unit = similarity / np.maximum(np.linalg.norm(similarity, axis=1, keepdims=True), 1e-12)
+        self.neighbours = BruteForceIndex(tf.constant(unit.astype(np.float32)), name="neighbours")
+        # Row 0 (a movie the catalog does not know) is all zeros: no neighbours to speak of.
+        self.unit_vectors = tf.Variable(np.vstack([np.zeros((1, unit.shape[1])), unit]).astype(np.float32),
+                                        trainable=False, name="unit_vectors")
 
     def _candidates(self, users: RequestUsers, exclude_history: bool) -> dict[str, tf.Tensor]:
         excluded = None
@@ -271,6 +309,21 @@ class RetrievalServing(tf.Module):
     @tf.function(input_signature=USER_INPUTS)
     def retrieve_including_rated(self, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
         return self._candidates(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=ITEM_ID_INPUT), *USER_INPUTS])
+    def similar_items(self, item_id, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
+        """Each movie's `similar_count` nearest movies by cosine, never itself nor a movie of the user's
+        history ("" user ids have none beyond the interactions sent)."""
+        item_id = tf.ensure_shape(item_id, [None])
+        user_id, item_rows = same_rows(tf.ensure_shape(user_id, [None]), item_id[:, None])
+        users = RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings)
+        query = self.history.request_positions(item_rows[:, 0])
+        merged, _ = users.whole_histories()
+        itself = tf.where(query > 0)
+        excluded = tf.concat([tf.stack([merged.rows, merged.positions - 1], axis=1),
+                              tf.stack([itself[:, 0], tf.gather_nd(query, itself) - 1], axis=1)], axis=0)
+        scores, positions = self.neighbours(tf.gather(self.unit_vectors, query), self.similar_count, excluded)
+        return {"item_ids": tf.gather(self.movie_ids, positions + 1), "scores": scores}
 
 
 @dataclass(frozen=True)
@@ -324,6 +377,7 @@ class RankingServing(tf.Module):
             self.item_vectors = LookupTower(item_ids, np.concatenate(
                 [tower_table(ranking_model.watch_item_model, item_ids), tower_table(retrieval_item_model, item_ids)],
                 axis=1), name="item_vectors")
+        self.movie_ids = tf.Variable([""] + item_ids, dtype=tf.string, trainable=False, name="movie_ids")
         self.with_item_item = item_item is not None
         if self.with_item_item:
             weights = np.vstack([np.zeros((1, len(item_ids)), np.float32), item_item.weights])  # row 0: unknown
@@ -353,9 +407,47 @@ class RankingServing(tf.Module):
             score += weight[:, None] * tf.gather(item_scores, self.item_lookup(item_ids), batch_dims=1)
         return {"predicted_rating": predicted_rating, "score": score}
 
+    def reasons(self, users: RequestUsers, item_ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """For each (user, movie): the REASONS movies of the user's history that add the most to the
+        movie's score, largest first; "" where fewer raise it.
+
+        The score's history part is a sum over the history, so each movie's share is exact: its
+        row of the dot-product towers times the candidate's vector over sqrt(history length), plus
+        the item-item weight B[movie, candidate]. One matrix product over the history per request.
+        """
+        merged, history = users.whole_histories()  # [users, longest]
+        shares = tf.zeros(tf.concat([tf.shape(item_ids), tf.shape(history)[1:]], axis=0))  # [users, movies, longest]
+        if self.orders_by_watch:
+            scale = tf.math.rsqrt(tf.maximum(merged.counts, 1.0))
+            shares += tf.einsum("ukd,uhd->ukh", self.item_vectors(item_ids),
+                                tf.gather(self.user_vectors.rated, history)) * scale[:, None, None]
+        candidates = self.history.request_positions(item_ids)
+        if self.with_item_item:
+            weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
+            # B's columns for the candidates ([movies + 1, users x candidates]), then each user's rows.
+            columns = tf.gather(self.item_item_users.rated, tf.reshape(tf.maximum(candidates - 1, 0), [-1]), axis=1)
+            columns = tf.reshape(tf.transpose(columns), tf.concat([tf.shape(candidates), [-1]], axis=0))
+            shares += weight[:, None, None] * tf.gather(
+                columns, tf.broadcast_to(history[:, None, :], tf.shape(shares, out_type=tf.int64)), batch_dims=2)
+        kept = (history[:, None, :] > 0) & (history[:, None, :] != candidates[:, :, None]) & (shares > 0)
+        shares = tf.where(kept, shares, tf.fill(tf.shape(shares), float("-inf")))
+        padding = tf.fill(tf.concat([tf.shape(item_ids), [REASONS]], axis=0), float("-inf"))
+        top = tf.math.top_k(tf.concat([shares, padding], axis=2), k=REASONS)
+        rows = tf.gather(history, tf.minimum(top.indices, tf.shape(history)[1] - 1), batch_dims=1)
+        found = top.values > float("-inf")
+        return {"because_item_ids": tf.where(found, tf.gather(self.movie_ids, tf.where(found, rows, 0)), ""),
+                "because_scores": tf.where(found, top.values, 0.0)}
+
     @tf.function(input_signature=[USER_INPUTS[0], tf.TensorSpec([None, None], tf.string, name=ITEM_IDS_INPUT),
                                   *USER_INPUTS[1:]])
     def rank(self, user_id, item_ids, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
         item_ids = tf.ensure_shape(item_ids, [None, None])
         user_id, item_ids = same_rows(tf.ensure_shape(user_id, [None]), item_ids)  # a row of movies per user
         return self.scores(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), item_ids)
+
+    @tf.function(input_signature=[USER_INPUTS[0], tf.TensorSpec([None, None], tf.string, name=ITEM_IDS_INPUT),
+                                  *USER_INPUTS[1:]])
+    def explain(self, user_id, item_ids, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
+        item_ids = tf.ensure_shape(item_ids, [None, None])
+        user_id, item_ids = same_rows(tf.ensure_shape(user_id, [None]), item_ids)
+        return self.reasons(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), item_ids)

@@ -13,7 +13,17 @@ import tensorflow as tf
 
 from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, popularity_order
 from export.examples import FitData, from_rows, from_stream
-from export.models import EASE_MAX_MOVIES, RankingModel, RetrievalModel, ease_weights, history_matrix, make_optimizer
+from export.models import (
+    EASE_MAX_MOVIES,
+    MAX_DENSE_CELLS,
+    RankingModel,
+    RetrievalModel,
+    co_rating_factors,
+    ease_weights,
+    history_matrix,
+    item_towers_by_member,
+    make_optimizer,
+)
 from export.presets import STRATEGIES, Preset
 from export.savedmodel import write_export
 from export.serving import (
@@ -179,18 +189,25 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     history = ServedHistory(user_ids, item_ids, fit.rated_item_ids, fit.rated_stars, name="history")
     index_users = ServedUserTower(tower_table(retrieval.index_user_model, user_ids),
                                   TowerParts.of(retrieval.index_user_model), name="user_tower")
-    retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count)
+    started_item_item = time.perf_counter()
+    dense = len(user_ids) * len(item_ids) <= MAX_DENSE_CELLS
+    fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids) if dense else None
+    if dense:
+        similarity, metadata["similar_space"] = co_rating_factors(fitted, preset.similar_dim), "co-rating factors"
+    else:
+        similarity, metadata["similar_space"] = item_towers_by_member(ranking, retrieval, item_ids), "item towers"
+    retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count,
+                                         similarity)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     item_item = None
     if preset.uses_ease:
-        if len(item_ids) > EASE_MAX_MOVIES:
-            raise ValueError(f"ease_weight needs a catalog of at most {EASE_MAX_MOVIES:,} movies; this one has "
-                             f"{len(item_ids):,}: train with --set ease_weight=0 --set ease_weight_new_users=0")
-        started_item_item = time.perf_counter()
-        fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids)
+        if not dense or len(item_ids) > EASE_MAX_MOVIES:
+            raise ValueError(f"ease_weight needs a catalog of at most {EASE_MAX_MOVIES:,} movies and "
+                             f"{MAX_DENSE_CELLS:,} users x movies: train with --set ease_weight=0 "
+                             "--set ease_weight_new_users=0")
         item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32), fitted.astype(np.float32),
                              preset.ease_weight, preset.ease_weight_new_users)
-        print(f"item-item (EASE) weights fitted in {time.perf_counter() - started_item_item:.1f}s", flush=True)
+    print(f"item-item weights and similar-items space in {time.perf_counter() - started_item_item:.1f}s", flush=True)
     ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model,
                                      item_item)
     version = write_export(target, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])

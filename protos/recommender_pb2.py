@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/recommender.proto\x12\trecsys.v1\"Z\n\x19RecordInteractionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12,\n\x0cinteractions\x18\x02 \x03(\x0b\x32\x16.recsys.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\"$\n\x11\x46orgetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\'\n\x12\x46orgetUserResponse\x12\x11\n\tforgotten\x18\x01 \x01(\r\"\x94\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x15\n\rinclude_rated\x18\x04 \x01(\x08\x12\x33\n\x13recent_interactions\x18\x05 \x03(\x0b\x32\x16.recsys.v1.Interaction\"I\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06rating\x18\x02 \x01(\x02\x12\x19\n\x11timestamp_seconds\x18\x03 \x01(\x03\"\xb5\x01\n\nRankedItem\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06genres\x18\x04 \x03(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x06 \x01(\x02\x12\x18\n\x10predicted_rating\x18\x07 \x01(\x02\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\t \x01(\x08\"F\n\x15RecommendBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.recsys.v1.RecommendRequest\"H\n\x0fRecommendations\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.RankedItem\"E\n\x16RecommendBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.Recommendations\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_count\x18\x03 \x01(\r\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12\x11\n\tdefault_k\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x1c\n\x14max_exclude_item_ids\x18\x07 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x08 \x01(\r\x12\x1a\n\x12max_user_id_length\x18\t \x01(\r\x12\x1a\n\x12max_item_id_length\x18\n \x01(\r\x12\x1f\n\x17max_recent_interactions\x18\x0b \x01(\r\x12\x19\n\x11interaction_store\x18\x0c \x01(\t\x12\x1b\n\x13stored_interactions\x18\r \x01(\r2\x9b\x03\n\x0bRecommender\x12\x41\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x15.recsys.v1.RankedItem0\x01\x12U\n\x0eRecommendBatch\x12 .recsys.v1.RecommendBatchRequest\x1a!.recsys.v1.RecommendBatchResponse\x12\x61\n\x12RecordInteractions\x12$.recsys.v1.RecordInteractionsRequest\x1a%.recsys.v1.RecordInteractionsResponse\x12I\n\nForgetUser\x12\x1c.recsys.v1.ForgetUserRequest\x1a\x1d.recsys.v1.ForgetUserResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.recsys.v1.GetModelInfoRequest\x1a\x14.recsys.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/recommender.proto\x12\trecsys.v1\"Z\n\x19RecordInteractionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12,\n\x0cinteractions\x18\x02 \x03(\x0b\x32\x16.recsys.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\"$\n\x11\x46orgetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\'\n\x12\x46orgetUserResponse\x12\x11\n\tforgotten\x18\x01 \x01(\r\"\x94\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x15\n\rinclude_rated\x18\x04 \x01(\x08\x12\x33\n\x13recent_interactions\x18\x05 \x03(\x0b\x32\x16.recsys.v1.Interaction\"I\n\x0bInteraction\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06rating\x18\x02 \x01(\x02\x12\x19\n\x11timestamp_seconds\x18\x03 \x01(\x03\"\xe7\x01\n\nRankedItem\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06genres\x18\x04 \x03(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x06 \x01(\x02\x12\x18\n\x10predicted_rating\x18\x07 \x01(\x02\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\t \x01(\x08\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\n \x03(\t\x12\x16\n\x0e\x62\x65\x63\x61use_titles\x18\x0b \x03(\t\"\\\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"F\n\x15RecommendBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.recsys.v1.RecommendRequest\"H\n\x0fRecommendations\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.RankedItem\"E\n\x16RecommendBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.Recommendations\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_count\x18\x03 \x01(\r\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12\x11\n\tdefault_k\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x1c\n\x14max_exclude_item_ids\x18\x07 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x08 \x01(\r\x12\x1a\n\x12max_user_id_length\x18\t \x01(\r\x12\x1a\n\x12max_item_id_length\x18\n \x01(\r\x12\x1f\n\x17max_recent_interactions\x18\x0b \x01(\r\x12\x19\n\x11interaction_store\x18\x0c \x01(\t\x12\x1b\n\x13stored_interactions\x18\r \x01(\r2\xe4\x03\n\x0bRecommender\x12\x41\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x15.recsys.v1.RankedItem0\x01\x12U\n\x0eRecommendBatch\x12 .recsys.v1.RecommendBatchRequest\x1a!.recsys.v1.RecommendBatchResponse\x12G\n\x0cSimilarItems\x12\x1e.recsys.v1.SimilarItemsRequest\x1a\x15.recsys.v1.RankedItem0\x01\x12\x61\n\x12RecordInteractions\x12$.recsys.v1.RecordInteractionsRequest\x1a%.recsys.v1.RecordInteractionsResponse\x12I\n\nForgetUser\x12\x1c.recsys.v1.ForgetUserRequest\x1a\x1d.recsys.v1.ForgetUserResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.recsys.v1.GetModelInfoRequest\x1a\x14.recsys.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,17 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERACTION']._serialized_start=409
   _globals['_INTERACTION']._serialized_end=482
   _globals['_RANKEDITEM']._serialized_start=485
-  _globals['_RANKEDITEM']._serialized_end=666
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=668
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=738
-  _globals['_RECOMMENDATIONS']._serialized_start=740
-  _globals['_RECOMMENDATIONS']._serialized_end=812
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=814
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=883
-  _globals['_GETMODELINFOREQUEST']._serialized_start=885
-  _globals['_GETMODELINFOREQUEST']._serialized_end=906
-  _globals['_MODELINFO']._serialized_start=909
-  _globals['_MODELINFO']._serialized_end=1238
-  _globals['_RECOMMENDER']._serialized_start=1241
-  _globals['_RECOMMENDER']._serialized_end=1652
+  _globals['_RANKEDITEM']._serialized_end=716
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=718
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=810
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=812
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=882
+  _globals['_RECOMMENDATIONS']._serialized_start=884
+  _globals['_RECOMMENDATIONS']._serialized_end=956
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=958
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=1027
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1029
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1050
+  _globals['_MODELINFO']._serialized_start=1053
+  _globals['_MODELINFO']._serialized_end=1382
+  _globals['_RECOMMENDER']._serialized_start=1385
+  _globals['_RECOMMENDER']._serialized_end=1869
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class Interaction(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp_seconds: _Optional[int] = ...) -> None: ...
 
 class RankedItem(_message.Message):
-    __slots__ = ("rank", "item_id", "title", "genres", "score", "retrieval_score", "predicted_rating", "model_version", "fallback")
+    __slots__ = ("rank", "item_id", "title", "genres", "score", "retrieval_score", "predicted_rating", "model_version", "fallback", "because_item_ids", "because_titles")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class RankedItem(_message.Message):
     PREDICTED_RATING_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    BECAUSE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    BECAUSE_TITLES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     item_id: str
     title: str
@@ -76,7 +78,21 @@ class RankedItem(_message.Message):
     predicted_rating: float
     model_version: str
     fallback: bool
-    def __init__(self, rank: _Optional[int] = ..., item_id: _Optional[str] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ..., score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., model_version: _Optional[str] = ..., fallback: _Optional[bool] = ...) -> None: ...
+    because_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    because_titles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rank: _Optional[int] = ..., item_id: _Optional[str] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ..., score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., model_version: _Optional[str] = ..., fallback: _Optional[bool] = ..., because_item_ids: _Optional[_Iterable[str]] = ..., because_titles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SimilarItemsRequest(_message.Message):
+    __slots__ = ("item_id", "k", "exclude_item_ids", "user_id")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    k: int
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    user_id: str
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("requests",)

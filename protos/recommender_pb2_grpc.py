@@ -32,9 +32,12 @@ class RecommenderStub:
     Errors (gRPC status codes):
     INVALID_ARGUMENT   a field breaks a limit documented below, or a string field is not valid
     UTF-8 (the message names the field)
+    NOT_FOUND          SimilarItems: the models do not know the movie
     UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
-    the server is shutting down, or TF Serving cannot be reached; retry later
-    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
+    the server is shutting down, TF Serving cannot be reached, or the
+    interaction store is down (RecordInteractions, ForgetUser); retry later
+    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed), or a
+    store call reached a server without an interaction store
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
     request is too large; retry later or on another replica
@@ -56,6 +59,11 @@ class RecommenderStub:
                 '/recsys.v1.Recommender/RecommendBatch',
                 request_serializer=protos_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
                 response_deserializer=protos_dot_recommender__pb2.RecommendBatchResponse.FromString,
+                _registered_method=True)
+        self.SimilarItems = channel.unary_stream(
+                '/recsys.v1.Recommender/SimilarItems',
+                request_serializer=protos_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=protos_dot_recommender__pb2.RankedItem.FromString,
                 _registered_method=True)
         self.RecordInteractions = channel.unary_unary(
                 '/recsys.v1.Recommender/RecordInteractions',
@@ -81,9 +89,12 @@ class RecommenderServicer:
     Errors (gRPC status codes):
     INVALID_ARGUMENT   a field breaks a limit documented below, or a string field is not valid
     UTF-8 (the message names the field)
+    NOT_FOUND          SimilarItems: the models do not know the movie
     UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
-    the server is shutting down, or TF Serving cannot be reached; retry later
-    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
+    the server is shutting down, TF Serving cannot be reached, or the
+    interaction store is down (RecordInteractions, ForgetUser); retry later
+    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed), or a
+    store call reached a server without an interaction store
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
     request is too large; retry later or on another replica
@@ -105,6 +116,17 @@ class RecommenderServicer:
     def RecommendBatch(self, request, context):
         """The same for several users in one call (one model call for all of them).
         Results come in the order of `requests`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SimilarItems(self, request, context):
+        """"More like this": the k movies nearest `item_id` in the served item embedding space,
+        never the movie itself, best first (`score` is the similarity). With `user_id`, the
+        user's history (trained, stored) is excluded and the nearest movies are ordered for
+        that user by the ranking model (`score` is then its score, `retrieval_score` the
+        similarity). NOT_FOUND for a movie the models do not know.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +173,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_recommender__pb2.RecommendBatchRequest.FromString,
                     response_serializer=protos_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
             ),
+            'SimilarItems': grpc.unary_stream_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=protos_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=protos_dot_recommender__pb2.RankedItem.SerializeToString,
+            ),
             'RecordInteractions': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordInteractions,
                     request_deserializer=protos_dot_recommender__pb2.RecordInteractionsRequest.FromString,
@@ -181,9 +208,12 @@ class Recommender:
     Errors (gRPC status codes):
     INVALID_ARGUMENT   a field breaks a limit documented below, or a string field is not valid
     UTF-8 (the message names the field)
+    NOT_FOUND          SimilarItems: the models do not know the movie
     UNAVAILABLE        no complete model pair is loaded yet (in process, or in TF Serving),
-    the server is shutting down, or TF Serving cannot be reached; retry later
-    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed)
+    the server is shutting down, TF Serving cannot be reached, or the
+    interaction store is down (RecordInteractions, ForgetUser); retry later
+    FAILED_PRECONDITION TF Serving refused a call it should accept (its signature changed), or a
+    store call reached a server without an interaction store
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
     request is too large; retry later or on another replica
@@ -234,6 +264,33 @@ class Recommender:
             '/recsys.v1.Recommender/RecommendBatch',
             protos_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
             protos_dot_recommender__pb2.RecommendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/recsys.v1.Recommender/SimilarItems',
+            protos_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            protos_dot_recommender__pb2.RankedItem.FromString,
             options,
             channel_credentials,
             insecure,

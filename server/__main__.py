@@ -11,7 +11,14 @@ import threading
 import time
 from pathlib import Path
 
-from server.layout import DEFAULT_SIGNATURE, INCLUDE_RATED_SIGNATURE, RANKING_MODEL, RETRIEVAL_MODEL
+from server.layout import (
+    DEFAULT_SIGNATURE,
+    EXPLAIN_SIGNATURE,
+    INCLUDE_RATED_SIGNATURE,
+    RANKING_MODEL,
+    RETRIEVAL_MODEL,
+    SIMILAR_ITEMS_SIGNATURE,
+)
 from server.observability import ThreadedLogWriter
 from server.options import DEFAULTS, ServerOptions
 
@@ -39,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     tf_serving.add_argument("--include-rated-signature", default=INCLUDE_RATED_SIGNATURE,
                             help="retrieval signature used when a request sets include_rated (default: %(default)s)")
     tf_serving.add_argument("--ranking-signature", default=DEFAULT_SIGNATURE, help="ranking signature (default: %(default)s)")
+    tf_serving.add_argument("--similar-items-signature", default=SIMILAR_ITEMS_SIGNATURE,
+                            help="retrieval signature for SimilarItems (default: %(default)s)")
+    tf_serving.add_argument("--explain-signature", default=EXPLAIN_SIGNATURE,
+                            help="ranking signature giving the reasons (because_item_ids) (default: %(default)s)")
     threads = parser.add_argument_group("TensorFlow thread pools (in-process models)")
     threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=DEFAULTS.tensorflow_intra_op_parallelism,
                          metavar="N", help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
@@ -86,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--stored-interactions", type=int, default=DEFAULTS.stored_interactions, metavar="N",
                        help="merge each user's newest N stored interactions into every Recommend "
                             "(default: %(default)s)")
+    parser.add_argument("--reasons", action=argparse.BooleanOptionalAction, default=DEFAULTS.reasons,
+                        help="give every model item its because_item_ids, the movies of the user's history that "
+                             "raise its score the most (one more model call per batch) (default: on)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics over HTTP on this port (default: off)")
     return parser
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         max_queued_queries=args.max_queued_queries, backend_timeout_seconds=args.backend_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
         max_connection_age_seconds=args.max_connection_age_seconds, interactions_db=args.interactions_db,
-        stored_interactions=args.stored_interactions,
+        stored_interactions=args.stored_interactions, reasons=args.reasons,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
         backend = TFServingBackend(args.tf_serving, args.models, args.retrieval_model, args.ranking_model,
                                    args.retrieval_signature, args.include_rated_signature, args.ranking_signature,
-                                   args.model_version)
+                                   args.model_version, args.similar_items_signature, args.explain_signature)
     else:
         from server.backend import InProcessBackend, set_tensorflow_threads
 

@@ -195,7 +195,7 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
     the CLI, which opens it)."""
     loop_thread = EventLoopThread()
     observer = Observer()
-    pipeline = Pipeline(backend, CatalogStore(models_dir), store, options.stored_interactions)
+    pipeline = Pipeline(backend, CatalogStore(models_dir), store, options.stored_interactions, options.reasons)
     if options.max_batch_size > 1:
         # Batches of in-process models run one at a time (TensorFlow uses the cores); TF Serving
         # calls wait on the network, so several may be in flight.

@@ -18,12 +18,15 @@ from server.catalog import Catalog
 from server.errors import ModelsUnavailable
 from server.layout import (
     DEFAULT_SIGNATURE,
+    EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
     INTERACTION_ITEMS_INPUT,
     INTERACTION_RATINGS_INPUT,
+    ITEM_ID_INPUT,
     ITEM_IDS_INPUT,
     RANKING_MODEL,
     RETRIEVAL_MODEL,
+    SIMILAR_ITEMS_SIGNATURE,
     USER_ID_INPUT,
     WARMUP_FILE,
     complete_versions,
@@ -111,6 +114,17 @@ class Backend(abc.ABC):
         """Score each user's movies (`item_ids`: [users, candidates]) with the ranking model of
         `model_version` (the one that retrieved them)."""
 
+    @abc.abstractmethod
+    def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
+                timeout: float | None = None) -> np.ndarray:
+        """For each user's movies (`item_ids`: [users, n]), the movies of their history that raise the
+        score the most: str [users, n, reasons], "" where fewer do (the ranking model's `explain`)."""
+
+    @abc.abstractmethod
+    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+        """Each movie's nearest movies (one movie per user row; "" user ids for none), without the movie
+        itself or the user's history (the retrieval model's `similar_items`)."""
+
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
                           stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
         """Both stages for every candidate of every user: retrieve, then rank all candidates in one call
@@ -159,6 +173,8 @@ class LoadedPair:
     model_version: str
     retrieve: dict[bool, object]  # include_rated -> concrete signature function
     rank: object
+    explain: object
+    similar: object
     item_ids: frozenset[str]  # every movie the retrieval index can return
     # include_rated -> one tf.function running both signatures: a request costs one TF call, not two.
     retrieve_and_rank: dict[bool, object]
@@ -204,6 +220,8 @@ def load_pair(models_dir: Path, version: int) -> LoadedPair:
         model_version=str(version),
         retrieve=retrieve,
         rank=rank,
+        explain=ranking.signatures[EXPLAIN_SIGNATURE],
+        similar=retrieval.signatures[SIMILAR_ITEMS_SIGNATURE],
         retrieve_and_rank={include_rated: fuse(function, rank) for include_rated, function in retrieve.items()},
         signatures=signatures,
         saved_models=(retrieval, ranking),
@@ -368,10 +386,25 @@ class InProcessBackend(Backend):
         return RankedCandidates(_strings(outputs["item_ids"]), outputs["retrieval_scores"].numpy(),
                                 outputs["score"].numpy(), outputs["predicted_rating"].numpy(), pair.model_version)
 
-    def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-             timeout: float | None = None) -> Scores:
+    def _pair_of(self, model_version: str) -> LoadedPair:
         pair = self._serving_pair()
         if pair.model_version != model_version:
             raise ModelsUnavailable(f"model version {model_version} is no longer loaded; retry")
-        outputs = pair.rank(**_user_inputs(users), **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
+        return pair
+
+    def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
+             timeout: float | None = None) -> Scores:
+        outputs = self._pair_of(model_version).rank(**_user_inputs(users),
+                                                    **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
         return Scores(outputs["predicted_rating"].numpy(), outputs["score"].numpy(), model_version)
+
+    def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
+                timeout: float | None = None) -> np.ndarray:
+        outputs = self._pair_of(model_version).explain(**_user_inputs(users),
+                                                       **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
+        return _strings(outputs["because_item_ids"])
+
+    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+        pair = self._serving_pair()
+        outputs = pair.similar(**_user_inputs(users), **{ITEM_ID_INPUT: tf.constant(list(item_ids), dtype=tf.string)})
+        return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)

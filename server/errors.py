@@ -36,3 +36,7 @@ class StoreUnavailable(RecsysError):
 
 class NotConfigured(RecsysError):
     """The call needs something this server was started without (e.g. an interaction store)."""
+
+
+class NotFound(RecsysError):
+    """The request names something the models do not know (SimilarItems' movie)."""

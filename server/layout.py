@@ -15,6 +15,9 @@ USER_ID_INPUT = "user_id"
 INTERACTION_ITEMS_INPUT = "interaction_item_ids"
 INTERACTION_RATINGS_INPUT = "interaction_ratings"
 ITEM_IDS_INPUT = "item_ids"
+ITEM_ID_INPUT = "item_id"  # similar_items: the movie to find neighbours of
+SIMILAR_ITEMS_SIGNATURE = "similar_items"  # retrieval model
+EXPLAIN_SIGNATURE = "explain"  # ranking model: because_item_ids for given movies
 
 
 def model_versions(model_dir: Path) -> list[int]:

@@ -47,6 +47,8 @@ class ServerOptions:
     interactions_db: str = DEFAULT_INTERACTIONS_DB
     # Each user's newest stored interactions merged into every Recommend.
     stored_interactions: int = 100
+    # Fill RankedItem.because_item_ids (one more model call per batch).
+    reasons: bool = True
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     auth_token: str | None = None

@@ -22,7 +22,7 @@ import numpy as np
 
 from server.backend import Backend, UserBatch
 from server.catalog import Catalog, CatalogStore
-from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable, StoreUnavailable
+from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable, NotFound, StoreUnavailable
 from server.limits import (
     DEFAULT_K,
     MAX_EXCLUDED_ITEMS,
@@ -35,6 +35,9 @@ from server.limits import (
 )
 from server.options import DEFAULTS
 from server.store import InteractionStore, StoredInteraction
+
+# SimilarItems with a user: at least this many nearest movies are ordered for them.
+SIMILAR_POOL = 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class Query:
 
 
 @dataclass(frozen=True)
+class SimilarQuery:
+    item_id: str
+    k: int = DEFAULT_K
+    exclude_item_ids: frozenset[str] = frozenset()
+    user_id: str = ""  # "": nobody in particular
+
+
+@dataclass(frozen=True)
 class Recommendation:
     rank: int
     item_id: str
@@ -67,6 +78,9 @@ class Recommendation:
     predicted_rating: float
     model_version: str
     fallback: bool
+    # Movies of the user's history that raise this one's score the most, and their titles.
+    because_item_ids: tuple[str, ...] = ()
+    because_titles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,10 +150,7 @@ def check_user_id(user_id: str) -> str:
     return user_id
 
 
-def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool,
-               recent_interactions: Sequence[Interaction] = ()) -> Query:
-    """Validate one request's fields; the limits are the ones the proto documents."""
-    check_user_id(user_id)
+def _check_k_and_exclusions(k: int, exclude_item_ids: Sequence[str]) -> None:
     if k > MAX_K:
         raise InvalidRequest(f"k={k} exceeds the maximum of {MAX_K}")
     if len(exclude_item_ids) > MAX_EXCLUDED_ITEMS:
@@ -149,6 +160,22 @@ def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_ra
         if len(item_id) > MAX_ITEM_ID_LENGTH:
             raise InvalidRequest(f"exclude_item_ids[{position}] is {len(item_id)} characters; "
                                  f"the maximum is {MAX_ITEM_ID_LENGTH}")
+
+
+def make_similar_query(item_id: str, k: int, exclude_item_ids: Sequence[str], user_id: str) -> SimilarQuery:
+    """Validate a SimilarItems request; the limits are the ones the proto documents."""
+    _check_item_id(item_id, "item_id")
+    _check_k_and_exclusions(k, exclude_item_ids)
+    if user_id:
+        check_user_id(user_id)
+    return SimilarQuery(item_id, k or DEFAULT_K, frozenset(exclude_item_ids), user_id)
+
+
+def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool,
+               recent_interactions: Sequence[Interaction] = ()) -> Query:
+    """Validate one request's fields; the limits are the ones the proto documents."""
+    check_user_id(user_id)
+    _check_k_and_exclusions(k, exclude_item_ids)
     return Query(user_id=user_id, k=k or DEFAULT_K, exclude_item_ids=frozenset(exclude_item_ids),
                  include_rated=include_rated, recent_interactions=check_interactions(recent_interactions))
 
@@ -177,11 +204,13 @@ class Pipeline:
     query (`with_stored`); when the store fails, queries go on with what the caller sent."""
 
     def __init__(self, backend: Backend, catalogs: CatalogStore, store: InteractionStore | None = None,
-                 stored_interactions: int = DEFAULTS.stored_interactions):
+                 stored_interactions: int = DEFAULTS.stored_interactions, reasons: bool = DEFAULTS.reasons):
+        """`reasons`: fill each model item's `because_item_ids` (one more model call per batch)."""
         self.backend = backend
         self.catalogs = catalogs
         self.store = store
         self.stored_interactions = stored_interactions
+        self.reasons = reasons
         self.store_reads_failed = 0  # Recommend calls served without their stored interactions
 
     def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> dict[str, list[StoredInteraction]]:
@@ -238,33 +267,92 @@ class Pipeline:
         for query, interactions in zip(queries, known_interactions):
             if catalog.is_known_user(query.user_id) or interactions and catalog.serves_interactions:
                 row_of.setdefault((query.user_id, interactions), len(row_of))
-        ranked = None
+        rows = [row_of.get((query.user_id, interactions)) for query, interactions in zip(queries, known_interactions)]
+        lists: list[list[Recommendation]] = [[] for _ in queries]
         if row_of:
             users = UserBatch.of([user for user, _ in row_of], [interactions for _, interactions in row_of])
             ranked = self.backend.retrieve_and_rank(users, include_rated, deadline.remaining(), timings)
             catalog = self.catalogs.get(ranked.model_version)
-        results = []
-        for query, interactions in zip(queries, known_interactions):
-            row = row_of.get((query.user_id, interactions))
-            items: list[Recommendation] = []
-            if row is not None:
-                item_ids, score, retrieval_scores = ranked.item_ids[row], ranked.score[row], ranked.retrieval_scores[row]
-                order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
-                # -inf: a movie the model excluded (the user's history), listed only when history left
-                # fewer candidates than it returns. Exclusions are a set lookup per candidate: no array of
-                # every id padded to the longest.
-                order = [i for i in order if retrieval_scores[i] != -np.inf and item_ids[i] not in query.exclude_item_ids]
-                items = [
-                    Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
-                                   genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
-                                   retrieval_score=float(retrieval_scores[i]),
-                                   predicted_rating=float(ranked.predicted_rating[row, i]),
-                                   model_version=catalog.model_version, fallback=False)
-                    for position, i in enumerate(order[:query.k])
-                ]
-            results.append(RankedList(self._fill_with_popular(items, query, catalog),
-                                      len(query.recent_interactions) - len(interactions)))
-        return results
+            lists = [[] if row is None else self._ranked_items(query, ranked, row, catalog)
+                     for query, row in zip(queries, rows)]
+            if self.reasons:
+                self._explain(users, rows, lists, ranked.model_version, catalog, deadline, timings)
+        return [RankedList(self._fill_with_popular(items, query, catalog),
+                           len(query.recent_interactions) - len(interactions))
+                for items, query, interactions in zip(lists, queries, known_interactions)]
+
+    @staticmethod
+    def _ranked_items(query: Query, ranked, row: int, catalog: Catalog) -> list[Recommendation]:
+        """The query's model items: its row's candidates by score, exclusions dropped, the best k."""
+        item_ids, score, retrieval_scores = ranked.item_ids[row], ranked.score[row], ranked.retrieval_scores[row]
+        order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
+        # -inf: a movie the model excluded (the user's history), listed only when history left fewer
+        # candidates than it returns. Exclusions are a set lookup per candidate: no array of every id
+        # padded to the longest.
+        order = [i for i in order if retrieval_scores[i] != -np.inf and item_ids[i] not in query.exclude_item_ids]
+        return [Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
+                               genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
+                               retrieval_score=float(retrieval_scores[i]),
+                               predicted_rating=float(ranked.predicted_rating[row, i]),
+                               model_version=catalog.model_version, fallback=False)
+                for position, i in enumerate(order[:query.k])]
+
+    def _explain(self, users: UserBatch, rows: list[int | None], lists: list[list[Recommendation]],
+                 model_version: str, catalog: Catalog, deadline: Deadline, timings: dict[str, float]) -> None:
+        """Fill `because_item_ids` of the model items in `lists` (query i's items, model row rows[i]):
+        one call of the ranking model's `explain` for every row's longest list."""
+        wanted: dict[int, list[str]] = {}
+        for row, items in zip(rows, lists):
+            if row is not None and len(items) > len(wanted.get(row, [])):
+                wanted[row] = [item.item_id for item in items]
+        if not wanted:
+            return
+        width = max(len(items) for items in wanted.values())
+        item_ids = np.full((len(users), width), "", dtype=object)
+        for row, items in wanted.items():
+            item_ids[row, :len(items)] = items
+        started = time.perf_counter()
+        because = self.backend.explain(users, item_ids, model_version, deadline.remaining())
+        timings["reasons"] = timings.get("reasons", 0.0) + time.perf_counter() - started
+        for row, items in zip(rows, lists):
+            if row is None:
+                continue
+            column = {item_id: n for n, item_id in enumerate(wanted[row])}
+            for position, item in enumerate(items):
+                reasons = tuple(reason for reason in because[row, column[item.item_id]] if reason)
+                items[position] = dataclasses.replace(item, because_item_ids=reasons,
+                                                      because_titles=tuple(catalog.titles.get(r, "") for r in reasons))
+
+    def similar(self, query: SimilarQuery, timeout: float | None = None) -> list[Recommendation]:
+        """SimilarItems: the movie's nearest movies; with a user, their history left out and the nearest
+        `max(3k, SIMILAR_POOL)` ordered for them by the ranking model."""
+        deadline = Deadline(timeout)
+        catalog = self.current_catalog()
+        if query.item_id not in catalog.titles:
+            raise NotFound(f"item_id {query.item_id!r} is not a movie the models know")
+        interactions: tuple[tuple[str, float], ...] = ()
+        if query.user_id:
+            stored = self._stored([Query(query.user_id)], {})
+            interactions = tuple(pair for pair in with_stored(Query(query.user_id), stored.get(query.user_id, ()))
+                                 .recent_interactions if pair[0] in catalog.titles)
+        users = UserBatch.of([query.user_id], [interactions])
+        nearest = self.backend.similar(users, [query.item_id], deadline.remaining())
+        catalog = self.catalogs.get(nearest.model_version)
+        pairs = [(item_id, float(similarity)) for item_id, similarity in zip(nearest.item_ids[0], nearest.scores[0])
+                 if similarity != -np.inf and item_id not in query.exclude_item_ids]
+        if not query.user_id:
+            chosen = [(item_id, similarity, similarity, 0.0) for item_id, similarity in pairs[:query.k]]
+        else:
+            pool = pairs[:max(3 * query.k, SIMILAR_POOL)]
+            scores = self.backend.rank(users, np.array([[item_id for item_id, _ in pool]], dtype=object),
+                                       nearest.model_version, deadline.remaining())
+            order = np.argsort(-scores.score[0], kind="stable")[:query.k]
+            chosen = [(pool[i][0], float(scores.score[0, i]), pool[i][1], float(scores.predicted_rating[0, i]))
+                      for i in order]
+        return [Recommendation(rank=position + 1, item_id=item_id, title=catalog.titles.get(item_id, ""),
+                               genres=catalog.genres.get(item_id, ()), score=score, retrieval_score=similarity,
+                               predicted_rating=stars, model_version=catalog.model_version, fallback=False)
+                for position, (item_id, score, similarity, stars) in enumerate(chosen)]
 
     @staticmethod
     def _fill_with_popular(items: list[Recommendation], query: Query, catalog: Catalog) -> list[Recommendation]:

@@ -36,6 +36,7 @@ from server.pipeline import (
     Recommendation,
     check_user_id,
     make_query,
+    make_similar_query,
     validate_interactions,
 )
 from server.status import map_errors
@@ -85,7 +86,8 @@ def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
     return recommender_pb2.RankedItem(
         rank=item.rank, item_id=item.item_id, title=item.title, genres=item.genres, score=item.score,
         retrieval_score=item.retrieval_score, predicted_rating=item.predicted_rating,
-        model_version=item.model_version, fallback=item.fallback)
+        model_version=item.model_version, fallback=item.fallback, because_item_ids=item.because_item_ids,
+        because_titles=item.because_titles)
 
 
 def _note(record: CallRecord, queries: Sequence[Query], results: list[RankedList]) -> None:
@@ -109,6 +111,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
                  max_concurrent_rpcs: int, store: InteractionStore | None = None, stored_interactions: int = 0):
         self.pipeline = pipeline
+        self.similar = pipeline.pipeline.similar
         self.backend = backend
         self.observer = observer
         self.store = store
@@ -178,6 +181,22 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         results = await self._recommend(queries, context, record)
         _note(record, queries, results)
         return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
+
+    @map_errors
+    async def SimilarItems(self, request, context, record: CallRecord):
+        record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
+        self._admit()
+        query = make_similar_query(request.item_id, request.k, request.exclude_item_ids, request.user_id)
+        # A call of its own (not batched): run beside the batches, within the caller's deadline.
+        timeout = context.time_remaining()
+        try:
+            items = await asyncio.wait_for(asyncio.to_thread(self.similar, query, timeout), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("deadline exceeded before the similar items were found") from None
+        record.item_count = len(items)
+        record.model_version = items[0].model_version if items else ""
+        for item in items:
+            yield to_proto(item)
 
     @map_errors
     async def RecordInteractions(self, request, context, record: CallRecord):

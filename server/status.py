@@ -16,6 +16,7 @@ from server.errors import (
     InvalidRequest,
     ModelsUnavailable,
     NotConfigured,
+    NotFound,
     Overloaded,
     RecsysError,
     StoreUnavailable,
@@ -33,6 +34,7 @@ STATUS_OF_ERROR: dict[type[RecsysError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFound: grpc.StatusCode.NOT_FOUND,
 }
 
 

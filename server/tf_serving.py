@@ -26,12 +26,15 @@ from server.catalog import Catalog
 from server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
 from server.layout import (
     DEFAULT_SIGNATURE,
+    EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
     INTERACTION_ITEMS_INPUT,
     INTERACTION_RATINGS_INPUT,
+    ITEM_ID_INPUT,
     ITEM_IDS_INPUT,
     RANKING_MODEL,
     RETRIEVAL_MODEL,
+    SIMILAR_ITEMS_SIGNATURE,
     USER_ID_INPUT,
     metadata_path,
 )
@@ -104,13 +107,16 @@ class TFServingBackend(Backend):
     def __init__(self, target: str, models_dir: Path, retrieval_model: str = RETRIEVAL_MODEL,
                  ranking_model: str = RANKING_MODEL, retrieval_signature: str = DEFAULT_SIGNATURE,
                  include_rated_signature: str = INCLUDE_RATED_SIGNATURE,
-                 ranking_signature: str = DEFAULT_SIGNATURE, model_version: int | None = None):
+                 ranking_signature: str = DEFAULT_SIGNATURE, model_version: int | None = None,
+                 similar_signature: str = SIMILAR_ITEMS_SIGNATURE, explain_signature: str = EXPLAIN_SIGNATURE):
         self.target = target
         self.models_dir = Path(models_dir)
         self.retrieval_model = retrieval_model
         self.ranking_model = ranking_model
         self.retrieval_signatures = {False: retrieval_signature, True: include_rated_signature}
         self.ranking_signature = ranking_signature
+        self.similar_signature = similar_signature
+        self.explain_signature = explain_signature
         self.pinned_version = model_version
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -159,8 +165,8 @@ class TFServingBackend(Backend):
         """The configured signatures exist in both models of `version` (once per version)."""
         if str(version) in self._checked_signatures:
             return
-        for model, wanted in ((self.retrieval_model, set(self.retrieval_signatures.values())),
-                              (self.ranking_model, {self.ranking_signature})):
+        for model, wanted in ((self.retrieval_model, {*self.retrieval_signatures.values(), self.similar_signature}),
+                              (self.ranking_model, {self.ranking_signature, self.explain_signature})):
             request = get_model_metadata_pb2.GetModelMetadataRequest(
                 model_spec=self._spec(model, "", version), metadata_field=["signature_def"])
             response = self._call(self.stub.GetModelMetadata, request, PROBE_TIMEOUT_SECONDS,
@@ -251,6 +257,28 @@ class TFServingBackend(Backend):
                               f"model '{self.ranking_model}' version {model_version}")
         return Scores(to_numpy(response.outputs["predicted_rating"]).astype(np.float32),
                       to_numpy(response.outputs["score"]).astype(np.float32), str(response.model_spec.version.value))
+
+    def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
+                timeout: float | None = None) -> np.ndarray:
+        request = predict_pb2.PredictRequest(
+            model_spec=self._spec(self.ranking_model, self.explain_signature, model_version),
+            output_filter=["because_item_ids"])
+        user_inputs(request, users)
+        request.inputs[ITEM_IDS_INPUT].CopyFrom(string_tensor(item_ids))
+        response = self._call(self.stub.Predict, request, timeout,
+                              f"model '{self.ranking_model}' version {model_version}")
+        return to_numpy(response.outputs["because_item_ids"]).astype(str)
+
+    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+        version = self._serving_version()
+        request = predict_pb2.PredictRequest(
+            model_spec=self._spec(self.retrieval_model, self.similar_signature, version),
+            output_filter=["item_ids", "scores"])
+        user_inputs(request, users)
+        request.inputs[ITEM_ID_INPUT].CopyFrom(string_tensor(list(item_ids)))
+        response = self._call(self.stub.Predict, request, timeout, f"model '{self.retrieval_model}' version {version}")
+        return Candidates(to_numpy(response.outputs["item_ids"]).astype(str),
+                          to_numpy(response.outputs["scores"]).astype(np.float32), str(response.model_spec.version.value))
 
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
                           stage_seconds: dict[str, float] | None = None) -> RankedCandidates:

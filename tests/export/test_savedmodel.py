@@ -43,7 +43,7 @@ def _inputs(signature) -> dict[str, tuple[list, tf.DType]]:
 
 def test_retrieval_signatures_are_pinned(loaded, trained):
     retrieval, _ = loaded
-    assert set(retrieval.signatures) == {"serving_default", "include_rated"}
+    assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items"}
     candidate_count = trained[1].retrieval.candidate_count
     for name in ("serving_default", "include_rated"):
         signature = retrieval.signatures[name]
@@ -55,7 +55,7 @@ def test_retrieval_signatures_are_pinned(loaded, trained):
 
 def test_ranking_signature_is_pinned(loaded):
     _, ranking = loaded
-    assert set(ranking.signatures) == {"serving_default"}
+    assert set(ranking.signatures) == {"serving_default", "explain"}
     signature = ranking.signatures["serving_default"]
     assert _inputs(signature) == {**USER_SIDE, "item_ids": ([None, None], tf.string)}
     assert {name: (t.dtype, t.shape.as_list()) for name, t in signature.structured_outputs.items()} == {
@@ -191,6 +191,7 @@ def test_tf_serving_style_loading_matches_tf2(models_dir, loaded):
 
 
 def test_warmup_records_are_prediction_logs_that_run(models_dir):
+    signatures = set()
     for model in ("retrieval", "ranking"):
         path = models_dir / model / "1" / "assets.extra" / "tf_serving_warmup_requests"
         records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
@@ -203,10 +204,14 @@ def test_warmup_records_are_prediction_logs_that_run(models_dir):
             feeds = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
             with_interactions += feeds["interaction_item_ids"].shape[1] > 0
             signature = request.model_spec.signature_name or "serving_default"
-            outputs = ["item_ids", "scores"] if model == "retrieval" else ["predicted_rating", "score"]
+            signatures.add(signature)
+            outputs = {"retrieval": ["item_ids", "scores"], "ranking": ["predicted_rating", "score"]}[model]
+            if signature == "explain":
+                outputs = ["because_item_ids", "because_scores"]
             result = cpp_run(models_dir / model / "1", feeds, outputs, signature)
             assert len(result[outputs[0]]) == len(feeds["user_id"])
         assert with_interactions >= 2, "warmup exercises the interaction path too"
+    assert signatures == {"serving_default", "include_rated", "similar_items", "explain"}, "every signature is warmed"
 
 
 def test_a_second_export_gets_the_next_version_and_keeps_the_first(tmp_path, trained):

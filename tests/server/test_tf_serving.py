@@ -77,12 +77,12 @@ def test_one_predict_call_per_stage_each_pinned_to_the_served_version(served, mo
     predict = backend.stub.Predict
 
     def counting(request, **kwargs):
-        sent.append((request.model_spec.name, request.model_spec.version.value))
+        sent.append((request.model_spec.name, request.model_spec.signature_name, request.model_spec.version.value))
         return predict(request, **kwargs)
 
     monkeypatch.setattr(backend.stub, "Predict", counting)
     via_tf_serving.recommend("42", k=50)
-    assert sent == [("retrieval", 1), ("ranking", 1)]
+    assert sent == [("retrieval", "serving_default", 1), ("ranking", "serving_default", 1), ("ranking", "explain", 1)]
 
 
 def test_warmup_records_run_against_tf_serving(models_dir, tf_serving):

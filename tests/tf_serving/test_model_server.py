@@ -63,7 +63,10 @@ def ranking_inputs(*user_ids: str, item_ids=("1", "2"), interactions: list[tuple
 RECENT = [("1", 4.0), ("50", 0.0)]
 SIGNATURE_INPUTS = {("retrieval", "serving_default"): user_inputs("42", interactions=RECENT),
                     ("retrieval", "include_rated"): user_inputs("42", interactions=RECENT),
-                    ("ranking", "serving_default"): ranking_inputs("42", interactions=RECENT)}
+                    ("retrieval", "similar_items"): {**user_inputs("42", interactions=RECENT),
+                                                     "item_id": np.array([b"1"], dtype=object)},
+                    ("ranking", "serving_default"): ranking_inputs("42", interactions=RECENT),
+                    ("ranking", "explain"): ranking_inputs("42", interactions=RECENT)}
 
 
 def test_the_port_opens_after_the_initial_load(standin):
