@@ -28,10 +28,14 @@ from server.backend import Backend, InProcessBackend, UserBatch
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
 from server.layout import metadata_path
-from server.limits import MAX_BATCH_USERS
-from server.pipeline import Pipeline, Query
+from server.limits import MAX_BATCH_USERS, MAX_K
+from server.pipeline import Pipeline, Query, Recommendation
 
 LIST_LENGTH = 100
+# Item-to-item HR@10: the user's top-rated training movies whose neighbours are looked at, and how
+# many neighbours similar_items lists per movie (MAX_K).
+ANCHORS = 3
+SIMILAR_LIST = MAX_K
 # Display order of the systems each protocol scores.
 SYSTEMS = ("popularity", "ease", "retrieval", "two_stage_without_interactions", "two_stage_excluding_them",
            "two_stage")
@@ -110,17 +114,23 @@ def interactions_by_user(rows: np.ndarray, rating_scale: float = 1.0) -> Interac
     return {user: tuple(pairs) for user, pairs in sent.items()}
 
 
-def two_stage_lists(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH, sent: Interactions | None = None,
-                    excluded: dict[str, set[str]] | None = None) -> dict[str, list[str]]:
-    """The served lists: the pipeline the server runs, with each user's interactions and exclusions."""
-    lists = {}
+def served(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH, sent: Interactions | None = None,
+           excluded: dict[str, set[str]] | None = None) -> dict[str, list[Recommendation]]:
+    """What the server answers: the pipeline it runs, with each user's interactions and exclusions."""
+    answers = {}
     for start in range(0, len(users), MAX_BATCH_USERS):
         batch = users[start:start + MAX_BATCH_USERS]
         queries = [Query(user, k=k, recent_interactions=(sent or {}).get(user, ()),
                          exclude_item_ids=frozenset((excluded or {}).get(user, ()))) for user in batch]
         for user, result in zip(batch, pipeline.recommend(queries)):
-            lists[user] = [item.item_id for item in result.items]
-    return lists
+            answers[user] = result.items
+    return answers
+
+
+def two_stage_lists(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH, sent: Interactions | None = None,
+                    excluded: dict[str, set[str]] | None = None) -> dict[str, list[str]]:
+    """The served lists' movie ids."""
+    return {user: [item.item_id for item in items] for user, items in served(pipeline, users, k, sent, excluded).items()}
 
 
 def retrieval_lists(backend: Backend, users: list[str], sent: Interactions | None = None) -> tuple[dict, str]:
@@ -165,13 +175,119 @@ def _result(lists: dict[str, dict[str, list[str]]], held_out: dict[str, set[str]
             "users": len(held_out), "pairs": sum(len(movies) for movies in held_out.values())}
 
 
+def top_rated(train: np.ndarray, count: int = ANCHORS) -> dict[str, list[str]]:
+    """Each user's `count` best-rated training movies (most stars, then most recent)."""
+    ordered = train[np.lexsort((-train[:, 3], -train[:, 2], train[:, 0]))]
+    anchors: dict[str, list[str]] = defaultdict(list)
+    for user, item in ordered[:, :2].astype(str).tolist():
+        if len(anchors[user]) < count:
+            anchors[user].append(item)
+    return dict(anchors)
+
+
+def item_to_item_hit_rate(neighbours: dict[tuple[str, str], list[str]], anchors: dict[str, list[str]],
+                          held_out: dict[str, set[str]], k: int = 10) -> dict[str, float]:
+    """The share of held-out pairs whose movie is among the k nearest of one of the user's anchors (their
+    history left out), with its standard error over users."""
+    hits = np.array([len(movies & {item for anchor in anchors[user] for item in neighbours[(user, anchor)][:k]})
+                     for user, movies in held_out.items()], dtype=np.float64)
+    pairs = np.array([len(movies) for movies in held_out.values()], dtype=np.float64)
+    return {f"hr@{k}": float(hits.sum() / pairs.sum()), f"hr@{k}_se": _ratio_standard_error(hits, pairs)}
+
+
+def genre_overlap(pairs: list[tuple[str, str]], catalog: dict) -> float:
+    """Mean Jaccard overlap of the two movies' genres."""
+    overlaps = [len(set(catalog[a].genres) & set(catalog[b].genres)) / max(1, len(set(catalog[a].genres)
+                                                                                 | set(catalog[b].genres)))
+                for a, b in pairs]
+    return float(np.mean(overlaps)) if overlaps else 0.0
+
+
+def evaluate_similar_items(backend: Backend, data: MovieLens, train: np.ndarray, test: np.ndarray) -> dict:
+    """SimilarItems against item-kNN (cosine over co-ratings): how often a held-out movie is among the 10
+    nearest to one of the user's top-rated training movies (their history left out), and how alike in
+    genre each movie's 10 nearest are, against random pairs."""
+    anchors = top_rated(train)
+    held_out = held_out_by_user(test)
+    requests = [(user, anchor) for user in sorted(anchors, key=int) if user in held_out for anchor in anchors[user]]
+    movies = sorted(data.items, key=int)
+    whole_catalog = [("", movie) for movie in movies]
+    served_neighbours = served_similar(backend, requests + whole_catalog)
+    knn = item_knn_neighbours(data, train, requests + whole_catalog)
+    tested = {user: held_out[user] for user in {user for user, _ in requests}}
+    rng = np.random.default_rng(0)
+    random_pairs = [(a, b) for a, b in rng.choice(movies, size=(10 * len(movies), 2)).tolist() if a != b]
+
+    def summary(neighbours: dict) -> dict:
+        return {**item_to_item_hit_rate(neighbours, anchors, tested),
+                "genre_overlap": genre_overlap([(movie, item) for movie in movies
+                                                for item in neighbours[("", movie)][:10]], data.items)}
+
+    return {"served": summary(served_neighbours), "item_knn": summary(knn),
+            "random_pairs_genre_overlap": genre_overlap(random_pairs, data.items), "anchors_per_user": ANCHORS}
+
+
+def served_similar(backend: Backend, requests: list[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
+    """The retrieval model's similar_items for (user, movie) requests ("" for no user), nearest first."""
+    neighbours = {}
+    for start in range(0, len(requests), MAX_BATCH_USERS):
+        batch = requests[start:start + MAX_BATCH_USERS]
+        nearest = backend.similar(UserBatch.of([user for user, _ in batch]), [movie for _, movie in batch])
+        for key, row, scores in zip(batch, nearest.item_ids, nearest.scores):
+            neighbours[key] = [item for item, score in zip(row.tolist(), scores.tolist()) if score != -np.inf]
+    return neighbours
+
+
+def item_knn_neighbours(data: MovieLens, train: np.ndarray, requests: list[tuple[str, str]]) -> dict:
+    """The baseline: each (user, movie)'s nearest movies by cosine over training co-ratings, the movie
+    itself and the user's training movies left out (as many as the served list holds)."""
+    movies = sorted(data.items, key=int)
+    column = {movie: n for n, movie in enumerate(movies)}
+    users = {user: n for n, user in enumerate(np.unique(train[:, 0]).tolist())}
+    ratings = np.zeros((len(users), len(movies)), dtype=np.float32)
+    ratings[[users[user] for user in train[:, 0].tolist()], [column[str(item)] for item in train[:, 1].tolist()]] = 1.0
+    unit = ratings / np.maximum(np.linalg.norm(ratings, axis=0, keepdims=True), 1e-12)
+    rated = defaultdict(set)
+    for user, item in train[:, :2].astype(str).tolist():
+        rated[user].add(item)
+    wanted = sorted({movie for _, movie in requests}, key=column.get)
+    similarity = (unit.T @ unit[:, [column[movie] for movie in wanted]]).T  # [wanted, movies]
+    ranked = {}
+    for row, movie in enumerate(wanted):
+        similarity[row, column[movie]] = -np.inf
+        ranked[movie] = [movies[n] for n in np.argsort(-similarity[row], kind="stable")]
+    return {(user, movie): [item for item in ranked[movie] if item not in rated[user]][:SIMILAR_LIST]
+            for user, movie in requests}
+
+
+def evaluate_reasons(answers: dict[str, list[Recommendation]], train: np.ndarray) -> dict:
+    """How often a recommendation's first reason is a movie the user rated 4 stars or more, against how
+    often any movie of theirs is (each user weighted by their recommendations with a reason)."""
+    units = {(user, item): rating for user, item, rating in train[:, :3].tolist()}
+    liked_share = defaultdict(list)
+    for user, _, rating in train[:, :3].tolist():
+        liked_share[user].append(rating >= 4)
+    first_liked, any_liked, explained, model_items = [], [], 0, 0
+    for user, recommendations in answers.items():
+        for item in recommendations[:10]:
+            model_items += not item.fallback
+            if item.because_item_ids:
+                explained += 1
+                first_liked.append(units.get((int(user), int(item.because_item_ids[0])), 0) >= 4)
+                any_liked.append(np.mean(liked_share[int(user)]))
+    return {"first_reason_rated_4_or_more": float(np.mean(first_liked)) if first_liked else 0.0,
+            "any_history_movie_rated_4_or_more": float(np.mean(any_liked)) if any_liked else 0.0,
+            "items_with_a_reason": explained / max(model_items, 1)}
+
+
 def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
     train, test = fit_and_held_out(data.ratings, holdout)
     held_out = held_out_by_user(test)
     users = sorted(held_out, key=int)
     retrieved, model_version = retrieval_lists(backend, users)
+    answers = served(Pipeline(backend, catalogs), users)
     lists = {"popularity": popularity_lists(train, users), "retrieval": retrieved,
-             "two_stage": two_stage_lists(Pipeline(backend, catalogs), users)}
+             "two_stage": {user: [item.item_id for item in items] for user, items in answers.items()}}
     ease = ease_lists(data, holdout, users, LIST_LENGTH)
     if ease is not None:
         lists["ease"] = ease[0]
@@ -179,6 +295,8 @@ def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, h
     if ease is not None:
         result["systems"]["ease"]["lambda"] = ease[1]
     result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test))}
+    result["similar_items"] = evaluate_similar_items(backend, data, train, test)
+    result["reasons"] = evaluate_reasons(answers, train)
     return {"model_version": model_version, **result}
 
 
@@ -276,6 +394,18 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{LABELS.get(system, system):<28} {cells}")
     if "ranking" in metrics:
         lines.append(f"ranker RMSE {metrics['ranking']['rmse']:.4f}")
+    if "similar_items" in metrics:
+        similar = metrics["similar_items"]
+        lines.append(f"SimilarItems: item-to-item HR@10 {similar['served']['hr@10']:.4f} ± "
+                     f"{similar['served']['hr@10_se']:.4f} (item-kNN {similar['item_knn']['hr@10']:.4f}); genre "
+                     f"overlap of the 10 nearest "
+                     f"{similar['served']['genre_overlap']:.3f} (item-kNN {similar['item_knn']['genre_overlap']:.3f}, "
+                     f"random pairs {similar['random_pairs_genre_overlap']:.3f})")
+    if "reasons" in metrics:
+        reasons = metrics["reasons"]
+        lines.append(f"Reasons: {reasons['items_with_a_reason']:.1%} of model items have one; the first was rated 4+ "
+                     f"by the user for {reasons['first_reason_rated_4_or_more']:.1%} of them (any movie of theirs: "
+                     f"{reasons['any_history_movie_rated_4_or_more']:.1%})")
     if "difference" in metrics:
         for name, label in (("vs_without", "without them"), ("vs_excluding", "with them only excluded")):
             difference = metrics["difference"][name]
