@@ -40,6 +40,18 @@ def run_report(data: MovieLens, presets: list[str], out_dir: Path, plot: Path | 
                           seconds))
         lines.append(_row(f"`{name}` preset, retrieval only", metrics["systems"]["retrieval"]))
     if "default" in results:
+        metrics = results["default"][0]
+        similar, reasons = metrics["similar_items"], metrics["reasons"]
+        lines += ["", "SimilarItems (`default` preset) against item-kNN:", "",
+                  "| system | item-to-item HR@10 | genre overlap of the 10 nearest |", "|---|---:|---:|",
+                  f"| served | {similar['served']['hr@10']:.4f} ± {similar['served']['hr@10_se']:.4f} | "
+                  f"{similar['served']['genre_overlap']:.3f} |",
+                  f"| item-kNN | {similar['item_knn']['hr@10']:.4f} ± {similar['item_knn']['hr@10_se']:.4f} | "
+                  f"{similar['item_knn']['genre_overlap']:.3f} |",
+                  f"| random pairs | | {similar['random_pairs_genre_overlap']:.3f} |",
+                  "", f"Reasons: the first reason was rated 4+ by the user for {reasons['first_reason_rated_4_or_more']:.1%} "
+                  f"of the recommendations (any movie of theirs: {reasons['any_history_movie_rated_4_or_more']:.1%}); "
+                  f"{reasons['items_with_a_reason']:.1%} of model items have a reason."]
         recent = evaluate_export(out_dir / "default", data, "recent")
         lines += ["", f"Recent interactions ({recent['users']} test users, {recent['pairs']} target pairs):", "",
                   *HEADER[:1], HEADER[1]]
