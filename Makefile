@@ -6,7 +6,8 @@ MODELS ?= exported
 PORT ?= 50051
 USER_ID ?= 42
 
-.PHONY: install demo test test-fast lint protos train evaluate serve clean
+.PHONY: install postgres demo test test-fast lint protos train evaluate serve clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed
 
@@ -41,12 +42,19 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 
-# Everything, the quality floors on the real data included (trains the default preset once).
-test: lint
+# PostgreSQL's server binaries (initdb, pg_ctl) for the interaction store's tests, which start a
+# throwaway server of their own: Debian's postgresql package, installed where missing.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql package for the store tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# Everything, the quality floors on the real data included (trains the default preset twice).
+test: lint postgres
 	$(PY) -m pytest
 
 # Unit tests and the service contract end to end, on a synthetic data set (no slow tests).
-test-fast: lint
+test-fast: lint postgres
 	$(PY) -m pytest -m "not slow"
 
 clean:

@@ -24,7 +24,8 @@ import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports T
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Fixtures that train on the real data (minutes): a test that uses one must be marked slow.
-SLOW_FIXTURES = {"ml100k_trained", "ml100k_models_dir", "ml100k_evaluation"}
+SLOW_FIXTURES = {"ml100k_trained", "ml100k_models_dir", "ml100k_evaluation", "ml100k_users_models_dir",
+                 "ml100k_fold_in", "ml100k_recent"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -77,6 +78,31 @@ def ml100k_evaluation(ml100k_models_dir, ml100k):
     from export.evaluate import evaluate_export
 
     return evaluate_export(ml100k_models_dir, ml100k)
+
+
+@pytest.fixture(scope="session")
+def ml100k_recent(ml100k_models_dir, ml100k):
+    from export.evaluate import evaluate_export
+
+    return evaluate_export(ml100k_models_dir, ml100k, "recent")
+
+
+@pytest.fixture(scope="session")
+def ml100k_users_models_dir(ml100k, tmp_path_factory) -> Path:
+    """The default preset with 20% of the users held out of training (the fold-in protocol's export)."""
+    from export.presets import PRESETS
+    from export.train import train_and_export
+
+    models_dir = tmp_path_factory.mktemp("ml100k_users_models")
+    train_and_export(ml100k, PRESETS["default"], models_dir, holdout="users")
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def ml100k_fold_in(ml100k_users_models_dir, ml100k):
+    from export.evaluate import evaluate_export
+
+    return evaluate_export(ml100k_users_models_dir, ml100k)
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,6 @@ def test_the_chief_export_serves_like_any_export(two_worker_export, ml100k_split
 def test_quality_matches_a_single_process_run(two_worker_export, ml100k, tmp_path):
     out, _ = two_worker_export
     train_and_export(ml100k, PRESETS["seed"].with_overrides(SHORTER), tmp_path)
-    single = evaluate_export(tmp_path, ml100k)["two_stage"]["hr@10"]
-    distributed = evaluate_export(out, ml100k)["two_stage"]["hr@10"]
+    single = evaluate_export(tmp_path, ml100k)["systems"]["two_stage"]["hr@10"]
+    distributed = evaluate_export(out, ml100k)["systems"]["two_stage"]["hr@10"]
     assert abs(distributed - single) <= 0.01, (distributed, single)

@@ -33,6 +33,10 @@ def test_kubernetes_manifest_matches_the_server():
     assert f"--model_config_file={args.models}/models.config" in tf_container["args"]
     headless = objects[("Service", "recommender")]["spec"]
     assert headless["clusterIP"] == "None" and headless["selector"] == {"app": "recommender"}
+    assert args.interactions_db.startswith("postgresql://"), "replicas share one interaction store"
+    user = args.interactions_db.split("://")[1].split("@")[0]
+    assert ":" not in user and "PGPASSWORD" in {variable["name"] for variable in container["env"]}, \
+        "the password comes from a Secret, never in the arguments"
 
 
 def test_compose_matches_the_server():
@@ -40,6 +44,9 @@ def test_compose_matches_the_server():
     args = build_parser().parse_args(compose["recommender"]["command"])
     assert args.tf_serving == "tf-serving:8500" and "8500:8500" in compose["tf-serving"]["ports"]
     assert f"{args.port}:{args.port}" in compose["recommender"]["ports"]
+    host = args.interactions_db.split("@")[1].split(":")[0]
+    assert args.interactions_db.startswith("postgresql://") and host in compose, "the store is one of the services"
+    assert "PGPASSWORD" in compose["recommender"]["environment"]
     build = compose["recommender"]["build"]
     # The image is built from the repository root (the Dockerfile copies pyproject.toml and the packages).
     assert (DEPLOY / build["context"]).resolve() == REPO_ROOT.resolve()
