@@ -31,13 +31,15 @@ evaluate: install
 serve: install
 	$(PY) -m server --models $(MODELS) --port $(PORT)
 
-# Train (only if no export exists), serve, ask for user 42's recommendations, stop.
+# Train (only if no export exists), serve (no interaction store), ask for user 42's recommendations
+# with their reasons and for the movies most like Toy Story, stop.
 demo: install
 	@if [ -z "$$(ls $(MODELS)/retrieval 2>/dev/null | grep -E '^[0-9]+$$')" ]; then $(PY) -m export train --out $(MODELS); fi
-	@$(PY) -m server --models $(MODELS) --port $(PORT) --host 127.0.0.1 > .demo-server.log 2>&1 & \
+	@$(PY) -m server --models $(MODELS) --port $(PORT) --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
 	server_pid=$$!; \
 	trap 'kill -TERM $$server_pid 2>/dev/null; wait $$server_pid 2>/dev/null' EXIT; \
-	$(PY) -m client recommend --target 127.0.0.1:$(PORT) --user $(USER_ID) --wait 120 || { cat .demo-server.log; exit 1; }
+	$(PY) -m client recommend --target 127.0.0.1:$(PORT) --user $(USER_ID) --wait 120 -k 5 || { cat .demo-server.log; exit 1; }; \
+	$(PY) -m client similar --target 127.0.0.1:$(PORT) --item 1 -k 5 || { cat .demo-server.log; exit 1; }
 
 lint: install
 	$(PY) -m ruff check .

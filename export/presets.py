@@ -12,6 +12,7 @@ CHOICES = {
     "retrieval_loss": ("in_batch", "full_softmax"),
     "retrieval_optimizer": ("adagrad", "adam"),
     "ranking_optimizer": ("adagrad", "adam"),
+    "similar_space": ("co_rating", "item_towers"),
 }
 
 
@@ -73,8 +74,10 @@ class Preset:
     ease_weight: float = 0.0
     ease_weight_new_users: float = 0.0
     ease_lambda: float = 300.0
-    # SimilarItems' space: movies' co-rating factors of this many dimensions (export/models.py
-    # co_rating_factors), where the training matrix fits in memory; else the item towers.
+    # SimilarItems' space: "co_rating", movies' co-rating factors of `similar_dim` dimensions
+    # (export/models.py co_rating_factors), where the training matrix fits in memory; else (and
+    # with "item_towers") the item towers' embeddings.
+    similar_space: str = "co_rating"
     similar_dim: int = 64
     seed: int = 0
 

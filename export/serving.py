@@ -7,6 +7,11 @@ the user's training history merged with the interactions a request sends. Users 
 none get their tower's output as trained, read from a table (no history sums per request),
 so their results are exactly the trained model's.
 
+The ranker's score also sums an item-item part over the same history (EASE's weights B).
+
+Signatures: retrieval `serving_default` (candidates, the history excluded), `include_rated`,
+`similar_items` (a movie's nearest movies, also taking `item_id`); ranking `serving_default`
+(scores of each user's `item_ids`) and `explain` (the history movies behind each score).
 Every signature takes the same user-side inputs:
     user_id               string [users]          a user id; unknown ids get the out-of-vocabulary row
     interaction_item_ids  string [users, n]       recent movies, "" for padding; unknown movies are ignored

@@ -192,10 +192,10 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     started_item_item = time.perf_counter()
     dense = len(user_ids) * len(item_ids) <= MAX_DENSE_CELLS
     fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids) if dense else None
-    if dense:
-        similarity, metadata["similar_space"] = co_rating_factors(fitted, preset.similar_dim), "co-rating factors"
+    if dense and preset.similar_space == "co_rating":
+        similarity, metadata["similar_space"] = co_rating_factors(fitted, preset.similar_dim), "co_rating"
     else:
-        similarity, metadata["similar_space"] = item_towers_by_member(ranking, retrieval, item_ids), "item towers"
+        similarity, metadata["similar_space"] = item_towers_by_member(ranking, retrieval, item_ids), "item_towers"
     retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count,
                                          similarity)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}

@@ -124,9 +124,16 @@ def mend_sqlite(path: Path) -> None:
 # --- on the wire --------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def served(models_dir, store_location):
-    store = open_store(store_location)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request, models_dir, tmp_path_factory):
+    """One server per kind of store for the module's tests (each test uses users of its own)."""
+    if request.param == "sqlite":
+        location = str(tmp_path_factory.mktemp("store") / "interactions.sqlite3")
+    else:
+        postgres = request.getfixturevalue("postgres")
+        postgres.clear()
+        location = postgres.url
+    store = open_store(location)
     recommender, port = create_server("127.0.0.1:0", InProcessBackend(models_dir), models_dir,
                                       ServerOptions(poll_seconds=0.3, stored_interactions=50), store)
     recommender.start()
@@ -147,23 +154,26 @@ def test_recorded_interactions_change_the_list_at_once_and_forget_undoes_it(serv
     before = client.recommend("42", k=20)
     sent = [(item.item_id, 5.0) for item in before[:3]]
     assert client.record_interactions("42", sent) == 3
-    after = client.recommend("42", k=20)
-    assert after != before and not {item for item, _ in sent} & set(_ids(after))
-    assert _ids(after) == _ids(client.recommend("42", k=20, interactions=sent)), "as if the caller had sent them"
-    assert client.forget_user("42") == 3
+    try:
+        after = client.recommend("42", k=20)
+        assert after != before and not {item for item, _ in sent} & set(_ids(after))
+        assert _ids(after) == _ids(client.recommend("42", k=20, interactions=sent)), "as if the caller had sent them"
+    finally:
+        assert client.forget_user("42") == 3
     assert _ids(client.recommend("42", k=20)) == _ids(before)
 
 
 def test_a_new_user_records_ratings_and_gets_a_personalised_list(served, split, heaviest_user):
     client, _, _ = served
-    assert all(item.fallback for item in client.recommend(NEW_USER))
+    user = "new-user-with-ratings"
+    assert all(item.fallback for item in client.recommend(user))
     rows = split[0][split[0][:, 0] == int(heaviest_user)][:10]
     ratings = [(str(item), float(stars)) for _, item, stars, _ in rows.tolist()]
-    assert client.record_interactions(NEW_USER, ratings) == 10
-    items = client.recommend(NEW_USER)
+    assert client.record_interactions(user, ratings) == 10
+    items = client.recommend(user)
     assert len(items) == 10 and not any(item.fallback for item in items)
     assert not {item for item, _ in ratings} & set(_ids(items))
-    batch = client.recommend_batch([NEW_USER, "42"], k=10)
+    batch = client.recommend_batch([user, "42"], k=10)
     assert _ids(batch[0].items) == _ids(items)
 
 
@@ -204,10 +214,10 @@ def test_the_cli_records_and_forgets(served, capsys):
 
     client, _, _ = served
     target = client.target
-    assert client_main(["record", "--target", target, "--user", NEW_USER, "--interaction", "1:4", "--interaction",
+    assert client_main(["record", "--target", target, "--user", "cli-user", "--interaction", "1:4", "--interaction",
                         "2"]) == 0
     assert "recorded 2 movies" in capsys.readouterr().out
-    assert client_main(["forget", "--target", target, "--user", NEW_USER]) == 0
+    assert client_main(["forget", "--target", target, "--user", "cli-user"]) == 0
     assert "forgot 2 interactions" in capsys.readouterr().out
 
 

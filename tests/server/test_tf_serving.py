@@ -64,6 +64,21 @@ def test_same_items_same_order_as_in_process(served, client):
             assert [item.fallback for item in remote] == [item.fallback for item in local]
 
 
+def test_similar_items_and_reasons_are_the_same_as_in_process(served, client):
+    via_tf_serving, _ = served
+    for user in ("", "42", "cold-start-user"):
+        remote, local = via_tf_serving.similar("1", k=10, user_id=user), client.similar("1", k=10, user_id=user)
+        assert [item.item_id for item in remote] == [item.item_id for item in local], user
+        np.testing.assert_allclose([i.score for i in remote], [i.score for i in local], atol=1e-5)
+    for user, interactions in (("42", []), ("42", [("2", 5.0)]), ("cold-start-user", [("1", 5.0), ("50", 3.0)])):
+        remote = via_tf_serving.recommend(user, k=10, interactions=interactions)
+        local = client.recommend(user, k=10, interactions=interactions)
+        assert [list(item.because_item_ids) for item in remote] == [list(item.because_item_ids) for item in local]
+        assert all(item.because_item_ids for item in remote)
+    code, _ = status_of(lambda: via_tf_serving.similar("no-such-movie"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
 def test_model_version_is_what_tf_serving_ran(served):
     via_tf_serving, _ = served
     assert {item.model_version for item in via_tf_serving.recommend("42", k=3)} == {"1"}
