@@ -137,18 +137,13 @@ class ServedHistory(tf.keras.layers.Layer):
     def request_positions(self, interaction_item_ids: tf.Tensor) -> tf.Tensor:
         return self.item_lookup(interaction_item_ids)
 
-    def merge(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor,
-              everyone: bool = False) -> MergedHistory:
-        """Training history plus interactions, for the users with at least one known movie in them
-        (`everyone`: for all users).
+    def merge(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor) -> MergedHistory:
+        """Training history plus interactions, for the users with at least one known movie in them.
 
         Entries are ranked, then deduplicated keeping the first: rated interactions (the request's
         stars win), then the training history, then rating-less interactions.
         """
-        if everyone:
-            active = tf.range(tf.size(user_rows, out_type=tf.int64))
-        else:
-            active = tf.where(tf.reduce_any(positions > 0, axis=1))[:, 0]
+        active = tf.where(tf.reduce_any(positions > 0, axis=1))[:, 0]
         users = tf.gather(user_rows, active)
         history = self.training_positions(users)
         history_stars = self.stars.rows(users, validate=False)
@@ -249,20 +244,24 @@ class RequestUsers:
         user_id, interaction_item_ids = same_rows(user_id, interaction_item_ids)
         interaction_ratings = tf.reshape(interaction_ratings, tf.shape(interaction_item_ids))
         self.rows = history.user_rows(user_id)
-        self.request_positions = history.request_positions(interaction_item_ids)
-        self.request_stars = interaction_ratings
+        # An interaction whose rating is not a number is ignored, like a movie the catalog does not know.
+        self.request_positions = tf.where(tf.math.is_nan(interaction_ratings), tf.zeros([], tf.int64),
+                                          history.request_positions(interaction_item_ids))
         self.merged = history.merge(self.rows, self.request_positions, interaction_ratings)
         self.history = history
 
-    def whole_histories(self) -> tuple[MergedHistory, tf.Tensor]:
-        """Every user's merged history (not only those who sent interactions), as entries and as
-        [users, longest] lookup rows padded with 0."""
-        merged = self.history.merge(self.rows, self.request_positions, self.request_stars, everyone=True)
-        by_user = tf.argsort(merged.rows, stable=True)  # entries come in merge order; rows must be sorted here
-        padded = tf.RaggedTensor.from_value_rowids(tf.gather(merged.positions, by_user), tf.gather(merged.rows, by_user),
-                                                   nrows=tf.size(self.rows, out_type=tf.int64), validate=False)
+    def whole_histories(self) -> tf.Tensor:
+        """Every user's history (not only of those who sent interactions): the training movies, then
+        the request's known movies not among them, as [users, longest + 1] lookup rows, 0 where none.
+
+        Built without the merge (no ranking by stars is needed here), at the cost of trusting the
+        request to name each movie once, as the service's own requests do."""
+        trained = self.history.training_positions(self.rows).to_tensor()
+        sent = self.request_positions
+        repeated = tf.reduce_any(sent[:, :, None] == trained[:, None, :], axis=2)
+        sent = tf.where(repeated, tf.zeros_like(sent), sent)
         # At least one column, so that a user with no history still has a row to look at.
-        return merged, tf.pad(padded.to_tensor(), [[0, 0], [0, 1]])
+        return tf.pad(tf.concat([trained, sent], axis=1), [[0, 0], [0, 1]])
 
 
 class RetrievalServing(tf.Module):
@@ -323,10 +322,9 @@ class RetrievalServing(tf.Module):
         user_id, item_rows = same_rows(tf.ensure_shape(user_id, [None]), item_id[:, None])
         users = RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings)
         query = self.history.request_positions(item_rows[:, 0])
-        merged, _ = users.whole_histories()
-        itself = tf.where(query > 0)
-        excluded = tf.concat([tf.stack([merged.rows, merged.positions - 1], axis=1),
-                              tf.stack([itself[:, 0], tf.gather_nd(query, itself) - 1], axis=1)], axis=0)
+        history = tf.concat([users.whole_histories(), query[:, None]], axis=1)  # the movie itself too
+        present = tf.where(history > 0)
+        excluded = tf.stack([present[:, 0], tf.gather_nd(history, present) - 1], axis=1)
         scores, positions = self.neighbours(tf.gather(self.unit_vectors, query), self.similar_count, excluded)
         return {"item_ids": tf.gather(self.movie_ids, positions + 1), "scores": scores}
 
@@ -390,6 +388,10 @@ class RankingServing(tf.Module):
             self.item_item_users = ServedUserTower(trained.astype(np.float32),
                                                    TowerParts(None, weights.astype(np.float32), None, normalised=False),
                                                    name="item_item_users")
+            # The same weights by candidate, for the reasons: row = candidate, column = history movie
+            # (both lookup rows; row and column 0 are movies the catalog does not know).
+            self.item_item_by_candidate = tf.Variable(np.pad(item_item.weights.T, [[1, 0], [1, 0]]).astype(np.float32),
+                                                      trainable=False, name="item_item_by_candidate")
             self.item_item_weight = tf.constant(item_item.weight, tf.float32)
             self.item_item_weight_new_users = tf.constant(item_item.weight_new_users, tf.float32)
             self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
@@ -420,20 +422,18 @@ class RankingServing(tf.Module):
         row of the dot-product towers times the candidate's vector over sqrt(history length), plus
         the item-item weight B[movie, candidate]. One matrix product over the history per request.
         """
-        merged, history = users.whole_histories()  # [users, longest]
+        history = users.whole_histories()  # [users, longest]
         shares = tf.zeros(tf.concat([tf.shape(item_ids), tf.shape(history)[1:]], axis=0))  # [users, movies, longest]
         if self.orders_by_watch:
-            scale = tf.math.rsqrt(tf.maximum(merged.counts, 1.0))
+            scale = tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.cast(history > 0, tf.float32), axis=1), 1.0))
             shares += tf.einsum("ukd,uhd->ukh", self.item_vectors(item_ids),
                                 tf.gather(self.user_vectors.rated, history)) * scale[:, None, None]
         candidates = self.history.request_positions(item_ids)
         if self.with_item_item:
             weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
-            # B's columns for the candidates ([movies + 1, users x candidates]), then each user's rows.
-            columns = tf.gather(self.item_item_users.rated, tf.reshape(tf.maximum(candidates - 1, 0), [-1]), axis=1)
-            columns = tf.reshape(tf.transpose(columns), tf.concat([tf.shape(candidates), [-1]], axis=0))
+            by_candidate = tf.gather(self.item_item_by_candidate, candidates)  # [users, movies, catalog + 1]
             shares += weight[:, None, None] * tf.gather(
-                columns, tf.broadcast_to(history[:, None, :], tf.shape(shares, out_type=tf.int64)), batch_dims=2)
+                by_candidate, tf.broadcast_to(history[:, None, :], tf.shape(shares, out_type=tf.int64)), batch_dims=2)
         kept = (history[:, None, :] > 0) & (history[:, None, :] != candidates[:, :, None]) & (shares > 0)
         shares = tf.where(kept, shares, tf.fill(tf.shape(shares), float("-inf")))
         padding = tf.fill(tf.concat([tf.shape(item_ids), [REASONS]], axis=0), float("-inf"))

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     options.tensorflow_inter_op_parallelism)
         logging.getLogger("recsys.server").info("TensorFlow threads: intra-op %d, inter-op %d (0 = one per core)",
                                                 intra_op, inter_op)
-        backend = InProcessBackend(args.models, args.model_version)
+        backend = InProcessBackend(args.models, args.model_version, explains=options.reasons)
     log = logging.getLogger("recsys.server")
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

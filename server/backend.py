@@ -85,13 +85,16 @@ class Scores:
 
 @dataclass(frozen=True)
 class RankedCandidates:
-    """Each user's retrieved candidates (retrieval order) with the ranker's outputs for each."""
+    """Each user's retrieved candidates (retrieval order) with the ranker's outputs for each, and,
+    where the backend explained them in the same call, the reasons of each user's best."""
 
     item_ids: np.ndarray  # str [users, candidate_count]
     retrieval_scores: np.ndarray  # float32 [users, candidate_count]
     score: np.ndarray  # float32 [users, candidate_count]
     predicted_rating: np.ndarray  # float32 [users, candidate_count]
     model_version: str
+    explained_item_ids: np.ndarray | None = None  # str [users, explained]
+    because_item_ids: np.ndarray | None = None  # str [users, explained, reasons]
 
 
 class Backend(abc.ABC):
@@ -126,9 +129,11 @@ class Backend(abc.ABC):
         itself or the user's history (the retrieval model's `similar_items`)."""
 
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
+                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
         """Both stages for every candidate of every user: retrieve, then rank all candidates in one call
-        with the same model version. `stage_seconds` accumulates "retrieval" and "ranking" time."""
+        with the same model version. `stage_seconds` accumulates "retrieval" and "ranking" time.
+        `explain_top`: a backend that can explain each user's best movies in the same call does so
+        (`fuse`); others leave that to `explain`."""
         timings = stage_seconds if stage_seconds is not None else {}
         started = time.perf_counter()
         expires = None if timeout is None else time.monotonic() + timeout
@@ -176,8 +181,9 @@ class LoadedPair:
     explain: object
     similar: object
     item_ids: frozenset[str]  # every movie the retrieval index can return
-    # include_rated -> one tf.function running both signatures: a request costs one TF call, not two.
+    # include_rated -> one tf.function running the signatures: a request costs one TF call.
     retrieve_and_rank: dict[bool, object]
+    explains: bool  # whether retrieve_and_rank also explains (takes and honours explain_top)
     signatures: dict[tuple[str, str], object]  # (model, signature name) -> function, for warmup
     saved_models: tuple[object, object]  # retrieval, ranking: they own the variables the functions use
 
@@ -188,28 +194,39 @@ def _user_inputs(users: UserBatch) -> dict[str, tf.Tensor]:
             INTERACTION_RATINGS_INPUT: tf.constant(users.interaction_ratings, dtype=tf.float32)}
 
 
-def fuse(retrieve, rank):
-    """retrieve, then rank every candidate, in one graph: the signatures exactly as exported.
+def fuse(retrieve, rank, explain=None):
+    """retrieve, rank every candidate, then (with `explain`) explain the best `explain_top` of each
+    user, in one graph: the signatures exactly as exported.
 
-    Returned as the traced concrete function: calling it skips tf.function's per-call
-    signature matching, a measurable share of a lone request's time.
+    The best are taken by score as the pipeline orders them (ties in retrieval order, movies the
+    model excluded last), so a list of k items with E exclusions is covered by k + E. Returned as
+    the traced concrete function: calling it skips tf.function's per-call signature matching, a
+    measurable share of a lone request's time.
     """
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None, None], tf.string),
-                                  tf.TensorSpec([None, None], tf.float32)])
-    def retrieve_and_rank(user_id: tf.Tensor, interaction_item_ids: tf.Tensor,
-                          interaction_ratings: tf.Tensor) -> dict[str, tf.Tensor]:
+                                  tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.int32)])
+    def retrieve_and_rank(user_id: tf.Tensor, interaction_item_ids: tf.Tensor, interaction_ratings: tf.Tensor,
+                          explain_top: tf.Tensor) -> dict[str, tf.Tensor]:
         users = {USER_ID_INPUT: user_id, INTERACTION_ITEMS_INPUT: interaction_item_ids,
                  INTERACTION_RATINGS_INPUT: interaction_ratings}
         candidates = retrieve(**users)
         ranked = rank(**users, **{ITEM_IDS_INPUT: candidates["item_ids"]})
-        return {"item_ids": candidates["item_ids"], "retrieval_scores": candidates["scores"],
-                "score": ranked["score"], "predicted_rating": ranked["predicted_rating"]}
+        outputs = {"item_ids": candidates["item_ids"], "retrieval_scores": candidates["scores"],
+                   "score": ranked["score"], "predicted_rating": ranked["predicted_rating"]}
+        if explain is not None:
+            score = tf.where(candidates["scores"] > float("-inf"), ranked["score"], float("-inf"))
+            best = tf.math.top_k(score, k=tf.minimum(explain_top, tf.shape(score)[1])).indices
+            outputs["explained_item_ids"] = tf.gather(candidates["item_ids"], best, batch_dims=1)
+            outputs["because_item_ids"] = explain(
+                **users, **{ITEM_IDS_INPUT: outputs["explained_item_ids"]})["because_item_ids"]
+        return outputs
 
     return retrieve_and_rank.get_concrete_function()
 
 
-def load_pair(models_dir: Path, version: int) -> LoadedPair:
+def load_pair(models_dir: Path, version: int, explains: bool = True) -> LoadedPair:
+    """`explains`: fuse the reasons into the one call (the server does when it gives reasons)."""
     retrieval = tf.saved_model.load(str(models_dir / RETRIEVAL_MODEL / str(version)))
     ranking = tf.saved_model.load(str(models_dir / RANKING_MODEL / str(version)))
     signatures = {(RETRIEVAL_MODEL, name): fn for name, fn in retrieval.signatures.items()}
@@ -222,7 +239,9 @@ def load_pair(models_dir: Path, version: int) -> LoadedPair:
         rank=rank,
         explain=ranking.signatures[EXPLAIN_SIGNATURE],
         similar=retrieval.signatures[SIMILAR_ITEMS_SIGNATURE],
-        retrieve_and_rank={include_rated: fuse(function, rank) for include_rated, function in retrieve.items()},
+        retrieve_and_rank={include_rated: fuse(function, rank, ranking.signatures[EXPLAIN_SIGNATURE] if explains else None)
+                           for include_rated, function in retrieve.items()},
+        explains=explains,
         signatures=signatures,
         saved_models=(retrieval, ranking),
         item_ids=frozenset(retrieval.item_ids.numpy().astype(str).tolist()),
@@ -252,7 +271,7 @@ def warm_up(models_dir: Path, pair: LoadedPair) -> int:
     for function in pair.retrieve_and_rank.values():  # the fused call's first runs, before it serves
         movie = min(pair.item_ids)
         for users in (UserBatch.of(["warmup"]), UserBatch.of(["warmup"], [[(movie, 4.0)]])):
-            function(*_user_inputs(users).values())
+            function(*_user_inputs(users).values(), tf.constant(10))
     return replayed
 
 
@@ -321,9 +340,12 @@ class InProcessBackend(Backend):
     name = "in-process"
     in_process = True
 
-    def __init__(self, models_dir: Path, model_version: int | None = None):
+    def __init__(self, models_dir: Path, model_version: int | None = None, explains: bool = DEFAULTS.reasons):
+        """`explains`: explain each user's best movies in the same call as ranking them (what a pipeline
+        with reasons asks); without, reasons take a call of their own (`explain`)."""
         self.models_dir = Path(models_dir)
         self.pinned_version = model_version
+        self.explains = explains
         self.current: LoadedPair | None = None
         self._retry_at: dict[int, tuple[float, float]] = {}  # failed version -> (when to retry, backoff)
         self._lock = threading.Lock()
@@ -340,7 +362,7 @@ class InProcessBackend(Backend):
             version = self._wanted_version()
             if version is not None and (self.current is None or self.current.model_version != str(version)):
                 try:
-                    pair = load_pair(self.models_dir, version)
+                    pair = load_pair(self.models_dir, version, self.explains)
                     warm_up(self.models_dir, pair)
                     check_consistency(pair, load_catalog(str(version)))
                 except Exception as error:  # noqa: BLE001 - a broken version must not take the server down
@@ -377,14 +399,17 @@ class InProcessBackend(Backend):
         return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)
 
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
+                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
         pair = self._serving_pair()
         started = time.perf_counter()
-        outputs = pair.retrieve_and_rank[include_rated](*_user_inputs(users).values())
+        outputs = pair.retrieve_and_rank[include_rated](*_user_inputs(users).values(), tf.constant(explain_top))
         if stage_seconds is not None:  # one graph: the stages cannot be timed apart
             stage_seconds["models"] = stage_seconds.get("models", 0.0) + time.perf_counter() - started
+        explained = pair.explains and explain_top > 0
         return RankedCandidates(_strings(outputs["item_ids"]), outputs["retrieval_scores"].numpy(),
-                                outputs["score"].numpy(), outputs["predicted_rating"].numpy(), pair.model_version)
+                                outputs["score"].numpy(), outputs["predicted_rating"].numpy(), pair.model_version,
+                                _strings(outputs["explained_item_ids"]) if explained else None,
+                                _strings(outputs["because_item_ids"]) if explained else None)
 
     def _pair_of(self, model_version: str) -> LoadedPair:
         pair = self._serving_pair()

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from server.backend import Backend, UserBatch
+from server.backend import Backend, RankedCandidates, UserBatch
 from server.catalog import Catalog, CatalogStore
 from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable, NotFound, StoreUnavailable
 from server.limits import (
@@ -271,18 +271,20 @@ class Pipeline:
         lists: list[list[Recommendation]] = [[] for _ in queries]
         if row_of:
             users = UserBatch.of([user for user, _ in row_of], [interactions for _, interactions in row_of])
-            ranked = self.backend.retrieve_and_rank(users, include_rated, deadline.remaining(), timings)
+            # k plus the exclusions covers every list's items: explained in the same model call where possible.
+            explain_top = max(query.k + len(query.exclude_item_ids) for query in queries) if self.reasons else 0
+            ranked = self.backend.retrieve_and_rank(users, include_rated, deadline.remaining(), timings, explain_top)
             catalog = self.catalogs.get(ranked.model_version)
             lists = [[] if row is None else self._ranked_items(query, ranked, row, catalog)
                      for query, row in zip(queries, rows)]
             if self.reasons:
-                self._explain(users, rows, lists, ranked.model_version, catalog, deadline, timings)
+                self._explain(users, rows, lists, ranked, catalog, deadline, timings)
         return [RankedList(self._fill_with_popular(items, query, catalog),
                            len(query.recent_interactions) - len(interactions))
                 for items, query, interactions in zip(lists, queries, known_interactions)]
 
     @staticmethod
-    def _ranked_items(query: Query, ranked, row: int, catalog: Catalog) -> list[Recommendation]:
+    def _ranked_items(query: Query, ranked: RankedCandidates, row: int, catalog: Catalog) -> list[Recommendation]:
         """The query's model items: its row's candidates by score, exclusions dropped, the best k."""
         item_ids, score, retrieval_scores = ranked.item_ids[row], ranked.score[row], ranked.retrieval_scores[row]
         order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
@@ -298,28 +300,34 @@ class Pipeline:
                 for position, i in enumerate(order[:query.k])]
 
     def _explain(self, users: UserBatch, rows: list[int | None], lists: list[list[Recommendation]],
-                 model_version: str, catalog: Catalog, deadline: Deadline, timings: dict[str, float]) -> None:
-        """Fill `because_item_ids` of the model items in `lists` (query i's items, model row rows[i]):
-        one call of the ranking model's `explain` for every row's longest list."""
-        wanted: dict[int, list[str]] = {}
+                 ranked: RankedCandidates, catalog: Catalog, deadline: Deadline, timings: dict[str, float]) -> None:
+        """Fill `because_item_ids` of the model items in `lists` (query i's items, model row rows[i]),
+        from the reasons the ranked call brought, else from one call of the ranking model's `explain`."""
+        explained: dict[int, dict[str, tuple[str, ...]]] = {}
+        if ranked.explained_item_ids is not None:
+            for row in range(len(users)):
+                explained[row] = {item_id: tuple(reason for reason in reasons if reason) for item_id, reasons
+                                  in zip(ranked.explained_item_ids[row], ranked.because_item_ids[row])}
+        missing: dict[int, list[str]] = {}
         for row, items in zip(rows, lists):
-            if row is not None and len(items) > len(wanted.get(row, [])):
-                wanted[row] = [item.item_id for item in items]
-        if not wanted:
-            return
-        width = max(len(items) for items in wanted.values())
-        item_ids = np.full((len(users), width), "", dtype=object)
-        for row, items in wanted.items():
-            item_ids[row, :len(items)] = items
-        started = time.perf_counter()
-        because = self.backend.explain(users, item_ids, model_version, deadline.remaining())
-        timings["reasons"] = timings.get("reasons", 0.0) + time.perf_counter() - started
+            for item in items:
+                if item.item_id not in explained.get(row, {}):
+                    missing.setdefault(row, []).append(item.item_id)
+        if missing:
+            width = max(len(items) for items in missing.values())
+            item_ids = np.full((len(users), width), "", dtype=object)
+            for row, items in missing.items():
+                item_ids[row, :len(items)] = items
+            started = time.perf_counter()
+            because = self.backend.explain(users, item_ids, ranked.model_version, deadline.remaining())
+            timings["reasons"] = timings.get("reasons", 0.0) + time.perf_counter() - started
+            for row, items in missing.items():
+                explained.setdefault(row, {}).update(
+                    {item_id: tuple(reason for reason in because[row, column] if reason)
+                     for column, item_id in enumerate(items)})
         for row, items in zip(rows, lists):
-            if row is None:
-                continue
-            column = {item_id: n for n, item_id in enumerate(wanted[row])}
             for position, item in enumerate(items):
-                reasons = tuple(reason for reason in because[row, column[item.item_id]] if reason)
+                reasons = explained[row][item.item_id]
                 items[position] = dataclasses.replace(item, because_item_ids=reasons,
                                                       because_titles=tuple(catalog.titles.get(r, "") for r in reasons))
 

@@ -15,6 +15,7 @@ thread then reconnects by itself.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -85,6 +86,7 @@ class InteractionStore(abc.ABC):
         self._retry_at = 0.0
         self._backoff = RETRY_SECONDS
         self.failures = 0  # calls that failed in the store since start (a metric)
+        self._writing = contextlib.nullcontext()  # what a write holds (SQLiteStore: one writer at a time)
 
     # --- what a backend provides ---------------------------------------------------------------
     @abc.abstractmethod
@@ -106,7 +108,7 @@ class InteractionStore(abc.ABC):
         rows = _rows(user_id, interactions, int(time.time()))
 
         def write(connection) -> None:
-            with self._transaction(connection) as cursor:
+            with self._writing, self._transaction(connection) as cursor:
                 cursor.executemany(self.upsert_sql, rows)
 
         self._run(write)
@@ -133,7 +135,7 @@ class InteractionStore(abc.ABC):
         """Delete every interaction of `user_id`; returns how many."""
 
         def delete(connection) -> int:
-            with self._transaction(connection) as cursor:
+            with self._writing, self._transaction(connection) as cursor:
                 cursor.execute(f"DELETE FROM interactions WHERE user_id = {self.placeholder}", (user_id,))
                 return cursor.rowcount
 
@@ -240,6 +242,9 @@ class SQLiteStore(InteractionStore):
 
     def __init__(self, path: str | Path):
         super().__init__()
+        # SQLite runs one write at a time whatever we do; taking turns here rather than in its busy
+        # handler (which sleeps and retries) keeps writes from waiting seconds under contention.
+        self._writing = threading.Lock()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connect().close()  # create the file and apply the schema now: a bad path fails at start

@@ -281,7 +281,7 @@ class TFServingBackend(Backend):
                           to_numpy(response.outputs["scores"]).astype(np.float32), str(response.model_spec.version.value))
 
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None) -> RankedCandidates:
+                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
         """Both stages with one version; if TF Serving unloaded it since the last probe (a rollout
         moved on), probe again and run the whole pair once more with the version now served."""
         version = self._serving_version()

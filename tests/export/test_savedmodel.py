@@ -155,10 +155,10 @@ def test_rated_movies_are_excluded_for_the_heaviest_user(loaded, trained, heavie
     assert set(everything["item_ids"].numpy()[0].astype(str)) & rated, "include_rated keeps rated movies"
 
 
-def cpp_run(model_path, feeds_by_key, output_keys, signature="serving_default"):
+def cpp_run(model_path, feeds_by_key, output_keys, signature="serving_default", loaded=None):
     """What TF Serving does: TensorFlow's C++ loader into a session (through the C API), then
-    Session::Run on the signature's tensor names."""
-    session = SavedModelSession(model_path)
+    Session::Run on the signature's tensor names. `loaded`: a session already open on model_path."""
+    session = loaded or SavedModelSession(model_path)
     try:
         signature_def = session.meta_graph.signature_def[signature]
         feeds = {signature_def.inputs[key].name: tf.make_tensor_proto(
@@ -167,7 +167,8 @@ def cpp_run(model_path, feeds_by_key, output_keys, signature="serving_default"):
         outputs = session.run(feeds, [signature_def.outputs[key].name for key in output_keys])
         return {key: tf.make_ndarray(proto) for key, proto in zip(output_keys, outputs)}
     finally:
-        session.close()
+        if loaded is None:
+            session.close()
 
 
 def _numpy_inputs(inputs: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
@@ -193,6 +194,7 @@ def test_tf_serving_style_loading_matches_tf2(models_dir, loaded):
 def test_warmup_records_are_prediction_logs_that_run(models_dir):
     signatures = set()
     for model in ("retrieval", "ranking"):
+        session = SavedModelSession(models_dir / model / "1")
         path = models_dir / model / "1" / "assets.extra" / "tf_serving_warmup_requests"
         records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
         assert 3 <= len(records) <= 20
@@ -208,8 +210,9 @@ def test_warmup_records_are_prediction_logs_that_run(models_dir):
             outputs = {"retrieval": ["item_ids", "scores"], "ranking": ["predicted_rating", "score"]}[model]
             if signature == "explain":
                 outputs = ["because_item_ids", "because_scores"]
-            result = cpp_run(models_dir / model / "1", feeds, outputs, signature)
+            result = cpp_run(models_dir / model / "1", feeds, outputs, signature, session)
             assert len(result[outputs[0]]) == len(feeds["user_id"])
+        session.close()
         assert with_interactions >= 2, "warmup exercises the interaction path too"
     assert signatures == {"serving_default", "include_rated", "similar_items", "explain"}, "every signature is warmed"
 
