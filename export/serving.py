@@ -21,6 +21,7 @@ rating-less interaction leaves a known rating as it was.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -247,8 +248,14 @@ class RequestUsers:
         # An interaction whose rating is not a number is ignored, like a movie the catalog does not know.
         self.request_positions = tf.where(tf.math.is_nan(interaction_ratings), tf.zeros([], tf.int64),
                                           history.request_positions(interaction_item_ids))
-        self.merged = history.merge(self.rows, self.request_positions, interaction_ratings)
+        self.request_stars = interaction_ratings
         self.history = history
+
+    @functools.cached_property
+    def merged(self) -> MergedHistory:
+        """The merged histories of the users who sent interactions: built only by the signatures that
+        compute user towers, so the others carry none of its ops."""
+        return self.history.merge(self.rows, self.request_positions, self.request_stars)
 
     def whole_histories(self) -> tf.Tensor:
         """Every user's history (not only of those who sent interactions): the training movies, then
@@ -431,9 +438,9 @@ class RankingServing(tf.Module):
         candidates = self.history.request_positions(item_ids)
         if self.with_item_item:
             weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
-            by_candidate = tf.gather(self.item_item_by_candidate, candidates)  # [users, movies, catalog + 1]
-            shares += weight[:, None, None] * tf.gather(
-                by_candidate, tf.broadcast_to(history[:, None, :], tf.shape(shares, out_type=tf.int64)), batch_dims=2)
+            pairs = tf.stack([tf.broadcast_to(candidates[:, :, None], tf.shape(shares, out_type=tf.int64)),
+                              tf.broadcast_to(history[:, None, :], tf.shape(shares, out_type=tf.int64))], axis=3)
+            shares += weight[:, None, None] * tf.gather_nd(self.item_item_by_candidate, pairs)
         kept = (history[:, None, :] > 0) & (history[:, None, :] != candidates[:, :, None]) & (shares > 0)
         shares = tf.where(kept, shares, tf.fill(tf.shape(shares), float("-inf")))
         padding = tf.fill(tf.concat([tf.shape(item_ids), [REASONS]], axis=0), float("-inf"))

@@ -92,6 +92,7 @@ def test_a_request_of_the_maximum_size_costs_bounded_memory(running_server, clie
     assert growth < 150, f"peak RSS grew {growth:.0f} MB over 16 max-size Recommend and 8 RecommendBatch calls"
 
 
+@pytest.mark.slow
 def test_health_answers_quickly_while_the_largest_batch_runs(models_dir):
     """Against a server process of its own, as deployed (its heap is not the test runner's)."""
     process, port = start_server_process(models_dir)
@@ -186,17 +187,18 @@ def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
         load_catalog(fresh_models, 1)
 
 
-# One kind of damage in the fast tier; the others (each a server that loads a version three times) are slow.
+# Each a server that loads a version three times: slow (the fast tier checks every field on its own above).
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, why", [
     (lambda path: path.write_text(path.read_text()[:1000]), "truncated"),
     pytest.param(lambda path: path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": "many"})),
-                 "candidate_count", marks=pytest.mark.slow),
+                 "candidate_count"),
     pytest.param(lambda path: path.write_text(json.dumps({**json.loads(path.read_text()),
                                                           "popular_item_ids": ["no-such-movie"]})),
-                 "popular_item_ids", marks=pytest.mark.slow),
+                 "popular_item_ids"),
     pytest.param(lambda path: path.write_text(json.dumps({**(raw := json.loads(path.read_text())),
                                                           "items": dict(list(raw["items"].items())[1:])})),
-                 "missing from", marks=pytest.mark.slow),
+                 "missing from"),
 ])
 def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fresh_models, monkeypatch, damage, why):
     monkeypatch.setattr(server.backend, "RETRY_SECONDS", 0.4)
@@ -217,6 +219,7 @@ def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fr
         recommender.stop(0).wait()
 
 
+@pytest.mark.slow
 def test_the_swapped_out_pair_is_released(models_dir, fresh_models):
     import gc
     import weakref

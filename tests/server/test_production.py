@@ -72,6 +72,7 @@ class Traffic:
         self.client.close()
 
 
+@pytest.mark.slow
 def test_soak_hot_swaps_and_a_broken_version_lose_no_request(models_dir, fresh_models):
     recommender, port = start(fresh_models)
     target = f"127.0.0.1:{port}"
@@ -238,6 +239,7 @@ def test_log_writer_drops_and_counts_what_a_stuck_stream_cannot_take():
     assert [line[:3] for line in received] == sorted(line[:3] for line in received)
 
 
+@pytest.mark.slow
 def test_connections_are_recycled_without_failing_a_call(models_dir):
     recommender, port = start(models_dir, max_connection_age_seconds=0.5)
     try:
