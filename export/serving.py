@@ -390,13 +390,11 @@ class RankingServing(tf.Module):
         self.movie_ids = tf.Variable([""] + item_ids, dtype=tf.string, trainable=False, name="movie_ids")
         self.with_item_item = item_item is not None
         if self.with_item_item:
-            weights = np.vstack([np.zeros((1, len(item_ids)), np.float32), item_item.weights])  # row 0: unknown
-            trained = np.vstack([np.zeros((1, len(item_ids)), np.float32), item_item.history @ item_item.weights])
-            self.item_item_users = ServedUserTower(trained.astype(np.float32),
-                                                   TowerParts(None, weights.astype(np.float32), None, normalised=False),
-                                                   name="item_item_users")
-            # The same weights by candidate, for the reasons: row = candidate, column = history movie
-            # (both lookup rows; row and column 0 are movies the catalog does not know).
+            # Both tables have a row and a column 0 for movies the catalog does not know (all zeros):
+            # each trained user's item-item score of every movie, and B by candidate (row = candidate,
+            # column = history movie, both lookup rows), for users who send interactions and the reasons.
+            trained = np.pad(item_item.history @ item_item.weights, [[1, 0], [1, 0]])
+            self.item_item_trained = tf.Variable(trained.astype(np.float32), trainable=False, name="item_item_trained")
             self.item_item_by_candidate = tf.Variable(np.pad(item_item.weights.T, [[1, 0], [1, 0]]).astype(np.float32),
                                                       trainable=False, name="item_item_by_candidate")
             self.item_item_weight = tf.constant(item_item.weight, tf.float32)
@@ -415,11 +413,24 @@ class RankingServing(tf.Module):
         else:
             score = tf.identity(predicted_rating)
         if self.with_item_item:
-            # Column 0 of the padded scores stands for movies the catalog does not know: 0.
-            item_scores = tf.pad(self.item_item_users(users.rows, users.merged), [[0, 0], [1, 0]])
-            weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
-            score += weight[:, None] * tf.gather(item_scores, self.item_lookup(item_ids), batch_dims=1)
+            score += self.item_item_scores(users, self.item_lookup(item_ids))
         return {"predicted_rating": predicted_rating, "score": score}
+
+    def item_item_scores(self, users: RequestUsers, candidates: tf.Tensor) -> tf.Tensor:
+        """[users, candidates] weight x sum over the history of B[movie, candidate]: read from the trained
+        table for users who sent nothing, summed over the merged history's (movie, candidate) pairs for
+        the others (the candidates' columns only, never whole rows of B)."""
+        scores = tf.gather(tf.gather(self.item_item_trained, users.rows), candidates, batch_dims=1)
+        merged = users.merged
+        entry_candidates = tf.gather(tf.gather(candidates, merged.active), merged.rows)  # [entries, candidates]
+        pairs = tf.stack([entry_candidates, tf.broadcast_to(merged.positions[:, None], tf.shape(entry_candidates,
+                                                                                               out_type=tf.int64))],
+                         axis=2)
+        computed = tf.math.unsorted_segment_sum(tf.gather_nd(self.item_item_by_candidate, pairs), merged.rows,
+                                                tf.size(merged.active))
+        scores = tf.tensor_scatter_nd_update(scores, merged.active[:, None], computed)
+        weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
+        return weight[:, None] * scores
 
     def reasons(self, users: RequestUsers, item_ids: tf.Tensor) -> dict[str, tf.Tensor]:
         """For each (user, movie): the REASONS movies of the user's history that add the most to the

@@ -275,61 +275,74 @@ class Pipeline:
             explain_top = max(query.k + len(query.exclude_item_ids) for query in queries) if self.reasons else 0
             ranked = self.backend.retrieve_and_rank(users, include_rated, deadline.remaining(), timings, explain_top)
             catalog = self.catalogs.get(ranked.model_version)
-            lists = [[] if row is None else self._ranked_items(query, ranked, row, catalog)
+            explained = self._explained(ranked)
+            lists = [[] if row is None else self._ranked_items(query, ranked, row, catalog, explained.get(row, {}))
                      for query, row in zip(queries, rows)]
             if self.reasons:
-                self._explain(users, rows, lists, ranked, catalog, deadline, timings)
+                self._explain_the_rest(users, rows, lists, explained, ranked.model_version, catalog, deadline, timings)
         return [RankedList(self._fill_with_popular(items, query, catalog),
                            len(query.recent_interactions) - len(interactions))
                 for items, query, interactions in zip(lists, queries, known_interactions)]
 
     @staticmethod
-    def _ranked_items(query: Query, ranked: RankedCandidates, row: int, catalog: Catalog) -> list[Recommendation]:
-        """The query's model items: its row's candidates by score, exclusions dropped, the best k."""
+    def _explained(ranked: RankedCandidates) -> dict[int, dict[str, tuple[str, ...]]]:
+        """The reasons the ranked call brought: model row -> movie -> reasons."""
+        if ranked.explained_item_ids is None:
+            return {}
+        return {row: {item_id: tuple(reason for reason in reasons if reason)
+                      for item_id, reasons in zip(ranked.explained_item_ids[row], ranked.because_item_ids[row])}
+                for row in range(len(ranked.item_ids))}
+
+    @staticmethod
+    def _ranked_items(query: Query, ranked: RankedCandidates, row: int, catalog: Catalog,
+                      reasons: dict[str, tuple[str, ...]]) -> list[Recommendation]:
+        """The query's model items: its row's candidates by score, exclusions dropped, the best k, with
+        their reasons where known."""
         item_ids, score, retrieval_scores = ranked.item_ids[row], ranked.score[row], ranked.retrieval_scores[row]
         order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
         # -inf: a movie the model excluded (the user's history), listed only when history left fewer
         # candidates than it returns. Exclusions are a set lookup per candidate: no array of every id
         # padded to the longest.
         order = [i for i in order if retrieval_scores[i] != -np.inf and item_ids[i] not in query.exclude_item_ids]
-        return [Recommendation(rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
-                               genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
-                               retrieval_score=float(retrieval_scores[i]),
-                               predicted_rating=float(ranked.predicted_rating[row, i]),
-                               model_version=catalog.model_version, fallback=False)
-                for position, i in enumerate(order[:query.k])]
+        items = []
+        for position, i in enumerate(order[:query.k]):
+            because = reasons.get(item_ids[i], ())
+            items.append(Recommendation(
+                rank=position + 1, item_id=item_ids[i], title=catalog.titles.get(item_ids[i], ""),
+                genres=catalog.genres.get(item_ids[i], ()), score=float(score[i]),
+                retrieval_score=float(retrieval_scores[i]), predicted_rating=float(ranked.predicted_rating[row, i]),
+                model_version=catalog.model_version, fallback=False, because_item_ids=because,
+                because_titles=tuple(catalog.titles.get(reason, "") for reason in because)))
+        return items
 
-    def _explain(self, users: UserBatch, rows: list[int | None], lists: list[list[Recommendation]],
-                 ranked: RankedCandidates, catalog: Catalog, deadline: Deadline, timings: dict[str, float]) -> None:
-        """Fill `because_item_ids` of the model items in `lists` (query i's items, model row rows[i]),
-        from the reasons the ranked call brought, else from one call of the ranking model's `explain`."""
-        explained: dict[int, dict[str, tuple[str, ...]]] = {}
-        if ranked.explained_item_ids is not None:
-            for row in range(len(users)):
-                explained[row] = {item_id: tuple(reason for reason in reasons if reason) for item_id, reasons
-                                  in zip(ranked.explained_item_ids[row], ranked.because_item_ids[row])}
+    def _explain_the_rest(self, users: UserBatch, rows: list[int | None], lists: list[list[Recommendation]],
+                          explained: dict[int, dict[str, tuple[str, ...]]], model_version: str, catalog: Catalog,
+                          deadline: Deadline, timings: dict[str, float]) -> None:
+        """Fill the reasons of model items the ranked call did not explain (a backend that cannot, or more
+        items than asked for): one call of the ranking model's `explain` for all of them."""
         missing: dict[int, list[str]] = {}
         for row, items in zip(rows, lists):
             for item in items:
-                if item.item_id not in explained.get(row, {}):
+                if item.item_id not in explained.get(row, {}) and item.item_id not in missing.get(row, []):
                     missing.setdefault(row, []).append(item.item_id)
-        if missing:
-            width = max(len(items) for items in missing.values())
-            item_ids = np.full((len(users), width), "", dtype=object)
-            for row, items in missing.items():
-                item_ids[row, :len(items)] = items
-            started = time.perf_counter()
-            because = self.backend.explain(users, item_ids, ranked.model_version, deadline.remaining())
-            timings["reasons"] = timings.get("reasons", 0.0) + time.perf_counter() - started
-            for row, items in missing.items():
-                explained.setdefault(row, {}).update(
-                    {item_id: tuple(reason for reason in because[row, column] if reason)
-                     for column, item_id in enumerate(items)})
+        if not missing:
+            return
+        width = max(len(items) for items in missing.values())
+        item_ids = np.full((len(users), width), "", dtype=object)
+        for row, items in missing.items():
+            item_ids[row, :len(items)] = items
+        started = time.perf_counter()
+        because = self.backend.explain(users, item_ids, model_version, deadline.remaining())
+        timings["reasons"] = timings.get("reasons", 0.0) + time.perf_counter() - started
         for row, items in zip(rows, lists):
+            if row not in missing:
+                continue
+            column = {item_id: n for n, item_id in enumerate(missing[row])}
             for position, item in enumerate(items):
-                reasons = explained[row][item.item_id]
-                items[position] = dataclasses.replace(item, because_item_ids=reasons,
-                                                      because_titles=tuple(catalog.titles.get(r, "") for r in reasons))
+                if item.item_id in column:
+                    reasons = tuple(reason for reason in because[row, column[item.item_id]] if reason)
+                    items[position] = dataclasses.replace(
+                        item, because_item_ids=reasons, because_titles=tuple(catalog.titles.get(r, "") for r in reasons))
 
     def similar(self, query: SimilarQuery, timeout: float | None = None) -> list[Recommendation]:
         """SimilarItems: the movie's nearest movies; with a user, their history left out and the nearest
