@@ -280,7 +280,8 @@ def evaluate_reasons(answers: dict[str, list[Recommendation]], train: np.ndarray
             "items_with_a_reason": explained / max(model_items, 1)}
 
 
-def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
+def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str,
+                    item_to_item: bool = True) -> dict:
     train, test = fit_and_held_out(data.ratings, holdout)
     held_out = held_out_by_user(test)
     users = sorted(held_out, key=int)
@@ -295,8 +296,9 @@ def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, h
     if ease is not None:
         result["systems"]["ease"]["lambda"] = ease[1]
     result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test))}
-    result["similar_items"] = evaluate_similar_items(backend, data, train, test)
-    result["reasons"] = evaluate_reasons(answers, train)
+    if item_to_item:
+        result["similar_items"] = evaluate_similar_items(backend, data, train, test)
+        result["reasons"] = evaluate_reasons(answers, train)
     return {"model_version": model_version, **result}
 
 
@@ -360,9 +362,10 @@ def default_protocol(holdout: str) -> str:
     return "fold-in" if holdout in USER_HOLDOUTS else "random"
 
 
-def evaluate_export(models_dir: Path, data: MovieLens, protocol: str | None = None) -> dict:
+def evaluate_export(models_dir: Path, data: MovieLens, protocol: str | None = None, item_to_item: bool = True) -> dict:
     """Metrics of the newest complete version in models_dir under `protocol` (by default the one its
-    holdout was made for), with the baselines."""
+    holdout was made for), with the baselines; the random protocol also scores SimilarItems and the
+    reasons unless `item_to_item` is false."""
     backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)
     if not backend.refresh(catalogs.get):
         raise ModelsUnavailable(f"no loadable model version in {models_dir}")
@@ -378,8 +381,10 @@ def evaluate_export(models_dir: Path, data: MovieLens, protocol: str | None = No
         needs = "--holdout users (or users-validation)" if protocol == "fold-in" else "--holdout test (or validation)"
         raise ModelsUnavailable(f"the {protocol} protocol scores an export trained with {needs}; model version "
                                 f"{version} was trained with --holdout {holdout}")
-    evaluate = {"random": evaluate_random, "fold-in": evaluate_fold_in, "recent": evaluate_recent}[protocol]
-    metrics = evaluate(backend, catalogs, data, holdout)
+    if protocol == "random":
+        metrics = evaluate_random(backend, catalogs, data, holdout, item_to_item)
+    else:
+        metrics = {"fold-in": evaluate_fold_in, "recent": evaluate_recent}[protocol](backend, catalogs, data, holdout)
     metrics.update(protocol=protocol, holdout=holdout, preset=metadata["preset"]["name"],
                    train_seconds=metadata.get("train_seconds", {}))
     return metrics

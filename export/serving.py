@@ -67,12 +67,10 @@ class TowerParts:
     tower that does not weigh its history by stars.
     """
 
-    ids: np.ndarray | None  # [users + 1, width]; None: no id part
+    ids: np.ndarray  # [users + 1, width]
     rated: np.ndarray | None  # [movies + 1, width]
     liked: np.ndarray | None  # [movies + 1, width]
     mean_stars: float = 0.0
-    # Whether the history sum is divided by sqrt(history length), as the towers do (EASE does not).
-    normalised: bool = True
 
     @staticmethod
     def of(tower: tf.keras.Model) -> "TowerParts":
@@ -99,20 +97,37 @@ class TowerParts:
         return TowerParts(self.ids @ kernel, None if self.rated is None else self.rated @ kernel,
                           None if self.liked is None else self.liked @ kernel, self.mean_stars)
 
+    def history_sums(self, history: "ServedHistory") -> np.ndarray | None:
+        """Each user row's training history sum, before normalising (row 0, unknown users: zeros)."""
+        if self.rated is None:
+            return None
+        splits = history.positions.row_splits.numpy()
+        rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
+        positions, stars = history.positions.values.numpy(), history.stars.values.numpy()
+        summed = np.zeros((len(splits) - 1, self.rated.shape[1]), np.float64)
+        np.add.at(summed, rows, self.rated[positions])
+        if self.liked is not None:
+            np.add.at(summed, rows, self.liked[positions] * (stars - self.mean_stars)[:, None])
+        return summed.astype(np.float32)
 
-class MergedHistory(NamedTuple):
-    """The histories of the users of a request that sent interactions, one entry per (user, movie)."""
+
+class Additions(NamedTuple):
+    """What the interactions of a request add to the training histories of its users who sent any,
+    one entry per (user, movie) sent: the tower sums are then the trained sums plus these, so a
+    request costs what it sends, not what the user rated before."""
 
     active: tf.Tensor  # int64 [active users]: their rows in the request
     users: tf.Tensor  # int64 [active users]: their user lookup rows (0: unknown user)
     rows: tf.Tensor  # int64 [entries]: which active user (0..active users - 1)
     positions: tf.Tensor  # int64 [entries]: the movie's lookup row (1..movies)
-    stars: tf.Tensor  # float32 [entries]: 0 where no rating is known
-    counts: tf.Tensor  # float32 [active users]: history length
+    new: tf.Tensor  # bool [entries]: the movie is not in the user's training history
+    stars: tf.Tensor  # float32 [entries]: the stars the entry counts with (a sent rating wins; else the trained one)
+    old_stars: tf.Tensor  # float32 [entries]: the trained stars it replaces (0 for new movies)
+    counts: tf.Tensor  # float32 [active users]: history length, training and new movies
 
 
 class ServedHistory(tf.keras.layers.Layer):
-    """Who rated what in training, per user row, and the merge with a request's interactions."""
+    """Who rated what in training, per user row, and what a request's interactions add to it."""
 
     def __init__(self, user_ids: list[str], item_ids: list[str], rated_item_ids: dict[str, list[str]],
                  rated_stars: dict[str, np.ndarray], **kwargs):
@@ -138,73 +153,73 @@ class ServedHistory(tf.keras.layers.Layer):
     def request_positions(self, interaction_item_ids: tf.Tensor) -> tf.Tensor:
         return self.item_lookup(interaction_item_ids)
 
-    def merge(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor) -> MergedHistory:
-        """Training history plus interactions, for the users with at least one known movie in them.
-
-        Entries are ranked, then deduplicated keeping the first: rated interactions (the request's
-        stars win), then the training history, then rating-less interactions.
-        """
+    def additions(self, user_rows: tf.Tensor, positions: tf.Tensor, stars: tf.Tensor) -> Additions:
+        """The interactions of the users with at least one known movie in them, a movie once: a rated
+        entry before a rating-less one, else the first. A sent rating replaces the trained one; a
+        rating-less entry of a trained movie changes nothing but still counts once."""
         active = tf.where(tf.reduce_any(positions > 0, axis=1))[:, 0]
         users = tf.gather(user_rows, active)
-        history = self.training_positions(users)
-        history_stars = self.stars.rows(users, validate=False)
         positions, stars = tf.gather(positions, active), tf.gather(stars, active)
-        width = tf.constant(self.movie_count + 1, tf.int64)
-        request_rows = tf.broadcast_to(tf.range(tf.shape(positions, out_type=tf.int64)[0])[:, None],
-                                       tf.shape(positions, out_type=tf.int64))
-        request_keys = request_rows * width + positions
+        rows = tf.broadcast_to(tf.range(tf.shape(positions, out_type=tf.int64)[0])[:, None],
+                               tf.shape(positions, out_type=tf.int64))
         rated, unrated = (positions > 0) & (stars > 0), (positions > 0) & ~(stars > 0)
-        keys = tf.concat([tf.boolean_mask(request_keys, rated), history.value_rowids() * width + history.values,
-                          tf.boolean_mask(request_keys, unrated)], axis=0)
-        entry_stars = tf.concat([tf.boolean_mask(stars, rated), history_stars.values,
-                                 tf.zeros_like(tf.boolean_mask(stars, unrated))], axis=0)
-        unique_keys, entry = tf.unique(keys, out_idx=tf.int64)
-        first = tf.math.unsorted_segment_min(tf.range(tf.size(keys, out_type=tf.int64)), entry,
-                                             tf.size(unique_keys, out_type=tf.int64))
-        rows = unique_keys // width
-        counts = tf.math.unsorted_segment_sum(tf.ones_like(rows, tf.float32), rows, tf.size(active))
-        return MergedHistory(active, users, rows, unique_keys % width, tf.gather(entry_stars, first), counts)
+        rows = tf.concat([tf.boolean_mask(rows, rated), tf.boolean_mask(rows, unrated)], axis=0)
+        sent = tf.concat([tf.boolean_mask(positions, rated), tf.boolean_mask(positions, unrated)], axis=0)
+        sent_stars = tf.concat([tf.boolean_mask(stars, rated), tf.zeros_like(tf.boolean_mask(stars, unrated))], axis=0)
+        width = tf.constant(self.movie_count + 1, tf.int64)
+        keys, entry = tf.unique(rows * width + sent, out_idx=tf.int64)
+        first = tf.math.unsorted_segment_min(tf.range(tf.size(sent, out_type=tf.int64)), entry,
+                                             tf.size(keys, out_type=tf.int64))
+        rows, sent, sent_stars = keys // width, keys % width, tf.gather(sent_stars, first)
+        # Each entry against its user's training history: is the movie there, and with how many stars?
+        trained = self.training_positions(users)
+        trained_stars = self.stars.rows(users, validate=False).to_tensor()
+        matches = tf.gather(trained.to_tensor(), rows) == sent[:, None]  # [entries, longest training history]
+        new = ~tf.reduce_any(matches, axis=1)
+        old_stars = tf.reduce_sum(tf.where(matches, tf.gather(trained_stars, rows), 0.0), axis=1)
+        counts = (tf.cast(trained.row_lengths(), tf.float32)
+                  + tf.math.unsorted_segment_sum(tf.cast(new, tf.float32), rows, tf.size(active)))
+        return Additions(active, users, rows, sent, new, tf.where(sent_stars > 0, sent_stars, old_stars), old_stars,
+                         counts)
 
 
 class ServedUserTower(tf.keras.layers.Layer):
     """A user tower at serving time: its trained output per user (a table), and for users whose
-    request sent interactions, its formula over their merged history."""
+    request sent interactions, its formula over their history: the trained user's history sum
+    (a table too) plus what the interactions add or change."""
 
-    def __init__(self, outputs: np.ndarray, parts: TowerParts, **kwargs):
+    def __init__(self, outputs: np.ndarray, parts: TowerParts, history: ServedHistory, **kwargs):
         super().__init__(**kwargs)
         self.outputs = tf.Variable(outputs, trainable=False, name="outputs")
         self.with_history = parts.rated is not None
         if self.with_history:
-            self.normalised = parts.normalised
-            self.with_ids = parts.ids is not None
-            if self.with_ids:
-                self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
+            self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
+            self.trained_sums = tf.Variable(parts.history_sums(history), trainable=False, name="trained_sums")
             self.rated = tf.Variable(parts.rated, trainable=False, name="rated")
             self.with_stars = parts.liked is not None
             if self.with_stars:
                 self.liked = tf.Variable(parts.liked, trainable=False, name="liked")
                 self.mean_stars = parts.mean_stars
 
-    def history_sums(self, merged: MergedHistory) -> tf.Tensor:
-        """[active users, width]: the history part of the formula, before normalising."""
-        summed = tf.math.unsorted_segment_sum(tf.gather(self.rated, merged.positions), merged.rows,
-                                              tf.size(merged.active))
-        if self.with_stars:
-            weights = tf.where(merged.stars > 0, merged.stars - self.mean_stars, tf.zeros_like(merged.stars))
-            summed += tf.math.unsorted_segment_sum(tf.gather(self.liked, merged.positions) * weights[:, None],
-                                                   merged.rows, tf.size(merged.active))
-        return summed
+    def _weights(self, stars: tf.Tensor) -> tf.Tensor:
+        return tf.where(stars > 0, stars - self.mean_stars, tf.zeros_like(stars))
 
-    def call(self, user_rows: tf.Tensor, merged: MergedHistory) -> tf.Tensor:
+    def added_sums(self, additions: Additions) -> tf.Tensor:
+        """[active users, width]: what the interactions add to the trained history sums."""
+        added = tf.gather(self.rated, additions.positions) * tf.cast(additions.new, tf.float32)[:, None]
+        if self.with_stars:
+            weights = self._weights(additions.stars) - self._weights(additions.old_stars)
+            added += tf.gather(self.liked, additions.positions) * weights[:, None]
+        return tf.math.unsorted_segment_sum(added, additions.rows, tf.size(additions.active))
+
+    def call(self, user_rows: tf.Tensor, additions: Additions) -> tf.Tensor:
         trained = tf.gather(self.outputs, user_rows)
         if not self.with_history:
             return trained
-        computed = self.history_sums(merged)
-        if self.normalised:
-            computed /= tf.sqrt(tf.maximum(merged.counts, 1.0))[:, None]
-        if self.with_ids:
-            computed += tf.gather(self.ids, merged.users)
-        return tf.tensor_scatter_nd_update(trained, merged.active[:, None], computed)
+        summed = tf.gather(self.trained_sums, additions.users) + self.added_sums(additions)
+        computed = (tf.gather(self.ids, additions.users)
+                    + summed / tf.sqrt(tf.maximum(additions.counts, 1.0))[:, None])
+        return tf.tensor_scatter_nd_update(trained, additions.active[:, None], computed)
 
 
 class LookupTower(tf.keras.layers.Layer):
@@ -234,7 +249,7 @@ def same_rows(user_id: tf.Tensor, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
 
 
 class RequestUsers:
-    """One request's users as the towers see them: lookup rows and merged histories."""
+    """One request's users as the towers see them: lookup rows and what their interactions add."""
 
     def __init__(self, history: ServedHistory, user_id: tf.Tensor, interaction_item_ids: tf.Tensor,
                  interaction_ratings: tf.Tensor):
@@ -252,10 +267,10 @@ class RequestUsers:
         self.history = history
 
     @functools.cached_property
-    def merged(self) -> MergedHistory:
-        """The merged histories of the users who sent interactions: built only by the signatures that
+    def additions(self) -> Additions:
+        """What the users who sent interactions add to their histories: built only by the signatures that
         compute user towers, so the others carry none of its ops."""
-        return self.history.merge(self.rows, self.request_positions, self.request_stars)
+        return self.history.additions(self.rows, self.request_positions, self.request_stars)
 
     def whole_histories(self) -> tf.Tensor:
         """Every user's history (not only of those who sent interactions): the training movies, then
@@ -310,7 +325,7 @@ class RetrievalServing(tf.Module):
             excluded = tf.concat([tf.stack([history.value_rowids(), history.values - 1], axis=1),
                                   tf.stack([sent[:, 0], tf.gather_nd(users.request_positions, sent) - 1], axis=1)],
                                  axis=0)
-        scores, positions = self.index(self.user_tower(users.rows, users.merged), self.candidate_count, excluded)
+        scores, positions = self.index(self.user_tower(users.rows, users.additions), self.candidate_count, excluded)
         return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
     @tf.function(input_signature=USER_INPUTS)
@@ -375,14 +390,14 @@ class RankingServing(tf.Module):
         user_kernel, item_kernel = kernel[:rating_users.shape[1]], kernel[rating_users.shape[1]:]
         self.first_activation = first.activation
         self.rest = rest
-        self.user_hidden = ServedUserTower(rating_users @ user_kernel,
-                                           TowerParts.of(rating.user_model).times(user_kernel), name="user_hidden")
+        self.user_hidden = ServedUserTower(rating_users @ user_kernel, TowerParts.of(rating.user_model).times(user_kernel),
+                                           history, name="user_hidden")
         self.item_hidden = LookupTower(item_ids, tower_table(rating.item_model, item_ids) @ item_kernel + bias,
                                        name="item_hidden")
         self.orders_by_watch = bool(ranking_model.watch_weight)
         if self.orders_by_watch:
             user_towers = ConcatTowers([ranking_model.watch_user_model, retrieval_user_model], name="score_users")
-            self.user_vectors = ServedUserTower(tower_table(user_towers, user_ids), TowerParts.of(user_towers),
+            self.user_vectors = ServedUserTower(tower_table(user_towers, user_ids), TowerParts.of(user_towers), history,
                                                 name="user_vectors")
             self.item_vectors = LookupTower(item_ids, np.concatenate(
                 [tower_table(ranking_model.watch_item_model, item_ids), tower_table(retrieval_item_model, item_ids)],
@@ -403,13 +418,13 @@ class RankingServing(tf.Module):
 
     def scores(self, users: RequestUsers, item_ids: tf.Tensor) -> dict[str, tf.Tensor]:
         """[users, candidates] predicted stars and scores of `item_ids` [users, candidates]."""
-        hidden = self.first_activation(self.user_hidden(users.rows, users.merged)[:, None, :]
+        hidden = self.first_activation(self.user_hidden(users.rows, users.additions)[:, None, :]
                                        + self.item_hidden(item_ids))
         for layer in self.rest:
             hidden = layer(hidden)
         predicted_rating = hidden[:, :, 0]
         if self.orders_by_watch:
-            score = tf.einsum("ud,ucd->uc", self.user_vectors(users.rows, users.merged), self.item_vectors(item_ids))
+            score = tf.einsum("ud,ucd->uc", self.user_vectors(users.rows, users.additions), self.item_vectors(item_ids))
         else:
             score = tf.identity(predicted_rating)
         if self.with_item_item:
@@ -417,18 +432,17 @@ class RankingServing(tf.Module):
         return {"predicted_rating": predicted_rating, "score": score}
 
     def item_item_scores(self, users: RequestUsers, candidates: tf.Tensor) -> tf.Tensor:
-        """[users, candidates] weight x sum over the history of B[movie, candidate]: read from the trained
-        table for users who sent nothing, summed over the merged history's (movie, candidate) pairs for
-        the others (the candidates' columns only, never whole rows of B)."""
+        """[users, candidates] weight x sum over the history of B[movie, candidate]: the trained users' sums
+        from a table, plus, for users who sent interactions, B over the (new movie, candidate) pairs (the
+        candidates' columns only, never whole rows of B)."""
         scores = tf.gather(tf.gather(self.item_item_trained, users.rows), candidates, batch_dims=1)
-        merged = users.merged
-        entry_candidates = tf.gather(tf.gather(candidates, merged.active), merged.rows)  # [entries, candidates]
-        pairs = tf.stack([entry_candidates, tf.broadcast_to(merged.positions[:, None], tf.shape(entry_candidates,
-                                                                                               out_type=tf.int64))],
-                         axis=2)
-        computed = tf.math.unsorted_segment_sum(tf.gather_nd(self.item_item_by_candidate, pairs), merged.rows,
-                                                tf.size(merged.active))
-        scores = tf.tensor_scatter_nd_update(scores, merged.active[:, None], computed)
+        additions = users.additions
+        entry_candidates = tf.gather(tf.gather(candidates, additions.active), additions.rows)  # [entries, candidates]
+        pairs = tf.stack([entry_candidates, tf.broadcast_to(additions.positions[:, None],
+                                                            tf.shape(entry_candidates, out_type=tf.int64))], axis=2)
+        added = tf.gather_nd(self.item_item_by_candidate, pairs) * tf.cast(additions.new, tf.float32)[:, None]
+        scores = tf.tensor_scatter_nd_add(scores, additions.active[:, None], tf.math.unsorted_segment_sum(
+            added, additions.rows, tf.size(additions.active)))
         weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
         return weight[:, None] * scores
 

@@ -188,7 +188,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     metadata["synthetic_items"] = synthetic_items
     history = ServedHistory(user_ids, item_ids, fit.rated_item_ids, fit.rated_stars, name="history")
     index_users = ServedUserTower(tower_table(retrieval.index_user_model, user_ids),
-                                  TowerParts.of(retrieval.index_user_model), name="user_tower")
+                                  TowerParts.of(retrieval.index_user_model), history, name="user_tower")
     started_item_item = time.perf_counter()
     dense = len(user_ids) * len(item_ids) <= MAX_DENSE_CELLS
     fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids) if dense else None

@@ -17,7 +17,7 @@ from export.presets import PRESETS
 from export.train import train_and_export
 from server.layout import complete_versions
 from tests.conftest import REPO_ROOT
-from tests.export.test_savedmodel import cpp_run
+from tests.export.test_savedmodel import cpp_run, user_side
 
 # Two seed-preset trainings on the real data (two workers, then one process for comparison).
 pytestmark = pytest.mark.slow
@@ -69,18 +69,22 @@ def test_the_chief_export_serves_like_any_export(two_worker_export, ml100k_split
     users, counts = np.unique(ml100k_split[0][:, 0], return_counts=True)
     heaviest_user = str(users[np.argmax(counts)])
     retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
-    assert set(retrieval.signatures) == {"serving_default", "include_rated"}
-    result = cpp_run(out / "retrieval" / "1", {"user_id": [heaviest_user]}, ["item_ids", "scores"])
+    assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items"}
+    result = cpp_run(out / "retrieval" / "1", _numpy(user_side([heaviest_user])), ["item_ids", "scores"])
     rated = {str(item) for user, item in ml100k_split[0][:, :2] if str(user) == heaviest_user}
     assert not set(result["item_ids"][0].astype(str)) & rated
-    ranked = cpp_run(out / "ranking" / "1", {"user_id": ["42", "42"], "item_id": ["1", "2"]},
-                      ["predicted_rating", "score"])
+    ranked = cpp_run(out / "ranking" / "1", {**_numpy(user_side(["42"])), "item_ids": [["1", "2"]]},
+                     ["predicted_rating", "score"])
     assert np.all((ranked["predicted_rating"] > 0) & (ranked["predicted_rating"] < 6))
+
+
+def _numpy(inputs: dict) -> dict:
+    return {key: value.numpy() for key, value in inputs.items()}
 
 
 def test_quality_matches_a_single_process_run(two_worker_export, ml100k, tmp_path):
     out, _ = two_worker_export
     train_and_export(ml100k, PRESETS["seed"].with_overrides(SHORTER), tmp_path)
-    single = evaluate_export(tmp_path, ml100k)["systems"]["two_stage"]["hr@10"]
-    distributed = evaluate_export(out, ml100k)["systems"]["two_stage"]["hr@10"]
+    single = evaluate_export(tmp_path, ml100k, item_to_item=False)["systems"]["two_stage"]["hr@10"]
+    distributed = evaluate_export(out, ml100k, item_to_item=False)["systems"]["two_stage"]["hr@10"]
     assert abs(distributed - single) <= 0.01, (distributed, single)

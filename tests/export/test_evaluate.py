@@ -85,12 +85,13 @@ def test_default_preset_quality_floor(ml100k_evaluation):
 
 @pytest.mark.slow
 def test_fold_in_floor(ml100k_fold_in):
-    """Users held out of training, served from 80% of their ratings sent as interactions."""
+    """Users held out of training, served from 80% of their ratings sent as interactions (the default
+    preset trained with fewer epochs: see FOLD_IN_EPOCHS)."""
     systems = ml100k_fold_in["systems"]
     assert ml100k_fold_in["protocol"] == "fold-in" and ml100k_fold_in["users"] == 189
     assert systems["two_stage"]["hr@10"] >= systems["ease"]["hr@10"] - FOLD_IN_TOLERANCE
     assert systems["two_stage"]["hr@10"] >= systems["popularity"]["hr@10"] + 0.06
-    assert ml100k_fold_in["ranking"]["rmse"] <= 0.95
+    assert ml100k_fold_in["ranking"]["rmse"] <= 1.0
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import pytest
 from client.__main__ import main as client_main
 from export.evaluate import interactions_by_user, two_stage_lists
 from protos import recommender_pb2
-from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.errors import InvalidRequest
 from server.pipeline import Interaction, Pipeline, Query, check_interactions
@@ -62,14 +61,13 @@ def test_only_unknown_movies_means_the_fallback_and_they_are_counted(client, cap
     assert [(line["interactions"], line["unknown_interactions"]) for line in lines[-2:]] == [(2, 2), (2, 1)]
 
 
-def test_the_served_list_is_the_offline_pipelines_with_the_same_interactions(client, models_dir, split):
+def test_the_served_list_is_the_offline_pipelines_with_the_same_interactions(client, models_dir, split,
+                                                                              served_backend):
     rows = split[1][split[1][:, 0] <= 30]
     sent = interactions_by_user(rows)
-    backend = InProcessBackend(models_dir)
-    assert backend.refresh(CatalogStore(models_dir).get)
     users = sorted(sent, key=int)[:8] + [NEW_USER]
     sent[NEW_USER] = sent[users[0]]
-    offline = two_stage_lists(Pipeline(backend, CatalogStore(models_dir)), users, k=20, sent=sent)
+    offline = two_stage_lists(Pipeline(served_backend, CatalogStore(models_dir)), users, k=20, sent=sent)
     for user in users:
         assert _ids(client.recommend(user, k=20, interactions=sent[user])) == offline[user]
 
@@ -135,17 +133,15 @@ def test_one_entry_per_movie_with_its_latest_rating():
         check_interactions([Interaction("1", 5.5)])
 
 
-def test_models_without_history_towers_serve_unknown_users_the_fallback(models_dir, popular):
+def test_models_without_history_towers_serve_unknown_users_the_fallback(models_dir, popular, served_backend):
     """Id-only towers (the `seed` preset) cannot use interactions: an unknown user still gets the fallback."""
 
     class IdOnly(CatalogStore):
         def get(self, model_version):
             return dataclasses.replace(super().get(model_version), serves_interactions=False)
 
-    backend = InProcessBackend(models_dir)
-    catalogs = IdOnly(models_dir)
-    assert backend.refresh(catalogs.get)
-    result = Pipeline(backend, catalogs).recommend([Query(NEW_USER, k=4, recent_interactions=((popular[5], 5.0),))])
+    query = Query(NEW_USER, k=4, recent_interactions=((popular[5], 5.0),))
+    result = Pipeline(served_backend, IdOnly(models_dir)).recommend([query])
     assert all(item.fallback for item in result[0].items)
     assert popular[5] not in _ids(result[0].items)
 

@@ -80,11 +80,9 @@ def test_too_short_deadline_then_server_keeps_serving(client):
     assert len(client.recommend("42")) == 10
 
 
-def test_served_top_k_equals_the_offline_two_stage_list(client, models_dir):
+def test_served_top_k_equals_the_offline_two_stage_list(client, models_dir, served_backend):
     users = [str(u) for u in (1, 13, 42, 99, 276, 405, 655, 943)]
-    backend = InProcessBackend(models_dir)
-    assert backend.refresh(CatalogStore(models_dir).get)
-    offline = two_stage_lists(Pipeline(backend, CatalogStore(models_dir)), users)
+    offline = two_stage_lists(Pipeline(served_backend, CatalogStore(models_dir)), users)
     for user in users:
         assert [item.item_id for item in client.recommend(user, k=10)] == offline[user][:10]
         assert [item.item_id for item in client.recommend(user, k=100)] == offline[user]

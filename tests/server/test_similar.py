@@ -94,13 +94,12 @@ def test_reasons_are_the_largest_shares_of_the_score(client, models_dir):
         [reason for reason in row.astype(str) if reason] for row in explained["because_item_ids"].numpy()[0]]
 
 
-def test_without_reasons_the_field_is_empty(models_dir):
+def test_without_reasons_the_field_is_empty(models_dir, served_backend):
     from client import RecommenderClient
     from server.app import create_server
-    from server.backend import InProcessBackend
     from server.options import ServerOptions
 
-    recommender, port = create_server("127.0.0.1:0", InProcessBackend(models_dir), models_dir,
+    recommender, port = create_server("127.0.0.1:0", served_backend, models_dir,
                                       ServerOptions(poll_seconds=0.5, reasons=False))
     recommender.start()
     try:

@@ -327,16 +327,14 @@ def _reads(store) -> bool:
         return False
 
 
-def test_recommend_goes_on_without_the_store_and_counts_it(models_dir, tmp_path):
+def test_recommend_goes_on_without_the_store_and_counts_it(models_dir, tmp_path, served_backend):
     from server.pipeline import Pipeline, Query
 
     path = tmp_path / "s.sqlite3"
     store = open_store(str(path))
     store.close()
     break_sqlite(path)
-    backend = InProcessBackend(models_dir)
-    assert backend.refresh(CatalogStore(models_dir).get)
-    pipeline = Pipeline(backend, CatalogStore(models_dir), store, 10)
+    pipeline = Pipeline(served_backend, CatalogStore(models_dir), store, 10)
     result = pipeline.recommend([Query("42", k=5), Query(NEW_USER, k=5, recent_interactions=(("1", 5.0),))])
     assert len(result[0].items) == 5 and not any(item.fallback for item in result[1].items)
     assert pipeline.store_reads_failed == 1 and store.failures == 1
