@@ -5,7 +5,8 @@ Two data sets, two tiers:
   MovieLens 100k's format (`tests/synthetic.py`). The service contract, end to end, runs on it
   (`data_dir`, `movielens`, `split`, `trained`, `models_dir`, `running_server`, `client`);
 - the real MovieLens 100k (`ml100k_*`), read by the data tests, and trained with the default
-  preset once per run for the quality floors: every test that needs that export is marked `slow`.
+  preset for the quality floors, in the background from the first test on (`RealDataJob`): every
+  test that needs such an export is marked `slow` and runs last.
 """
 import json
 import os
@@ -23,16 +24,17 @@ import pytest
 import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Fixtures that train on the real data (minutes): a test that uses one must be marked slow.
-SLOW_FIXTURES = {"ml100k_trained", "ml100k_models_dir", "ml100k_evaluation", "ml100k_users_models_dir",
-                 "ml100k_fold_in", "ml100k_recent"}
 
 
 def pytest_collection_modifyitems(config, items):
-    unmarked = [item.nodeid for item in items
-                if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")]
+    """Tests on the real data's exports must be marked slow, and run last: their training runs in
+    the background meanwhile (`RealDataJob`)."""
+    on_real_exports = [item for item in items if SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    later = set(map(id, on_real_exports))
+    unmarked = [item.nodeid for item in on_real_exports if not item.get_closest_marker("slow")]
     if unmarked:
         raise pytest.UsageError(f"tests that train on the real data must be marked slow: {unmarked}")
+    items[:] = [item for item in items if id(item) not in later] + on_real_exports
 
 
 @pytest.fixture(scope="session")
@@ -58,56 +60,119 @@ def ml100k_split(ml100k):
     return fit_and_held_out(ml100k.ratings, "test")
 
 
-@pytest.fixture(scope="session")
-def ml100k_trained(ml100k, tmp_path_factory):
-    """The default preset on the real data, trained once per run and exported as version 1."""
-    from export.presets import PRESETS
-    from export.train import train_and_export
-
-    models_dir = tmp_path_factory.mktemp("ml100k_models")
-    return models_dir, train_and_export(ml100k, PRESETS["default"], models_dir)
-
-
-@pytest.fixture(scope="session")
-def ml100k_models_dir(ml100k_trained) -> Path:
-    return ml100k_trained[0]
-
-
-@pytest.fixture(scope="session")
-def ml100k_evaluation(ml100k_models_dir, ml100k):
-    from export.evaluate import evaluate_export
-
-    return evaluate_export(ml100k_models_dir, ml100k)
-
-
-@pytest.fixture(scope="session")
-def ml100k_recent(ml100k_models_dir, ml100k):
-    from export.evaluate import evaluate_export
-
-    return evaluate_export(ml100k_models_dir, ml100k, "recent")
-
-
-# The fold-in floor trains the default preset with fewer epochs (CI's time), the users held out.
+# The exports on the real data, each trained by `python -m export train` then scored by
+# `python -m export evaluate --json`: the CLI a user runs. The fold-in floor's export is the default
+# preset with fewer epochs (CI's time), the users held out; the README's figures are the full preset's.
+# Both run below the tests' CPU priority; the longer one above the shorter one's.
 FOLD_IN_EPOCHS = ["retrieval_epochs=3", "ranking_epochs=5"]
+REAL_DATA_JOBS = {
+    "test": {"train": [], "evaluate": ["random", "recent"], "niceness": 10,
+             "fixtures": {"ml100k_models_dir", "ml100k_evaluation", "ml100k_evaluation_output", "ml100k_recent"}},
+    "users": {"train": ["--holdout", "users", *(f"--set={field}" for field in FOLD_IN_EPOCHS)],
+              "evaluate": ["fold-in"], "niceness": 19, "fixtures": {"ml100k_users_models_dir", "ml100k_fold_in"}},
+}
+SLOW_FIXTURES = set().union(*(job["fixtures"] for job in REAL_DATA_JOBS.values()))
+
+
+class RealDataJob(threading.Thread):
+    """Trains, then evaluates (the protocols side by side), one export on the real data in child
+    processes at a low CPU priority, from the first test on: the minutes of training overlap the rest
+    of the run, which mostly waits on sockets and sleeps, and the timing-sensitive tests keep the CPU
+    they need. Each step's output goes to `<step>.log` in `out`."""
+
+    def __init__(self, name: str, data_dir: Path, out: Path):
+        super().__init__(name=f"real-data-{name}", daemon=True)
+        self.job, self.data_dir, self.out = REAL_DATA_JOBS[name], data_dir, out
+        self.models_dir = out / "models"
+        self.failure: str | None = None
+
+    def run(self) -> None:
+        data = ["--data-dir", str(self.data_dir)]
+        if self._side_by_side({"train": ["train", "--out", str(self.models_dir), *data, *self.job["train"]]}):
+            self._side_by_side({protocol: ["evaluate", "--models", str(self.models_dir), *data, "--protocol", protocol,
+                                           "--json", str(self.metrics_path(protocol)),
+                                           *(["--plot", str(self.plot_path)] if protocol == "random" else [])]
+                                for protocol in self.job["evaluate"]})
+
+    def _side_by_side(self, steps: dict[str, list[str]]) -> bool:
+        running = {}
+        for step, arguments in steps.items():
+            with self.log_path(step).open("w") as log:
+                log.write(f"$ python -m export {' '.join(arguments)}\n")
+                log.flush()
+                running[step] = subprocess.Popen(
+                    ["nice", "-n", str(self.job["niceness"]), sys.executable, "-m", "export", *arguments],
+                    cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        for step, process in running.items():
+            if process.wait() != 0 and self.failure is None:
+                self.failure = step
+        return self.failure is None
+
+    def log_path(self, step: str) -> Path:
+        return self.out / f"{step}.log"
+
+    def metrics_path(self, protocol: str) -> Path:
+        return self.out / f"{protocol}.json"
+
+    @property
+    def plot_path(self) -> Path:
+        return self.out / "hr.png"
+
+    def wait(self) -> "RealDataJob":
+        self.join()
+        if self.failure:
+            lines = self.log_path(self.failure).read_text().splitlines()
+            pytest.fail(f"python -m export {self.failure} failed; its output ends:\n" + "\n".join(lines[-40:]))
+        return self
+
+    def metrics(self, protocol: str) -> dict:
+        return json.loads(self.wait().metrics_path(protocol).read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_data_jobs(request, tmp_path_factory) -> dict[str, RealDataJob]:
+    """Starts, before the first test, the jobs that the selected tests need."""
+    needed = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    jobs = {}
+    for name, job in REAL_DATA_JOBS.items():
+        if job["fixtures"] & needed:
+            jobs[name] = RealDataJob(name, request.getfixturevalue("ml100k_dir"), tmp_path_factory.mktemp(f"ml100k_{name}"))
+            jobs[name].start()
+    return jobs
 
 
 @pytest.fixture(scope="session")
-def ml100k_users_models_dir(ml100k, tmp_path_factory) -> Path:
-    """The default preset (with FOLD_IN_EPOCHS) with 20% of the users held out of training: the fold-in
-    protocol's export. The README's fold-in figures are the full preset's (`python -m export report`)."""
-    from export.presets import PRESETS
-    from export.train import train_and_export
-
-    models_dir = tmp_path_factory.mktemp("ml100k_users_models")
-    train_and_export(ml100k, PRESETS["default"].with_overrides(FOLD_IN_EPOCHS), models_dir, holdout="users")
-    return models_dir
+def ml100k_models_dir(real_data_jobs) -> Path:
+    """The default preset on the real data, exported as version 1."""
+    return real_data_jobs["test"].wait().models_dir
 
 
 @pytest.fixture(scope="session")
-def ml100k_fold_in(ml100k_users_models_dir, ml100k):
-    from export.evaluate import evaluate_export
+def ml100k_evaluation(real_data_jobs) -> dict:
+    return real_data_jobs["test"].metrics("random")
 
-    return evaluate_export(ml100k_users_models_dir, ml100k)
+
+@pytest.fixture(scope="session")
+def ml100k_evaluation_output(real_data_jobs) -> tuple[str, Path]:
+    """What `evaluate --protocol random --json --plot` printed, and the plot it wrote."""
+    job = real_data_jobs["test"].wait()
+    return job.log_path("random").read_text(), job.plot_path
+
+
+@pytest.fixture(scope="session")
+def ml100k_recent(real_data_jobs) -> dict:
+    return real_data_jobs["test"].metrics("recent")
+
+
+@pytest.fixture(scope="session")
+def ml100k_users_models_dir(real_data_jobs) -> Path:
+    """The default preset (with FOLD_IN_EPOCHS) with 20% of the users held out of training."""
+    return real_data_jobs["users"].wait().models_dir
+
+
+@pytest.fixture(scope="session")
+def ml100k_fold_in(real_data_jobs) -> dict:
+    return real_data_jobs["users"].metrics("fold-in")
 
 
 @pytest.fixture(scope="session")

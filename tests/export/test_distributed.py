@@ -22,7 +22,7 @@ from tests.export.test_savedmodel import cpp_run, user_side
 # Two seed-preset trainings on the real data (two workers, then one process for comparison).
 pytestmark = pytest.mark.slow
 # Fewer epochs than the seed preset's (both runs alike): the comparison, not the quality, is the point.
-SHORTER = ["retrieval_epochs=4", "ranking_epochs=25"]
+SHORTER = ["retrieval_epochs=2", "ranking_epochs=10"]
 
 
 def _free_ports(count: int) -> list[int]:

@@ -160,17 +160,28 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
                 except grpc.RpcError as error:
                     outcomes.append((error.code(), error.details()))
 
-            with futures.ThreadPoolExecutor(8) as pool:
-                for _ in range(40):
-                    pool.submit(call)
-                time.sleep(0.05)
-                started = time.monotonic()
-                process.send_signal(signal.SIGTERM)
-                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            sigterm_sent = threading.Event()
+
+            def calls():
+                while not sigterm_sent.is_set():
+                    call()
+
+            # Calls in flight when SIGTERM arrives must complete. Daemon threads joined with a time
+            # limit: a call that outlived its 5-s deadline fails the test instead of holding the run.
+            callers = [threading.Thread(target=calls, daemon=True) for _ in range(8)]
+            for caller in callers:
+                caller.start()
+            wait_for(lambda: len(outcomes) >= 16, 30, "calls to be answered")
+            sigterm_sent.set()
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            for caller in callers:
+                caller.join(timeout=max(0.0, started + 30 - time.monotonic()))
+            assert not any(caller.is_alive() for caller in callers), "a call outlived its deadline"
             assert process.wait(timeout=15) == 0
             assert time.monotonic() - started < 5 + 3
             channel.close()
-        assert len(outcomes) == 40
         assert any("TensorFlow threads: intra-op 1, inter-op 1 " in line for line in process.log_lines)
         # Request log lines are written by a thread of their own; none is lost at shutdown.
         process.log_drain.join(timeout=10)
