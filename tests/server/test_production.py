@@ -147,7 +147,9 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
     process, port = start_server_process(models_dir, "--grace-seconds", "5", "--poll-seconds", "0.2")
     try:
         target = f"127.0.0.1:{port}"
-        with RecommenderClient(target) as client:
+        # Without the client's retry policy, which would hide what the drain does to a call. (With it,
+        # gRPC's client was seen to wait past the deadline on a stream cut by the server's exit.)
+        with RecommenderClient(target, channel=grpc.insecure_channel(target)) as client:
             client.wait_until_serving(60)
             channel = grpc.insecure_channel(target)
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
@@ -167,7 +169,7 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
                     call()
 
             # Calls in flight when SIGTERM arrives must complete. Daemon threads joined with a time
-            # limit: a call that outlived its 5-s deadline fails the test instead of holding the run.
+            # limit: a call that outlives its 5-s deadline fails the test instead of holding the run.
             callers = [threading.Thread(target=calls, daemon=True) for _ in range(8)]
             for caller in callers:
                 caller.start()
