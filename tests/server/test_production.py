@@ -189,9 +189,12 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
         process.log_drain.join(timeout=10)
         logged = [json.loads(line) for line in process.log_lines if line.startswith("{")]
         assert sum(line["method"] == "Recommend" and line["status"] == "OK" for line in logged) == outcomes.count(100)
-        unexpected = [outcome for outcome in outcomes
-                      if outcome != 100 and not (isinstance(outcome, tuple) and outcome[0] == grpc.StatusCode.UNAVAILABLE)]
+        failed = [outcome for outcome in outcomes if outcome != 100]
+        unexpected = [outcome for outcome in failed
+                      if outcome[0] not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)]
         assert unexpected == [], "every call completes in full or gets UNAVAILABLE"
+        # ...or, for a call that reached the server in the instant it stopped, CANCELLED (rare).
+        assert sum(outcome[0] == grpc.StatusCode.CANCELLED for outcome in failed) <= 1
         assert 100 in outcomes
     finally:
         process.kill()
