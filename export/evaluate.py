@@ -15,6 +15,7 @@ its standard error over users (users are the independent units; a user's pairs a
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -381,10 +382,9 @@ def evaluate_export(models_dir: Path, data: MovieLens, protocol: str | None = No
         needs = "--holdout users (or users-validation)" if protocol == "fold-in" else "--holdout test (or validation)"
         raise ModelsUnavailable(f"the {protocol} protocol scores an export trained with {needs}; model version "
                                 f"{version} was trained with --holdout {holdout}")
-    if protocol == "random":
-        metrics = evaluate_random(backend, catalogs, data, holdout, item_to_item)
-    else:
-        metrics = {"fold-in": evaluate_fold_in, "recent": evaluate_recent}[protocol](backend, catalogs, data, holdout)
+    evaluate = {"random": functools.partial(evaluate_random, item_to_item=item_to_item),
+                "fold-in": evaluate_fold_in, "recent": evaluate_recent}[protocol]
+    metrics = evaluate(backend, catalogs, data, holdout)
     metrics.update(protocol=protocol, holdout=holdout, preset=metadata["preset"]["name"],
                    train_seconds=metadata.get("train_seconds", {}))
     return metrics

@@ -17,7 +17,7 @@ from export.presets import PRESETS
 from export.train import train_and_export
 from server.layout import complete_versions
 from tests.conftest import REPO_ROOT
-from tests.export.test_savedmodel import cpp_run, user_side
+from tests.export.test_savedmodel import cpp_run, numpy_inputs, user_side
 
 # Two seed-preset trainings on the real data (two workers, then one process for comparison).
 pytestmark = pytest.mark.slow
@@ -70,16 +70,12 @@ def test_the_chief_export_serves_like_any_export(two_worker_export, ml100k_split
     heaviest_user = str(users[np.argmax(counts)])
     retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
     assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items"}
-    result = cpp_run(out / "retrieval" / "1", _numpy(user_side([heaviest_user])), ["item_ids", "scores"])
+    result = cpp_run(out / "retrieval" / "1", numpy_inputs(user_side([heaviest_user])), ["item_ids", "scores"])
     rated = {str(item) for user, item in ml100k_split[0][:, :2] if str(user) == heaviest_user}
     assert not set(result["item_ids"][0].astype(str)) & rated
-    ranked = cpp_run(out / "ranking" / "1", {**_numpy(user_side(["42"])), "item_ids": [["1", "2"]]},
+    ranked = cpp_run(out / "ranking" / "1", {**numpy_inputs(user_side(["42"])), "item_ids": [["1", "2"]]},
                      ["predicted_rating", "score"])
     assert np.all((ranked["predicted_rating"] > 0) & (ranked["predicted_rating"] < 6))
-
-
-def _numpy(inputs: dict) -> dict:
-    return {key: value.numpy() for key, value in inputs.items()}
 
 
 def test_quality_matches_a_single_process_run(two_worker_export, ml100k, tmp_path):

@@ -171,7 +171,7 @@ def cpp_run(model_path, feeds_by_key, output_keys, signature="serving_default", 
             session.close()
 
 
-def _numpy_inputs(inputs: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
+def numpy_inputs(inputs: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in inputs.items()}
 
 
@@ -180,13 +180,13 @@ def test_tf_serving_style_loading_matches_tf2(models_dir, loaded):
     for interactions in ([], [("1", 5.0), ("2", 0.0), ("not-a-movie", 3.0)]):
         inputs = user_side(USERS, interactions)
         for signature in ("serving_default", "include_rated"):
-            session_out = cpp_run(models_dir / "retrieval" / "1", _numpy_inputs(inputs), ["item_ids", "scores"],
+            session_out = cpp_run(models_dir / "retrieval" / "1", numpy_inputs(inputs), ["item_ids", "scores"],
                                   signature)
             eager_out = retrieval.signatures[signature](**inputs)
             np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
             np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
         ranking_inputs = {**inputs, "item_ids": tf.constant([["1", "2", "3"]] * len(USERS))}
-        session_out = cpp_run(models_dir / "ranking" / "1", _numpy_inputs(ranking_inputs), ["predicted_rating", "score"])
+        session_out = cpp_run(models_dir / "ranking" / "1", numpy_inputs(ranking_inputs), ["predicted_rating", "score"])
         eager_out = ranking.signatures["serving_default"](**ranking_inputs)
         np.testing.assert_allclose(session_out["score"], eager_out["score"].numpy(), rtol=1e-5, atol=1e-5)
 
