@@ -1,28 +1,15 @@
 """RecommenderClient: the generated stubs' friendly face. Every call carries a deadline."""
 from __future__ import annotations
 
-import json
-from typing import Iterable, Iterator, Mapping, Union
+from typing import Iterable, Mapping, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.retry import SERVICE_CONFIG, RetriedStream
 from protos import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
-# gRPC's retry policy (service config) for the calls that are safe to repeat (every one: reads, and
-# writes that record one row per user and movie): an UNAVAILABLE (a replica draining after GOAWAY,
-# a connection reset, a model not loaded yet, the store down for a moment) is retried with backoff,
-# within the call's deadline. A streamed call is retried only before its first item.
-RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"]}
-SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{"name": [{"service": "recsys.v1.Recommender", "method": method}
-                               for method in ("Recommend", "RecommendBatch", "SimilarItems", "GetModelInfo",
-                                              "RecordInteractions", "ForgetUser")],
-                      "retryPolicy": RETRY_POLICY}],
-})
 
 
 # An interaction: (movie id, stars[, unix seconds]) or the message itself.
@@ -52,7 +39,8 @@ class RecommenderClient:
     """Talks to a recommender target: "host:port", a resolvable name such as
     "dns:///recommender:50051" (e.g. a Kubernetes headless service), or several
     comma-separated "ip:port" addresses. Calls are spread with gRPC's round_robin policy, and
-    read-only calls that get UNAVAILABLE are retried (`RETRY_POLICY`).
+    calls that get UNAVAILABLE, or CANCELLED by a server shutting down, are retried
+    (`client.retry.RETRY_POLICY`).
 
     Errors surface as grpc.RpcError with the server's status code and message.
     """
@@ -86,11 +74,12 @@ class RecommenderClient:
 
     def stream(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
                timeout: float | None = None,
-               interactions: Iterable[InteractionLike] = ()) -> Iterator[recommender_pb2.RankedItem]:
+               interactions: Iterable[InteractionLike] = ()) -> RetriedStream:
         """Items as the server streams them, best first. `interactions`: what the user did recently,
         as (movie id, stars[, unix seconds]) tuples (stars 0: no rating) or Interaction messages."""
-        return self.stub.Recommend(self._request(user_id, k, exclude, include_rated, interactions),
-                                   timeout=self._deadline(timeout), metadata=self.metadata)
+        request = self._request(user_id, k, exclude, include_rated, interactions)
+        return RetriedStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=self.metadata),
+                             self._deadline(timeout))
 
     def recommend(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
                   timeout: float | None = None,
@@ -114,7 +103,8 @@ class RecommenderClient:
         ordered for them."""
         request = recommender_pb2.SimilarItemsRequest(item_id=str(item_id), k=k, exclude_item_ids=list(exclude),
                                                       user_id=str(user_id))
-        return list(self.stub.SimilarItems(request, timeout=self._deadline(timeout), metadata=self.metadata))
+        return list(RetriedStream(lambda left: self.stub.SimilarItems(request, timeout=left, metadata=self.metadata),
+                                  self._deadline(timeout)))
 
     def record_interactions(self, user_id: str, interactions: Iterable[InteractionLike],
                             timeout: float | None = None) -> int:

@@ -41,7 +41,10 @@ class RecommenderStub:
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
     request is too large; retry later or on another replica
+    CANCELLED          the server stopped before the call was answered (before any handler
+    took it, or at the end of its shutdown grace); retry it like UNAVAILABLE
     INTERNAL           an unexpected server error (details are only in the server log)
+    Every call is safe to repeat.
     """
 
     def __init__(self, channel):
@@ -98,7 +101,10 @@ class RecommenderServicer:
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
     request is too large; retry later or on another replica
+    CANCELLED          the server stopped before the call was answered (before any handler
+    took it, or at the end of its shutdown grace); retry it like UNAVAILABLE
     INTERNAL           an unexpected server error (details are only in the server log)
+    Every call is safe to repeat.
     """
 
     def Recommend(self, request, context):
@@ -217,7 +223,10 @@ class Recommender:
     DEADLINE_EXCEEDED  the call's deadline passed before the answer was complete
     RESOURCE_EXHAUSTED the server is at its limit of calls in flight or of queued work, or the
     request is too large; retry later or on another replica
+    CANCELLED          the server stopped before the call was answered (before any handler
+    took it, or at the end of its shutdown grace); retry it like UNAVAILABLE
     INTERNAL           an unexpected server error (details are only in the server log)
+    Every call is safe to repeat.
     """
 
     @staticmethod

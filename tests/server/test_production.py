@@ -147,9 +147,7 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
     process, port = start_server_process(models_dir, "--grace-seconds", "5", "--poll-seconds", "0.2")
     try:
         target = f"127.0.0.1:{port}"
-        # Without the client's retry policy, which would hide what the drain does to a call. (With it,
-        # gRPC's client was seen to wait past the deadline on a stream cut by the server's exit.)
-        with RecommenderClient(target, channel=grpc.insecure_channel(target)) as client:
+        with RecommenderClient(target) as client:
             client.wait_until_serving(60)
             channel = grpc.insecure_channel(target)
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
@@ -189,12 +187,8 @@ def test_sigterm_drains_and_exits_within_grace(models_dir):
         process.log_drain.join(timeout=10)
         logged = [json.loads(line) for line in process.log_lines if line.startswith("{")]
         assert sum(line["method"] == "Recommend" and line["status"] == "OK" for line in logged) == outcomes.count(100)
-        failed = [outcome for outcome in outcomes if outcome != 100]
-        unexpected = [outcome for outcome in failed
-                      if outcome[0] not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)]
-        assert unexpected == [], "every call completes in full or gets UNAVAILABLE"
-        # ...or, for a call that reached the server in the instant it stopped, CANCELLED (rare).
-        assert sum(outcome[0] == grpc.StatusCode.CANCELLED for outcome in failed) <= 1
+        # With no other replica to retry on, a call the drain turned away ends UNAVAILABLE.
+        assert [outcome for outcome in outcomes if outcome != 100 and outcome[0] != grpc.StatusCode.UNAVAILABLE] == []
         assert 100 in outcomes
     finally:
         process.kill()
