@@ -79,7 +79,10 @@ class RetriedStream:
         self._backoff = min(self._backoff * RETRY_POLICY["backoffMultiplier"],
                             _seconds(RETRY_POLICY["maxBackoff"]))
         self._attempts += 1
-        self._call = self._start(self._deadline - time.monotonic())
+        try:
+            self._call = self._start(self._deadline - time.monotonic())
+        except ValueError:  # the channel was closed meanwhile: the last attempt's status stands
+            raise error from None
         if self._cancelled.is_set():  # cancel() ran while this attempt was starting
             self._call.cancel()
 

@@ -1,0 +1,47 @@
+"""RetriedStream on a real channel: what a caller sees when retries run out or the channel closes."""
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+from client import RecommenderClient
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("close_after", [0.0, 0.03, 0.1, 0.3])
+def test_a_stream_whose_channel_closes_between_attempts_fails_as_an_rpc_error(close_after):
+    client = RecommenderClient(f"127.0.0.1:{_closed_port()}", timeout=5)
+    outcome = []
+
+    def call():
+        try:
+            client.recommend("42")
+        except Exception as error:  # noqa: BLE001 - the test is about which exception it is
+            outcome.append(error)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(close_after)
+    client.close()
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    assert isinstance(outcome[0], grpc.RpcError), repr(outcome[0])
+    assert outcome[0].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def test_retries_of_a_stream_stop_within_its_deadline():
+    client = RecommenderClient(f"127.0.0.1:{_closed_port()}")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        client.recommend("42", timeout=0.3)
+    took = time.monotonic() - started
+    client.close()
+    assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert took < 0.3 + 0.1
