@@ -10,9 +10,10 @@ from typing import Callable, Iterator
 
 import grpc
 
-SERVICE = "recsys.v1.Recommender"
-UNARY_METHODS = ("RecommendBatch", "GetModelInfo", "RecordInteractions", "ForgetUser")
-STREAMED_METHODS = ("Recommend", "SimilarItems")
+from protos import recommender_pb2
+
+SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"]
+UNARY_METHODS = tuple(method.name for method in SERVICE.methods if not method.server_streaming)
 
 # Every call is safe to repeat (reads, and writes that record one row per user and movie). An
 # UNAVAILABLE (a replica draining after GOAWAY, a connection reset, a model not loaded yet, the
@@ -26,7 +27,7 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", 
 # until the channel closed (docs/operations.md); `RetriedStream` applies it to those instead.
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{"name": [{"service": SERVICE, "method": method} for method in UNARY_METHODS],
+    "methodConfig": [{"name": [{"service": SERVICE.full_name, "method": method} for method in UNARY_METHODS],
                       "retryPolicy": RETRY_POLICY}],
 })
 RETRYABLE_CODES = frozenset(grpc.StatusCode[name] for name in RETRY_POLICY["retryableStatusCodes"])

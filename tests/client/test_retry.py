@@ -36,12 +36,12 @@ def test_a_stream_whose_channel_closes_between_attempts_fails_as_an_rpc_error(cl
     assert outcome[0].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-def test_retries_of_a_stream_stop_within_its_deadline():
+def test_a_stream_gives_up_after_its_attempts_not_at_its_deadline():
     client = RecommenderClient(f"127.0.0.1:{_closed_port()}")
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        client.recommend("42", timeout=0.3)
+        client.recommend("42", timeout=10)
     took = time.monotonic() - started
     client.close()
-    assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert took < 0.3 + 0.1
+    # Four attempts, refused at once, with at most 0.1 + 0.2 + 0.4 s of backoff between them.
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and took < 3
