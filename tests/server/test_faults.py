@@ -410,7 +410,7 @@ def test_calls_a_stopping_replica_never_handled_are_retried_on_another(models_di
             send()
 
         def hold_then_stop():
-            time.sleep(0.5)  # the calls reach the replica; its loop hands none to a handler
+            time.sleep(1.0)  # the calls reach the replica; its loop hands none to a handler
             first.servicer.accepting = False
             asyncio.ensure_future(first.grpc_server.stop(3))
 
