@@ -65,6 +65,11 @@ class RecommenderClient:
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
+    def _streamed(self, method: grpc.UnaryStreamMultiCallable, request, timeout: float | None) -> RetriedStream:
+        """A server-streamed call, each attempt with the time its deadline leaves."""
+        return RetriedStream(lambda left: method(request, timeout=left, metadata=self.metadata),
+                             self._deadline(timeout))
+
     @staticmethod
     def _request(user_id: str, k: int, exclude: Iterable[str], include_rated: bool,
                  interactions: Iterable[InteractionLike]) -> recommender_pb2.RecommendRequest:
@@ -77,9 +82,8 @@ class RecommenderClient:
                interactions: Iterable[InteractionLike] = ()) -> RetriedStream:
         """Items as the server streams them, best first. `interactions`: what the user did recently,
         as (movie id, stars[, unix seconds]) tuples (stars 0: no rating) or Interaction messages."""
-        request = self._request(user_id, k, exclude, include_rated, interactions)
-        return RetriedStream(lambda left: self.stub.Recommend(request, timeout=left, metadata=self.metadata),
-                             self._deadline(timeout))
+        return self._streamed(self.stub.Recommend, self._request(user_id, k, exclude, include_rated, interactions),
+                              timeout)
 
     def recommend(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
                   timeout: float | None = None,
@@ -103,8 +107,7 @@ class RecommenderClient:
         ordered for them."""
         request = recommender_pb2.SimilarItemsRequest(item_id=str(item_id), k=k, exclude_item_ids=list(exclude),
                                                       user_id=str(user_id))
-        return list(RetriedStream(lambda left: self.stub.SimilarItems(request, timeout=left, metadata=self.metadata),
-                                  self._deadline(timeout)))
+        return list(self._streamed(self.stub.SimilarItems, request, timeout))
 
     def record_interactions(self, user_id: str, interactions: Iterable[InteractionLike],
                             timeout: float | None = None) -> int:
