@@ -1,4 +1,4 @@
-"""python -m export {train,evaluate}: the offline half of the recommender."""
+"""python -m export {train,evaluate,report,synth,data-bench}: the offline half of the recommender."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ from export.data import (
     DataSourceError,
 )
 from export.presets import PRESETS, STRATEGIES
+from export.synth import FORMATS
 
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
              "$RECSYS_DATA_DIR, then ./data/<dataset>, then download <dataset>.zip from GroupLens into "
@@ -32,8 +33,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help=DATA_HELP)
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="ml-100k", help=DATASET_HELP)
     parser.add_argument("--ratings", type=Path, help=f"with --dataset csv: the ratings, a CSV file with the header "
-                                                      f"'{CSV_RATINGS_HEADER}' (integer ids, 0.5 to 5 stars in steps of "
-                                                      f"0.5, Unix seconds)")
+                                                      f"'{CSV_RATINGS_HEADER}' (ids any string of 1 to 128 characters, "
+                                                      f"0.5 to 5 stars in steps of 0.5, Unix seconds)")
     parser.add_argument("--items", type=Path, help=f"with --dataset csv: the movies, a CSV file with the header "
                                                     f"'{CSV_ITEMS_HEADER}' (genres separated by |)")
 
@@ -95,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--data-dir", help=DATA_HELP)
     report.add_argument("--plot", type=Path, help="also write a PNG of HR@k, k = 1..100, for every system")
 
+    synth = commands.add_parser("synth", help="write a synthetic data set with planted structure (tastes, genres, "
+                                              "popularity, sessions) at any size, to measure training at scale")
+    synth.add_argument("--users", type=int, required=True, help="users (each rates at least 20 movies)")
+    synth.add_argument("--items", type=int, required=True, help="movies")
+    synth.add_argument("--ratings", type=int, required=True, help="ratings in all (about; each user rates a movie once)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    synth.add_argument("--format", choices=FORMATS, default="csv", dest="data_format",
+                       help="csv: the documented CSV format with string ids (ratings.csv, items.csv; train with "
+                            "--dataset csv); ml-25m: MovieLens 25M's files with integer ids (train with --dataset ml-25m "
+                            "--data-dir OUT) (default: %(default)s)")
+    synth.add_argument("--out", type=Path, required=True, help="directory to write into")
+
     bench = commands.add_parser("data-bench", help="measure reading the ratings for training, streamed (--stream) "
                                                    "and in memory: prepare time, one epoch, peak RSS, each mode in "
                                                    "its own process")
@@ -107,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--measure", choices=("stream", "memory"), help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
+    if args.command == "synth":
+        from export.synth import synthesize
+
+        try:
+            synthesize(args.users, args.items, args.ratings, args.out, args.seed, args.data_format)
+        except ValueError as error:
+            parser.error(str(error))
+        return 0
     if args.command == "train":
         try:
             preset = PRESETS[args.preset].with_overrides(args.overrides)
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stored = stored_ratings(args.interactions_db, data) if args.interactions_db else None
             train_and_export(data, preset, args.out, args.holdout, args.synthetic_items, args.strategy,
-                             args.shuffle_buffer, stored)
+                             args.shuffle_buffer, stored, frozenset(field.partition("=")[0] for field in args.overrides))
         except (DataFormatError, StoreUnavailable) as error:  # a streamed file is checked as it is read
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -60,9 +61,42 @@ class User:
     zip_code: str
 
 
+MAX_ID_LENGTH = 128  # the contract's limit on user and movie ids (protos/recommender.proto)
+
+
+def id_sort_key(identifier: str) -> tuple:
+    """Ids in number order where they are numbers (MovieLens'), then the others in string order."""
+    return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+
+
+@dataclass(frozen=True)
+class IdNames:
+    """Code -> id, for the ratings' user and movie columns, which hold codes.
+
+    MovieLens' own files have numeric ids, and there the code is the id (`numeric`); a catalog of
+    one's own may use any strings, and there the code is the id's place in `id_sort_key` order.
+    """
+
+    users: np.ndarray  # str [codes]
+    items: np.ndarray  # str [codes]
+
+    @staticmethod
+    def numeric(user_codes: np.ndarray, item_ids: Iterable[str]) -> "IdNames":
+        largest_user = int(user_codes.max()) if len(user_codes) else 0
+        largest_item = max((int(item_id) for item_id in item_ids), default=0)
+        return IdNames(np.arange(largest_user + 1).astype(str), np.arange(largest_item + 1).astype(str))
+
+    def user_ids(self, codes: np.ndarray) -> list[str]:
+        return self.users[codes].tolist()
+
+    def item_ids(self, codes: np.ndarray) -> list[str]:
+        return self.items[codes].tolist()
+
+
 @dataclass
 class MovieLens:
-    """Ratings as an int64 array of rows (user, item, rating units, timestamp), in file order.
+    """Ratings as an int64 array of rows (user code, movie code, rating units, timestamp), in file order;
+    `names` turns the codes into ids.
 
     A rating unit is `rating_scale` stars: 1 for the whole-star sets, 0.5 for the
     half-star ones (ML-20M, ML-25M), so every column stays an exact integer.
@@ -74,6 +108,17 @@ class MovieLens:
     source: Path = field(default=Path("."))
     rating_scale: float = 1.0
     dataset: str = "ml-100k"
+    names: IdNames | None = None  # None: built from the numeric ids (MovieLens' own files)
+
+    def __post_init__(self) -> None:
+        if self.names is None:
+            self.names = IdNames.numeric(self.ratings[:, 0] if self.ratings is not None else np.zeros(0, np.int64),
+                                         self.items)
+
+    @property
+    def item_ids(self) -> list[str]:
+        """The catalog in `id_sort_key` order: the order of every model's movie vocabulary."""
+        return sorted(self.items, key=id_sort_key)
 
     @property
     def spec(self) -> "DatasetSpec":
@@ -251,12 +296,24 @@ def read_ratings_table(path: Path, separator: str, rating_scale: float, header: 
     return np.asarray(rows, dtype=np.int64)
 
 
-def read_movies_table(path: Path, separator: str, encoding: str, header: str | None = None) -> dict[str, Item]:
-    """movie id, title, "|"-separated genres (ML-1M's movies.dat, ML-20M/25M's movies.csv)."""
+def check_id(path: Path, line_number: int, what: str, identifier: str) -> None:
+    if not 1 <= len(identifier) <= MAX_ID_LENGTH:
+        raise DataFormatError(f"{path}:{line_number}: {what} id {identifier!r} is not 1 to {MAX_ID_LENGTH} characters")
+    if "\x00" in identifier:
+        raise DataFormatError(f"{path}:{line_number}: {what} id {identifier!r} holds a NUL character")
+
+
+def read_movies_table(path: Path, separator: str, encoding: str, header: str | None = None,
+                      numeric_ids: bool = True) -> dict[str, Item]:
+    """movie id, title, "|"-separated genres (ML-1M's movies.dat, ML-20M/25M's movies.csv, the CSV format's
+    items file, whose ids may be any string)."""
     items = {}
     for line_number, fields in _rows(path, encoding, separator, 3, header):
-        if not fields[0].isdigit():
+        if numeric_ids and not fields[0].isdigit():
             raise DataFormatError(f"{path}:{line_number}: movie id {fields[0]!r} is not a number")
+        check_id(path, line_number, "movie", fields[0])
+        if fields[0] in items:
+            raise DataFormatError(f"{path}:{line_number}: movie id {fields[0]!r} is listed twice")
         genres = tuple(g for g in fields[2].split("|") if g and g != "(no genres listed)")
         items[fields[0]] = Item(fields[0], fields[1], "", genres)
     return items
@@ -307,8 +364,8 @@ def _csv_spec(name: str, title: str, sha256: str) -> DatasetSpec:
 
 
 # A catalog of one's own (`--dataset csv --ratings FILE --items FILE`): two CSV files with these headers.
-# Ids are integers; ratings are stars from 0.5 to 5 in steps of 0.5; timestamps Unix seconds; genres
-# are "|"-separated (may be empty).
+# Ids are any UTF-8 strings of 1 to 128 characters (no NUL); ratings are stars from 0.5 to 5 in steps
+# of 0.5; timestamps Unix seconds; genres are "|"-separated (may be empty).
 CSV_RATINGS_HEADER = "user_id,item_id,rating,timestamp"
 CSV_ITEMS_HEADER = "item_id,title,genres"
 
@@ -330,17 +387,56 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def read_csv_ratings(path: Path, items: dict[str, Item]) -> tuple[np.ndarray, IdNames]:
+    """The CSV format's ratings, ids any string of 1 to 128 characters: rows of codes, and the names.
+
+    Kept compact while reading (an array of int64, not a list of tuples), so a file of tens of millions
+    of rows costs its rows' 32 bytes each. A malformed row fails naming the file and line."""
+    item_names = sorted(items, key=id_sort_key)
+    item_code = {item_id: code for code, item_id in enumerate(item_names)}
+    user_code: dict[str, int] = {}
+    flat = array("q")
+    scale = DATASETS["csv"].rating_scale
+    for line_number, (user, item, rating, timestamp) in _rows(path, "utf-8", ",", 4, CSV_RATINGS_HEADER):
+        try:
+            units = float(rating) / scale
+            if units != int(units) or not 0 < units * scale <= 5:
+                raise ValueError(f"rating {rating} is not a multiple of {scale} in (0, 5]")
+            seconds = int(timestamp)
+        except ValueError as error:
+            raise DataFormatError(f"{path}:{line_number}: {error}: {[user, item, rating, timestamp]!r}") from None
+        code = user_code.get(user)
+        if code is None:
+            check_id(path, line_number, "user", user)
+            code = user_code[user] = len(user_code)
+        movie = item_code.get(item)
+        if movie is None:
+            raise DataFormatError(f"{path}:{line_number}: movie id {item!r} is not in the items file")
+        flat.extend((code, movie, int(units), seconds))
+    if not flat:
+        raise DataFormatError(f"{path}: no ratings")
+    rows = np.frombuffer(flat, dtype=np.int64).reshape(-1, 4).copy()
+    del flat
+    # Codes in id order, so that users sort the same way by code and by id.
+    first_seen = list(user_code)
+    order = sorted(range(len(first_seen)), key=lambda code: id_sort_key(first_seen[code]))
+    recode = np.empty(len(order), np.int64)
+    recode[order] = np.arange(len(order))
+    rows[:, 0] = recode[rows[:, 0]]
+    return rows, IdNames(np.array([first_seen[code] for code in order], dtype=object).astype(str),
+                         np.array(item_names, dtype=object).astype(str))
+
+
 def load_csv(ratings_file: str | os.PathLike, items_file: str | os.PathLike) -> MovieLens:
     """A catalog of one's own in the documented CSV format; a malformed row fails naming file and line."""
     ratings_path, items_path = Path(ratings_file), Path(items_file)
     for path in (ratings_path, items_path):
         if not path.is_file():
             raise DataSourceError(f"{path} is not a file")
-    items = read_movies_table(items_path, ",", "utf-8", header=CSV_ITEMS_HEADER)
-    ratings = read_ratings_table(ratings_path, ",", DATASETS["csv"].rating_scale, header=CSV_RATINGS_HEADER)
-    check_rated_movies_known(items_path, np.unique(ratings[:, 1]), items)
+    items = read_movies_table(items_path, ",", "utf-8", header=CSV_ITEMS_HEADER, numeric_ids=False)
+    ratings, names = read_csv_ratings(ratings_path, items)
     return MovieLens(ratings=ratings, items=items, users={}, source=ratings_path.parent,
-                     rating_scale=DATASETS["csv"].rating_scale, dataset="csv")
+                     rating_scale=DATASETS["csv"].rating_scale, dataset="csv", names=names)
 
 
 def load_movielens(data_dir: str | os.PathLike | None = None, dataset: str = "ml-100k",
@@ -421,8 +517,7 @@ def held_out_users(user_column: np.ndarray, holdout: str) -> np.ndarray:
 def popularity_order(item_ids: Iterable[str], rating_counts: Mapping[str, int]) -> list[str]:
     """Most rated first, ties by movie id (numeric where ids are numbers): the served fallback's
     order and the popularity baseline's, so the two cannot differ."""
-    return sorted(item_ids, key=lambda item_id: (-rating_counts.get(item_id, 0),
-                                                 (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)))
+    return sorted(item_ids, key=lambda item_id: (-rating_counts.get(item_id, 0), id_sort_key(item_id)))
 
 
 def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -437,13 +532,20 @@ def fit_and_held_out(ratings: np.ndarray, holdout: str) -> tuple[np.ndarray, np.
     return ratings[~excluded & ~held], ratings[held]
 
 
+def group_rows(rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` split by user (column 0), users in code order, each user's rows in the order they had."""
+    if not len(rows):
+        return []
+    ordered = rows[np.argsort(rows[:, 0], kind="stable")]
+    return np.split(ordered, np.flatnonzero(np.diff(ordered[:, 0])) + 1)
+
+
 def fold_in_and_targets(held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each held-out user's rows, split per user (seeded, in user order): 80% sent with the request as
     interactions, the rest the targets to find."""
     rng = np.random.default_rng(FOLD_IN_SEED)
     fold_in, targets = [], []
-    for user in np.unique(held_out[:, 0]):
-        rows = held_out[held_out[:, 0] == user]
+    for rows in group_rows(held_out):
         permutation = rng.permutation(len(rows))
         cut = round(len(rows) * FOLD_IN_FRACTION)
         fold_in.append(rows[permutation[:cut]])

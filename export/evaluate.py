@@ -23,8 +23,24 @@ from typing import Sequence
 
 import numpy as np
 
-from export.baselines import ease_fold_in_lists, ease_lists
-from export.data import USER_HOLDOUTS, MovieLens, fit_and_held_out, fold_in_and_targets, popularity_order
+from export.baselines import (
+    als_fold_in_lists,
+    als_lists,
+    catalog_mask,
+    ease_fold_in_lists,
+    ease_lists,
+    interaction_matrix,
+)
+from export.data import (
+    USER_HOLDOUTS,
+    IdNames,
+    MovieLens,
+    fit_and_held_out,
+    fold_in_and_targets,
+    group_rows,
+    popularity_order,
+)
+from export.item_item import unit_columns
 from server.backend import Backend, InProcessBackend, UserBatch
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
@@ -33,12 +49,17 @@ from server.limits import MAX_BATCH_USERS, MAX_K
 from server.pipeline import Pipeline, Query, Recommendation
 
 LIST_LENGTH = 100
+# Users scored per protocol: all of them up to this many, else a seeded sample.
+EVALUATION_USERS = 10_000
+EVALUATION_SEED = 11
+# Movies whose 10 nearest are compared by genre (all of them up to this many, else a seeded sample).
+GENRE_MOVIES = 2_000
 # Item-to-item HR@10: the user's top-rated training movies whose neighbours are looked at, and how
 # many neighbours similar_items lists per movie (MAX_K).
 ANCHORS = 3
 SIMILAR_LIST = MAX_K
 # Display order of the systems each protocol scores.
-SYSTEMS = ("popularity", "ease", "retrieval", "two_stage_without_interactions", "two_stage_excluding_them",
+SYSTEMS = ("popularity", "ease", "als", "retrieval", "two_stage_without_interactions", "two_stage_excluding_them",
            "two_stage")
 LABELS = {"two_stage_without_interactions": "two_stage, no interactions",
           "two_stage_excluding_them": "two_stage, them excluded"}
@@ -87,32 +108,56 @@ def ranking_metrics(lists: dict[str, list[str]], held_out: dict[str, set[str]]) 
     return result
 
 
-def popularity_lists(train: np.ndarray, users: list[str], sent: Interactions | None = None) -> dict[str, list[str]]:
+def sample_users(rows: np.ndarray) -> np.ndarray:
+    """The user codes of `rows`, sorted; at most EVALUATION_USERS of them (a seeded sample) on data sets
+    with more users: the standard errors say what the sample costs in precision."""
+    users = np.unique(rows[:, 0])
+    if len(users) <= EVALUATION_USERS:
+        return users
+    return np.sort(np.random.default_rng(EVALUATION_SEED).choice(users, EVALUATION_USERS, replace=False))
+
+
+def rows_of(rows: np.ndarray, users: np.ndarray) -> np.ndarray:
+    return rows[np.isin(rows[:, 0], users)]
+
+
+def popularity_lists(train: np.ndarray, users: np.ndarray, names: IdNames, sent: Interactions | None = None
+                     ) -> dict[str, list[str]]:
     """Each user's most popular unseen movies (rated in `train` or `sent`), in the served fallback's
     order (`popularity_order`)."""
-    items, counts = np.unique(train[:, 1].astype(str), return_counts=True)
-    popular = popularity_order(items.tolist(), dict(zip(items.tolist(), counts.tolist())))
+    codes, counts = np.unique(train[:, 1], return_counts=True)
+    popular = popularity_order(names.item_ids(codes), dict(zip(names.item_ids(codes), counts.tolist())))
     rated = defaultdict(set)
-    for user, item in train[:, :2].astype(str).tolist():
+    mine = rows_of(train, users)
+    for user, item in zip(names.user_ids(mine[:, 0]), names.item_ids(mine[:, 1])):
         rated[user].add(item)
     for user, pairs in (sent or {}).items():
         rated[user].update(item for item, _ in pairs)
-    return {user: [item for item in popular if item not in rated[user]][:LIST_LENGTH] for user in users}
+    lists = {}
+    for user in names.user_ids(users):
+        unseen = (item for item in popular if item not in rated[user])
+        lists[user] = [item for _, item in zip(range(LIST_LENGTH), unseen)]
+    return lists
 
 
-def held_out_by_user(test: np.ndarray) -> dict[str, set[str]]:
+def held_out_by_user(test: np.ndarray, names: IdNames) -> dict[str, set[str]]:
     held_out = defaultdict(set)
-    for user, item in test[:, :2].tolist():
-        held_out[str(user)].add(str(item))
+    for user, item in zip(names.user_ids(test[:, 0]), names.item_ids(test[:, 1])):
+        held_out[user].add(item)
     return dict(held_out)
 
 
-def interactions_by_user(rows: np.ndarray, rating_scale: float = 1.0) -> Interactions:
+def interactions_by_user(rows: np.ndarray, names: IdNames, rating_scale: float = 1.0) -> Interactions:
     """(movie, stars) per user, in row order."""
     sent = defaultdict(list)
-    for user, item, units in rows[:, :3].tolist():
-        sent[str(user)].append((str(item), units * rating_scale))
+    for user, item, units in zip(names.user_ids(rows[:, 0]), names.item_ids(rows[:, 1]), rows[:, 2].tolist()):
+        sent[user].append((item, units * rating_scale))
     return {user: tuple(pairs) for user, pairs in sent.items()}
+
+
+def code_lists(top: np.ndarray, users: np.ndarray, names: IdNames) -> dict[str, list[str]]:
+    """A baseline's [users, k] movie codes as lists of ids per user id."""
+    return dict(zip(names.user_ids(users), (names.item_ids(row) for row in top)))
 
 
 def served(pipeline: Pipeline, users: list[str], k: int = LIST_LENGTH, sent: Interactions | None = None,
@@ -147,11 +192,11 @@ def retrieval_lists(backend: Backend, users: list[str], sent: Interactions | Non
     return lists, model_version
 
 
-def rating_rmse(backend: Backend, model_version: str, targets: np.ndarray, stars: np.ndarray,
+def rating_rmse(backend: Backend, model_version: str, targets: np.ndarray, stars: np.ndarray, names: IdNames,
                 sent: Interactions | None = None) -> float:
     """RMSE of the ranker's predicted stars on `targets` rows, each user with their interactions."""
     by_user = defaultdict(list)
-    for row, (user, item) in enumerate(targets[:, :2].astype(str).tolist()):
+    for row, (user, item) in enumerate(zip(names.user_ids(targets[:, 0]), names.item_ids(targets[:, 1]))):
         by_user[user].append((row, item))
     predicted = np.zeros(len(targets), np.float32)
     users = list(by_user)
@@ -176,11 +221,11 @@ def _result(lists: dict[str, dict[str, list[str]]], held_out: dict[str, set[str]
             "users": len(held_out), "pairs": sum(len(movies) for movies in held_out.values())}
 
 
-def top_rated(train: np.ndarray, count: int = ANCHORS) -> dict[str, list[str]]:
+def top_rated(train: np.ndarray, names: IdNames, count: int = ANCHORS) -> dict[str, list[str]]:
     """Each user's `count` best-rated training movies (most stars, then most recent)."""
     ordered = train[np.lexsort((-train[:, 3], -train[:, 2], train[:, 0]))]
     anchors: dict[str, list[str]] = defaultdict(list)
-    for user, item in ordered[:, :2].astype(str).tolist():
+    for user, item in zip(names.user_ids(ordered[:, 0]), names.item_ids(ordered[:, 1])):
         if len(anchors[user]) < count:
             anchors[user].append(item)
     return dict(anchors)
@@ -204,24 +249,29 @@ def genre_overlap(pairs: list[tuple[str, str]], catalog: dict) -> float:
     return float(np.mean(overlaps)) if overlaps else 0.0
 
 
-def evaluate_similar_items(backend: Backend, data: MovieLens, train: np.ndarray, test: np.ndarray) -> dict:
+def evaluate_similar_items(backend: Backend, data: MovieLens, train: np.ndarray, test: np.ndarray,
+                           users: np.ndarray) -> dict:
     """SimilarItems against item-kNN (cosine over co-ratings): how often a held-out movie is among the 10
     nearest to one of the user's top-rated training movies (their history left out), and how alike in
     genre each movie's 10 nearest are, against random pairs."""
-    anchors = top_rated(train)
-    held_out = held_out_by_user(test)
-    requests = [(user, anchor) for user in sorted(anchors, key=int) if user in held_out for anchor in anchors[user]]
-    movies = sorted(data.items, key=int)
-    whole_catalog = [("", movie) for movie in movies]
+    names = data.names
+    anchors = top_rated(rows_of(train, users), names)
+    held_out = held_out_by_user(rows_of(test, users), names)
+    requests = [(user, anchor) for user in names.user_ids(users) if user in held_out and user in anchors
+                for anchor in anchors[user]]
+    movies = data.item_ids
+    rng = np.random.default_rng(0)
+    looked_at = movies if len(movies) <= GENRE_MOVIES else sorted(rng.choice(movies, GENRE_MOVIES, replace=False),
+                                                                   key=movies.index)
+    whole_catalog = [("", movie) for movie in looked_at]
     served_neighbours = served_similar(backend, requests + whole_catalog)
     knn = item_knn_neighbours(data, train, requests + whole_catalog)
     tested = {user: held_out[user] for user in {user for user, _ in requests}}
-    rng = np.random.default_rng(0)
-    random_pairs = [(a, b) for a, b in rng.choice(movies, size=(10 * len(movies), 2)).tolist() if a != b]
+    random_pairs = [(a, b) for a, b in rng.choice(movies, size=(10 * len(looked_at), 2)).tolist() if a != b]
 
     def summary(neighbours: dict) -> dict:
         return {**item_to_item_hit_rate(neighbours, anchors, tested),
-                "genre_overlap": genre_overlap([(movie, item) for movie in movies
+                "genre_overlap": genre_overlap([(movie, item) for movie in looked_at
                                                 for item in neighbours[("", movie)][:10]], data.items)}
 
     return {"served": summary(served_neighbours), "item_knn": summary(knn),
@@ -241,32 +291,45 @@ def served_similar(backend: Backend, requests: list[tuple[str, str]]) -> dict[tu
 
 def item_knn_neighbours(data: MovieLens, train: np.ndarray, requests: list[tuple[str, str]]) -> dict:
     """The baseline: each (user, movie)'s nearest movies by cosine over training co-ratings, the movie
-    itself and the user's training movies left out (as many as the served list holds)."""
-    movies = sorted(data.items, key=int)
-    column = {movie: n for n, movie in enumerate(movies)}
-    users = {user: n for n, user in enumerate(np.unique(train[:, 0]).tolist())}
-    ratings = np.zeros((len(users), len(movies)), dtype=np.float32)
-    ratings[[users[user] for user in train[:, 0].tolist()], [column[str(item)] for item in train[:, 1].tolist()]] = 1.0
-    unit = ratings / np.maximum(np.linalg.norm(ratings, axis=0, keepdims=True), 1e-12)
+    itself and the user's training movies left out (as many as the served list holds). The co-ratings
+    are a sparse matrix; similarities are computed for a block of the wanted movies at a time."""
+    names = data.names
+    code = {item_id: n for n, item_id in enumerate(names.items.tolist())}
+    unit = unit_columns(interaction_matrix(train, (len(names.users), len(names.items)))).tocsc()
+    catalog = catalog_mask(data)
+    requesting = {user for user, _ in requests if user}
+    mine = train[np.isin(train[:, 0], [n for n, user in enumerate(names.users.tolist()) if user in requesting])]
     rated = defaultdict(set)
-    for user, item in train[:, :2].astype(str).tolist():
+    for user, item in zip(names.user_ids(mine[:, 0]), names.item_ids(mine[:, 1])):
         rated[user].add(item)
-    wanted = sorted({movie for _, movie in requests}, key=column.get)
-    similarity = (unit.T @ unit[:, [column[movie] for movie in wanted]]).T  # [wanted, movies]
+    keep = min(int(catalog.sum()), SIMILAR_LIST + 1 + max((len(movies) for movies in rated.values()), default=0))
+    wanted = sorted({movie for _, movie in requests}, key=code.get)
     ranked = {}
-    for row, movie in enumerate(wanted):
-        similarity[row, column[movie]] = -np.inf
-        ranked[movie] = [movies[n] for n in np.argsort(-similarity[row], kind="stable")]
+    for start in range(0, len(wanted), 512):
+        block = wanted[start:start + 512]
+        similarity = (unit[:, [code[movie] for movie in block]].T @ unit).toarray()  # [block, movie codes]
+        similarity[:, ~catalog] = -np.inf
+        for row, movie in enumerate(block):
+            similarity[row, code[movie]] = -np.inf
+            ranked[movie] = names.item_ids(_best(similarity[row], keep))
     return {(user, movie): [item for item in ranked[movie] if item not in rated[user]][:SIMILAR_LIST]
             for user, movie in requests}
 
 
-def evaluate_reasons(answers: dict[str, list[Recommendation]], train: np.ndarray) -> dict:
+def _best(scores: np.ndarray, count: int) -> np.ndarray:
+    """The `count` best positions, best first, ties in position order (as a stable sort of all would)."""
+    if count >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    best = np.argpartition(-scores, count)[:count]
+    return best[np.lexsort((best, -scores[best]))]
+
+
+def evaluate_reasons(answers: dict[str, list[Recommendation]], train: np.ndarray, data: MovieLens) -> dict:
     """How often a recommendation's first reason is a movie the user rated 4 stars or more, against how
     often any movie of theirs is (each user weighted by their recommendations with a reason)."""
-    units = {(user, item): rating for user, item, rating in train[:, :3].tolist()}
-    liked_share = defaultdict(list)
-    for user, _, rating in train[:, :3].tolist():
+    names, stars, liked_share = data.names, {}, defaultdict(list)
+    for user, item, rating in zip(names.user_ids(train[:, 0]), names.item_ids(train[:, 1]), data.stars(train).tolist()):
+        stars[(user, item)] = rating
         liked_share[user].append(rating >= 4)
     first_liked, any_liked, explained, model_items = [], [], 0, 0
     for user, recommendations in answers.items():
@@ -274,8 +337,8 @@ def evaluate_reasons(answers: dict[str, list[Recommendation]], train: np.ndarray
             model_items += not item.fallback
             if item.because_item_ids:
                 explained += 1
-                first_liked.append(units.get((int(user), int(item.because_item_ids[0])), 0) >= 4)
-                any_liked.append(np.mean(liked_share[int(user)]))
+                first_liked.append(stars.get((user, item.because_item_ids[0]), 0) >= 4)
+                any_liked.append(np.mean(liked_share[user]))
     return {"first_reason_rated_4_or_more": float(np.mean(first_liked)) if first_liked else 0.0,
             "any_history_movie_rated_4_or_more": float(np.mean(any_liked)) if any_liked else 0.0,
             "items_with_a_reason": explained / max(model_items, 1)}
@@ -283,50 +346,61 @@ def evaluate_reasons(answers: dict[str, list[Recommendation]], train: np.ndarray
 
 def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str,
                     item_to_item: bool = True) -> dict:
+    names = data.names
     train, test = fit_and_held_out(data.ratings, holdout)
-    held_out = held_out_by_user(test)
-    users = sorted(held_out, key=int)
+    codes = sample_users(test)
+    test = rows_of(test, codes)
+    held_out = held_out_by_user(test, names)
+    users = names.user_ids(codes)
     retrieved, model_version = retrieval_lists(backend, users)
     answers = served(Pipeline(backend, catalogs), users)
-    lists = {"popularity": popularity_lists(train, users), "retrieval": retrieved,
+    lists = {"popularity": popularity_lists(train, codes, names), "retrieval": retrieved,
              "two_stage": {user: [item.item_id for item in items] for user, items in answers.items()}}
-    ease = ease_lists(data, holdout, users, LIST_LENGTH)
+    ease = ease_lists(data, holdout, codes, LIST_LENGTH)
     if ease is not None:
-        lists["ease"] = ease[0]
+        lists["ease"] = code_lists(ease[0], codes, names)
+    als = als_lists(data, holdout, codes, LIST_LENGTH)
+    lists["als"] = code_lists(als[0], codes, names)
     result = _result(lists, held_out)
     if ease is not None:
         result["systems"]["ease"]["lambda"] = ease[1]
-    result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test))}
+    result["systems"]["als"].update(als[1])
+    result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test), names)}
     if item_to_item:
-        result["similar_items"] = evaluate_similar_items(backend, data, train, test)
-        result["reasons"] = evaluate_reasons(answers, train)
+        result["similar_items"] = evaluate_similar_items(backend, data, train, test, codes)
+        result["reasons"] = evaluate_reasons(answers, rows_of(train, codes), data)
     return {"model_version": model_version, **result}
 
 
 def evaluate_fold_in(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
+    names = data.names
     train, held = fit_and_held_out(data.ratings, holdout)
+    held = rows_of(held, sample_users(held))
     fold_in, targets = fold_in_and_targets(held)
-    sent = interactions_by_user(fold_in, data.rating_scale)
-    held_out = held_out_by_user(targets)
-    users = sorted(held_out, key=int)
+    sent = interactions_by_user(fold_in, names, data.rating_scale)
+    held_out = held_out_by_user(targets, names)
+    codes = np.unique(targets[:, 0])
+    users = names.user_ids(codes)
     retrieved, model_version = retrieval_lists(backend, users, sent)
-    lists = {"popularity": popularity_lists(train, users, sent), "retrieval": retrieved,
+    lists = {"popularity": popularity_lists(train, codes, names, sent), "retrieval": retrieved,
              "two_stage": two_stage_lists(Pipeline(backend, catalogs), users, sent=sent)}
-    ease = ease_fold_in_lists(data, holdout, LIST_LENGTH)
+    ease = ease_fold_in_lists(data, holdout, codes, LIST_LENGTH)
     if ease is not None:
-        lists["ease"] = ease[0]
+        lists["ease"] = code_lists(ease[0], codes, names)
+    als = als_fold_in_lists(data, holdout, codes, LIST_LENGTH)
+    lists["als"] = code_lists(als[0], codes, names)
     result = _result(lists, held_out)
     if ease is not None:
         result["systems"]["ease"]["lambda"] = ease[1]
-    result["ranking"] = {"rmse": rating_rmse(backend, model_version, targets, data.stars(targets), sent)}
+    result["systems"]["als"].update(als[1])
+    result["ranking"] = {"rmse": rating_rmse(backend, model_version, targets, data.stars(targets), names, sent)}
     return {"model_version": model_version, **result}
 
 
 def earliest_half(test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per user with at least two test ratings: the earliest half (by timestamp, then movie id) and the rest."""
     earliest, rest = [], []
-    for user in np.unique(test[:, 0]):
-        rows = test[test[:, 0] == user]
+    for rows in group_rows(test):
         if len(rows) < 2:
             continue
         rows = rows[np.lexsort((rows[:, 1], rows[:, 3]))]
@@ -337,11 +411,12 @@ def earliest_half(test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_recent(backend: Backend, catalogs: CatalogStore, data: MovieLens, holdout: str) -> dict:
+    names = data.names
     _, test = fit_and_held_out(data.ratings, holdout)
-    earliest, rest = earliest_half(test)
-    sent = interactions_by_user(earliest, data.rating_scale)
-    held_out = held_out_by_user(rest)
-    users = sorted(held_out, key=int)
+    earliest, rest = earliest_half(rows_of(test, sample_users(test)))
+    sent = interactions_by_user(earliest, names, data.rating_scale)
+    held_out = held_out_by_user(rest, names)
+    users = names.user_ids(np.unique(rest[:, 0]))
     pipeline = Pipeline(backend, catalogs)
     lists = {"two_stage": two_stage_lists(pipeline, users, sent=sent),
              "two_stage_without_interactions": two_stage_lists(pipeline, users),
@@ -390,13 +465,22 @@ def evaluate_export(models_dir: Path, data: MovieLens, protocol: str | None = No
     return metrics
 
 
+def system_label(system: str, row: dict) -> str:
+    """A system's name with the hyperparameters its baseline chose on the validation split."""
+    if system == "ease":
+        return f"EASE (lambda {row['lambda']:g})"
+    if system == "als":
+        return f"ALS ({row['factors']}f, reg {row['regularization']:g}, alpha {row['alpha']:g})"
+    return LABELS.get(system, system)
+
+
 def format_table(metrics: dict) -> str:
     lines = [f"model version {metrics['model_version']} (preset {metrics.get('preset', '?')}), {metrics['protocol']} "
              f"protocol, {metrics['holdout']} holdout: {metrics['users']} users, {metrics['pairs']} target pairs",
              f"{'system':<28} {'HR@10':>15} {'HR@100':>15} {'NDCG@10':>15}"]
     for system, row in metrics["systems"].items():
         cells = " ".join(f"{row[key]:>7.4f} ± {row[key + '_se']:.4f}" for key in ("hr@10", "hr@100", "ndcg@10"))
-        lines.append(f"{LABELS.get(system, system):<28} {cells}")
+        lines.append(f"{system_label(system, row):<28} {cells}")
     if "ranking" in metrics:
         lines.append(f"ranker RMSE {metrics['ranking']['rmse']:.4f}")
     if "similar_items" in metrics:

@@ -15,9 +15,19 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from export.data import DEFAULT_SHUFFLE_BUFFER, DataFormatError, MovieLens, check_rated_movies_known, split_row_numbers
+from export.data import (
+    DEFAULT_SHUFFLE_BUFFER,
+    DataFormatError,
+    IdNames,
+    MovieLens,
+    check_rated_movies_known,
+    id_sort_key,
+    split_row_numbers,
+)
 
 STREAM_BLOCK_ROWS = 65_536
+# Rows a shuffle of row numbers holds at once (8 bytes each): a full shuffle up to here.
+MAX_SHUFFLE_ROWS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -33,55 +43,71 @@ class FitData:
     batches: Callable[[int, int], tf.data.Dataset]
 
 
-def _summarise(users: np.ndarray, items: np.ndarray, stars: np.ndarray, names: np.ndarray | None = None
+def _summarise(users: np.ndarray, items: np.ndarray, stars: np.ndarray, names: IdNames | None = None
                ) -> tuple[list[str], dict[str, list[str]], dict[str, np.ndarray], dict[str, int]]:
-    """Users, who rated what with how many stars (in row order) and rating counts, from parallel columns.
-    `names`: user codes -> user ids, where `users` holds codes rather than the ids themselves."""
+    """Users, who rated what with how many stars (in row order) and rating counts, from parallel columns
+    of codes (`names` turns them into ids; without it the codes are the ids)."""
     order = np.argsort(users, kind="stable")
     users, items, stars = users[order], items[order], stars[order]
     starts = np.flatnonzero(np.diff(users)) + 1
     firsts = users[np.r_[0, starts]] if len(users) else np.zeros(0, users.dtype)
-    firsts = (names[firsts] if names is not None else firsts).astype(str).tolist()
-    rated = dict(zip(firsts, (chunk.astype(str).tolist() for chunk in np.split(items, starts))))
+    user_names = names.users if names is not None else None
+    item_names = names.items if names is not None else None
+
+    def named(codes: np.ndarray, table: np.ndarray | None) -> list[str]:
+        return (table[codes] if table is not None else codes.astype(str)).tolist()
+
+    firsts = named(firsts, user_names)
+    rated = dict(zip(firsts, (named(chunk, item_names) for chunk in np.split(items, starts))))
     rated_stars = dict(zip(firsts, np.split(stars, starts)))
     movies, counts = np.unique(items, return_counts=True)
-    return list(rated), rated, rated_stars, dict(zip(movies.astype(str).tolist(), counts.tolist()))
+    return list(rated), rated, rated_stars, dict(zip(named(movies, item_names), counts.tolist()))
 
 
 @dataclass(frozen=True)
 class ExtraRows:
     """Ratings from outside the data set's files (the interaction store), trained on with the fit rows:
-    user ids may be any string; movies are catalog ids."""
+    user ids may be any string; movies are the data set's movie codes."""
 
     user_ids: np.ndarray  # str
-    item_ids: np.ndarray  # int64
+    item_codes: np.ndarray  # int64
     stars: np.ndarray  # float32
 
 
-def from_rows(rows: np.ndarray, rating_scale: float = 1.0, extra: ExtraRows | None = None) -> FitData:
-    """Rows already in memory (user, movie, rating units, timestamp), and `extra` rows after them.
-    Users new to the data set join the vocabulary after its own users."""
-    users, items, stars = rows[:, 0], rows[:, 1], rows[:, 2].astype(np.float32) * rating_scale
-    names = None
-    if extra is not None and len(extra.user_ids):
-        known = np.unique(users)
-        names = np.concatenate([known.astype(str), np.array(sorted(set(extra.user_ids) - set(known.astype(str))),
-                                                            dtype=str)])
-        code = {name: position for position, name in enumerate(names.tolist())}
-        users = np.concatenate([np.searchsorted(known, users), [code[user] for user in extra.user_ids]])
-        items = np.concatenate([items, extra.item_ids])
-        stars = np.concatenate([stars, extra.stars.astype(np.float32)])
-    columns = {"user_id": (names[users] if names is not None else users).astype(str), "item_id": items.astype(str),
-               "rating": stars}
+def _with_extra(users: np.ndarray, items: np.ndarray, stars: np.ndarray, names: IdNames, extra: ExtraRows | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IdNames]:
+    """The columns with `extra`'s rows after them; users new to the data set get codes after its own."""
+    if extra is None or not len(extra.user_ids):
+        return users, items, stars, names
+    code = {name: position for position, name in enumerate(names.users.tolist())}
+    new = sorted(set(extra.user_ids.tolist()) - code.keys(), key=id_sort_key)
+    code.update((name, len(names.users) + n) for n, name in enumerate(new))
+    names = IdNames(np.concatenate([names.users, np.array(new, dtype=str)]).astype(str), names.items)
+    return (np.concatenate([users, [code[user] for user in extra.user_ids.tolist()]]).astype(np.int64),
+            np.concatenate([items, extra.item_codes]), np.concatenate([stars, extra.stars.astype(np.float32)]), names)
+
+
+def from_rows(rows: np.ndarray, rating_scale: float = 1.0, extra: ExtraRows | None = None,
+              names: IdNames | None = None) -> FitData:
+    """Rows already in memory (user code, movie code, rating units, timestamp), and `extra` rows after
+    them. `names` turns codes into ids (by default the codes are the ids, as in MovieLens' files)."""
+    if names is None:
+        names = IdNames(np.arange(int(rows[:, 0].max(initial=0)) + 1).astype(str),
+                        np.arange(int(rows[:, 1].max(initial=0)) + 1).astype(str))
+    users, items, stars, names = _with_extra(rows[:, 0], rows[:, 1], rows[:, 2].astype(np.float32) * rating_scale,
+                                             names, extra)
     row_count = len(users)
 
     def batches(batch_size: int, seed: int) -> tf.data.Dataset:
-        # Shuffles row indices and gathers: far cheaper than shuffling strings.
-        tensors = {name: tf.constant(values) for name, values in columns.items()}
+        # Shuffles row indices and gathers codes, then names: far cheaper than shuffling strings.
+        user_names, item_names = tf.constant(names.users), tf.constant(names.items)
+        user_codes, item_codes, star_column = tf.constant(users), tf.constant(items), tf.constant(stars)
         return (tf.data.Dataset.range(row_count)
-                .shuffle(row_count, seed=seed, reshuffle_each_iteration=True)
+                .shuffle(min(row_count, MAX_SHUFFLE_ROWS), seed=seed, reshuffle_each_iteration=True)
                 .batch(batch_size)
-                .map(lambda index: {name: tf.gather(values, index) for name, values in tensors.items()})
+                .map(lambda index: {"user_id": tf.gather(user_names, tf.gather(user_codes, index)),
+                                    "item_id": tf.gather(item_names, tf.gather(item_codes, index)),
+                                    "rating": tf.gather(star_column, index)})
                 .prefetch(tf.data.AUTOTUNE))
 
     return FitData(*_summarise(users, items, stars, names), row_count=row_count, batches=batches)

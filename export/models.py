@@ -223,11 +223,52 @@ class CatalogSoftmax(tf.keras.layers.Layer):
                          for users, items in zip(user_members, item_models)])
 
 
+class SampledSoftmax(tf.keras.layers.Layer):
+    """Summed softmax cross-entropy over the batch's own movies (in-batch negatives), each ensemble
+    member on its own, with the sampling-bias (logQ) correction of Yi et al. 2019.
+
+    A movie appears as a negative as often as it appears in the data, so popular movies would be
+    pushed down far more than a softmax over the catalog pushes them: each logit is lowered by the
+    log of its movie's share of the fit rows, which makes the sampled loss estimate the full one.
+    The same movie elsewhere in the batch is not a negative (an accidental hit). What is computed per
+    batch grows with the batch, not with the catalog.
+    """
+
+    def __init__(self, item_ids: list[str], item_counts: dict[str, int], **kwargs):
+        super().__init__(**kwargs)
+        self.catalog_position = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None, num_oov_indices=0)
+        counts = np.array([item_counts.get(item_id, 0) for item_id in item_ids], np.float64) + 1.0
+        self.log_probability = tf.constant(np.log(counts / counts.sum()).astype(np.float32))
+
+    def logits(self, users: tf.Tensor, items: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+        """[batch, batch] corrected logits: row i's user against every example's movie."""
+        logits = tf.matmul(users, items, transpose_b=True) - tf.gather(self.log_probability, positions)[None, :]
+        same = tf.equal(positions[:, None], positions[None, :])
+        accidental = same & ~tf.cast(tf.eye(tf.shape(positions)[0]), tf.bool)
+        return tf.where(accidental, tf.fill(tf.shape(logits), -1e9), logits)
+
+    def call(self, user_members: list[tf.Tensor], item_models: list[tf.keras.Model], item_id: tf.Tensor) -> tf.Tensor:
+        positions = self.catalog_position(item_id)
+        labels = tf.range(tf.shape(positions)[0])
+        return tf.add_n([tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels, self.logits(users, items(item_id), positions))) for users, items in zip(user_members, item_models)])
+
+
+def catalog_loss(loss_kind: str, item_ids: list[str], item_counts: dict[str, int] | None) -> tf.keras.layers.Layer:
+    """The softmax a two-tower head trains with: over every movie ("full_softmax") or the batch's
+    movies with the logQ correction ("sampled")."""
+    if loss_kind == "sampled":
+        return SampledSoftmax(item_ids, item_counts or {})
+    return CatalogSoftmax(item_ids)
+
+
 class RetrievalModel(tfrs.Model):
     """Two towers whose dot product scores (user, movie).
 
     `full_softmax` trains against every movie in the catalog (1,682 is cheap to
-    score), `in_batch` is the TFRS tutorial's in-batch sampled softmax. With
+    score), `sampled` against the batch's movies with the logQ correction (`SampledSoftmax`:
+    what grows with the batch, not the catalog), `in_batch` is the TFRS tutorial's in-batch
+    softmax without it. With
     `preset.ensemble_size` > 1, that many tower pairs train side by side from
     different initialisations: `user_model` / `item_model` concatenate them all (the
     ranker's copy, whose cost grows only with the candidates), `index_user_model` /
@@ -235,7 +276,9 @@ class RetrievalModel(tfrs.Model):
     with the catalog times the embedding width).
     """
 
-    def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], preset: Preset):
+    def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], preset: Preset,
+                 item_counts: dict[str, int] | None = None):
+        """`item_counts`: movie -> its fit rows (the `sampled` loss's sampling probabilities)."""
         super().__init__()
         self.loss_kind = preset.retrieval_loss
         self.uses_history = preset.user_history
@@ -255,7 +298,7 @@ class RetrievalModel(tfrs.Model):
         if self.loss_kind == "in_batch":
             self.task = tfrs.tasks.Retrieval()
         else:
-            self.catalog_softmax = CatalogSoftmax(item_ids)
+            self.catalog_softmax = catalog_loss(self.loss_kind, item_ids, item_counts)
 
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         user_input = features["user_id"]
@@ -341,8 +384,10 @@ class RankingModel(tfrs.Model):
     """
 
     def __init__(self, user_ids: list[str], item_ids: list[str], preset: Preset,
-                 history: dict[str, list[str]] | None = None, stars: dict[str, np.ndarray] | None = None):
-        """`history`: user -> movies rated in the fit rows; `stars`: user -> their stars, in the same order."""
+                 history: dict[str, list[str]] | None = None, stars: dict[str, np.ndarray] | None = None,
+                 item_counts: dict[str, int] | None = None):
+        """`history`: user -> movies rated in the fit rows; `stars`: user -> their stars, in the same order;
+        `item_counts`: movie -> its fit rows (for a `sampled` watch softmax)."""
         super().__init__()
         self.watch_weight = preset.watch_weight
         self.rating = RatingHead(user_ids, item_ids, preset, history or {}, stars or {}, name="rating")
@@ -362,7 +407,7 @@ class RankingModel(tfrs.Model):
             self.watch_item_model = ConcatTowers(
                 [id_tower(item_ids, preset.embedding_dim, 0.0, f"watch_item_tower_{member}")
                  for member in range(preset.ensemble_size)], name="watch_item_model")
-            self.catalog_softmax = CatalogSoftmax(item_ids)
+            self.catalog_softmax = catalog_loss(preset.watch_loss, item_ids, item_counts)
 
     def call(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
         """Predicted star rating, [batch, 1]."""
@@ -384,24 +429,6 @@ class RankingModel(tfrs.Model):
         return loss
 
 
-def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
-    """EASE (Steck 2019): closed-form item-item weights B with a zero diagonal, fit to a binary
-    [users x movies] matrix X; a user's score for movie c is (x_u B)_c, the sum of B[h, c] over
-    the movies h in their history. Dense [movies x movies]: for catalogs up to EASE_MAX_MOVIES."""
-    gram = interactions.T @ interactions
-    gram[np.diag_indices_from(gram)] += l2
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)[None, :]
-    weights[np.diag_indices_from(weights)] = 0.0
-    return weights
-
-
-# Above this many movies, the dense item-item weights (movies^2 floats) are not built; above this many
-# users x movies, no dense training matrix is (EASE and the co-rating factors need one).
-EASE_MAX_MOVIES = 20_000
-MAX_DENSE_CELLS = 400_000_000
-
-
 def item_towers_by_member(ranking_model: "RankingModel", retrieval_model: "RetrievalModel",
                           item_ids: list[str]) -> np.ndarray:
     """The item towers' outputs side by side, each member scaled to unit length: cosine over the
@@ -413,25 +440,6 @@ def item_towers_by_member(ranking_model: "RankingModel", retrieval_model: "Retri
     parts = [tower(ids).numpy() for tower in towers]
     return np.concatenate([part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12) for part in parts],
                           axis=1).astype(np.float32)
-
-
-def co_rating_factors(interactions: np.ndarray, dim: int) -> np.ndarray:
-    """Each movie's factors [movies x dim] from a truncated SVD of the binary [users x movies] matrix
-    with unit-length movie columns (PureSVD, Cremonesi et al. 2010): cosine between two movies'
-    factors approximates the cosine of their co-ratings, item-kNN's similarity, in `dim` numbers."""
-    columns = interactions / np.maximum(np.linalg.norm(interactions, axis=0, keepdims=True), 1e-12)
-    _, singular, rows = np.linalg.svd(columns, full_matrices=False)
-    dim = min(dim, len(singular))
-    return (rows[:dim].T * singular[:dim]).astype(np.float32)
-
-
-def history_matrix(user_ids: list[str], item_ids: list[str], history: dict[str, list[str]]) -> np.ndarray:
-    """Binary [users x movies], rows and columns in vocabulary order."""
-    position = {item_id: index for index, item_id in enumerate(item_ids)}
-    matrix = np.zeros((len(user_ids), len(item_ids)), dtype=np.float64)
-    for row, user in enumerate(user_ids):
-        matrix[row, [position[item] for item in history.get(user, [])]] = 1.0
-    return matrix
 
 
 def make_optimizer(name: str, learning_rate: float, decay_steps: int = 0) -> tf.keras.optimizers.Optimizer:

@@ -9,7 +9,8 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 
 # Fields that take one of a fixed set of values (export/models.py implements each).
 CHOICES = {
-    "retrieval_loss": ("in_batch", "full_softmax"),
+    "retrieval_loss": ("auto", "in_batch", "full_softmax", "sampled"),
+    "watch_loss": ("auto", "full_softmax", "sampled"),
     "retrieval_optimizer": ("adagrad", "adam"),
     "ranking_optimizer": ("adagrad", "adam"),
     "similar_space": ("co_rating", "item_towers"),
@@ -21,7 +22,9 @@ class Preset:
     name: str
     embedding_dim: int
     # Retrieval: "in_batch" is the tutorial's sampled softmax over the batch's
-    # items; "full_softmax" scores every movie in the catalog for every example.
+    # items; "full_softmax" scores every movie in the catalog for every example; "sampled" is
+    # in-batch with the logQ correction (export/models.py SampledSoftmax); "auto" picks by the
+    # catalog's size (export/scale.py).
     retrieval_loss: str
     retrieval_optimizer: str
     retrieval_learning_rate: float
@@ -79,6 +82,10 @@ class Preset:
     # with "item_towers") the item towers' embeddings.
     similar_space: str = "co_rating"
     similar_dim: int = 64
+    # The watch head's softmax, as retrieval_loss (without "in_batch").
+    watch_loss: str = "auto"
+    # Let export/scale.py fit epochs and ensemble size to the data's size (fields set with --set stay).
+    scale_to_data: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -151,7 +158,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(
         name="default",
         embedding_dim=64,
-        retrieval_loss="full_softmax",
+        retrieval_loss="auto",
         retrieval_optimizer="adam",
         retrieval_learning_rate=0.003,
         retrieval_batch_size=1024,

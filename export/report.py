@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from export.data import MovieLens
-from export.evaluate import LABELS, evaluate_export, write_plot
+from export.evaluate import LABELS, evaluate_export, system_label, write_plot
 from export.presets import PRESETS
 from export.train import train_and_export
 
@@ -34,7 +34,7 @@ def run_report(data: MovieLens, presets: list[str], out_dir: Path, plot: Path | 
         results[name] = (evaluate_export(out_dir / name, data, "random"), seconds)
     first = next(iter(results.values()))[0]["systems"]
     lines = ["Random split (test rows):", "", *HEADER, _row("popularity", first["popularity"]),
-             _row(f"EASE (lambda {first['ease']['lambda']:g})", first["ease"])]
+             _row(system_label("ease", first["ease"]), first["ease"]), _row(system_label("als", first["als"]), first["als"])]
     for name, (metrics, seconds) in results.items():
         lines.append(_row(f"`{name}` preset, two-stage", metrics["systems"]["two_stage"], metrics["ranking"]["rmse"],
                           seconds))
@@ -67,7 +67,8 @@ def run_report(data: MovieLens, presets: list[str], out_dir: Path, plot: Path | 
         systems = fold_in["systems"]
         lines += ["", f"Fold-in ({fold_in['users']} users held out of training, {fold_in['pairs']} target pairs):", "",
                   *HEADER, _row("popularity", systems["popularity"], error=True),
-                  _row(f"EASE folded in (lambda {systems['ease']['lambda']:g})", systems["ease"], error=True),
+                  _row(f"{system_label('ease', systems['ease'])} folded in", systems["ease"], error=True),
+                  _row(f"{system_label('als', systems['als'])} folded in", systems["als"], error=True),
                   _row("`default` preset, two-stage", systems["two_stage"], fold_in["ranking"]["rmse"], seconds,
                        error=True),
                   _row("`default` preset, retrieval only", systems["retrieval"], error=True)]

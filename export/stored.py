@@ -37,8 +37,9 @@ def stored_ratings(location: str, data: MovieLens) -> StoredRatings:
         rows = list(store.export())
     finally:
         store.close()
-    in_data = set(zip(data.ratings[:, 0].astype(str).tolist(), data.ratings[:, 1].astype(str).tolist()))
-    known_users = set(data.ratings[:, 0].astype(str).tolist())
+    in_data = set(zip(data.names.user_ids(data.ratings[:, 0]), data.names.item_ids(data.ratings[:, 1])))
+    known_users = set(data.names.user_ids(np.unique(data.ratings[:, 0])))
+    item_code = {item_id: code for code, item_id in enumerate(data.names.items.tolist())}
     kept, unknown, unrated, duplicate = [], 0, 0, 0
     for user_id, item_id, rating, _ in rows:
         if item_id not in data.items:
@@ -48,7 +49,7 @@ def stored_ratings(location: str, data: MovieLens) -> StoredRatings:
         elif (user_id, item_id) in in_data:
             duplicate += 1
         else:
-            kept.append((user_id, int(item_id), rating))
+            kept.append((user_id, item_code[item_id], rating))
     extra = ExtraRows(np.array([user for user, _, _ in kept], dtype=str),
                       np.array([item for _, item, _ in kept], dtype=np.int64),
                       np.array([stars for _, _, stars in kept], dtype=np.float32))

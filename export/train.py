@@ -13,19 +13,11 @@ import tensorflow as tf
 
 from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, popularity_order
 from export.examples import FitData, from_rows, from_stream
-from export.models import (
-    EASE_MAX_MOVIES,
-    MAX_DENSE_CELLS,
-    RankingModel,
-    RetrievalModel,
-    co_rating_factors,
-    ease_weights,
-    history_matrix,
-    item_towers_by_member,
-    make_optimizer,
-)
+from export.item_item import co_rating_factors, ease_weights, history_matrix
+from export.models import RankingModel, RetrievalModel, item_towers_by_member, make_optimizer
 from export.presets import STRATEGIES, Preset
 from export.savedmodel import write_export
+from export.scale import fit_to_data
 from export.serving import (
     ItemItem,
     RankingServing,
@@ -79,7 +71,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
                     strategy: tf.distribute.Strategy | None = None) -> RetrievalModel:
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = RetrievalModel(fit.user_ids, item_ids, fit.rated_item_ids, preset)
+        model = RetrievalModel(fit.user_ids, item_ids, fit.rated_item_ids, preset, fit.rating_counts)
         model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
     model.fit(fit.batches(preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
               verbose=0, callbacks=[EpochLine("retrieval", preset.retrieval_epochs)])
@@ -89,7 +81,7 @@ def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
 def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
                   strategy: tf.distribute.Strategy | None = None) -> RankingModel:
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids, fit.rated_stars)
+        model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids, fit.rated_stars, fit.rating_counts)
         decay_steps = preset.ranking_epochs * math.ceil(fit.row_count / preset.ranking_batch_size)
         model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate,
                                                decay_steps if preset.ranking_cosine_decay else 0))
@@ -138,7 +130,7 @@ def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, see
 def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test",
                      synthetic_items: int = 0, strategy: str = "default",
                      shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                     stored: StoredRatings | None = None) -> TrainedExport | None:
+                     stored: StoredRatings | None = None, fixed: frozenset[str] = frozenset()) -> TrainedExport | None:
     """Train retrieval then ranking and write them as the next version.
 
     holdout="test" trains on the fixed train split (what is served and reported);
@@ -149,6 +141,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     service (export/stored.py), added to the fit rows.
     Data loaded without ratings (`load_movielens(with_ratings=False)`) are streamed from the
     ratings file through a shuffle buffer of `shuffle_buffer` rows instead of held in memory.
+    The preset is fitted to the data's size (export/scale.py) except for the `fixed` fields.
     """
     distribution = make_strategy(strategy)
     tf.keras.utils.set_random_seed(preset.seed)
@@ -156,11 +149,15 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
         fit = from_stream(data, holdout, shuffle_buffer)
         print(f"streaming {fit.row_count} fit rows from {data.source / data.spec.ratings_file}", flush=True)
     else:
-        fit = from_rows(fit_and_held_out(data.ratings, holdout)[0], data.rating_scale, stored and stored.rows)
+        fit = from_rows(fit_and_held_out(data.ratings, holdout)[0], data.rating_scale, stored and stored.rows, data.names)
         if stored is not None:
             print(stored.summary(), flush=True)
-    user_ids, item_ids = fit.user_ids, sorted(data.items, key=int)
+    user_ids, item_ids = fit.user_ids, data.item_ids
+    preset, scale_choices = fit_to_data(preset, len(user_ids), len(item_ids), fit.row_count, fixed)
+    for field, choice in scale_choices.items():
+        print(f"  {field} = {choice['value']}: {choice['reason']}", flush=True)
     metadata = build_metadata(data, fit, preset)
+    metadata["scale"] = scale_choices
     metadata["holdout"] = holdout
     metadata["dataset"] = data.dataset
     metadata["streamed"] = data.ratings is None
@@ -190,10 +187,10 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     index_users = ServedUserTower(tower_table(retrieval.index_user_model, user_ids),
                                   TowerParts.of(retrieval.index_user_model), history, name="user_tower")
     started_item_item = time.perf_counter()
-    dense = len(user_ids) * len(item_ids) <= MAX_DENSE_CELLS
-    fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids) if dense else None
-    if dense and preset.similar_space == "co_rating":
-        similarity, metadata["similar_space"] = co_rating_factors(fitted, preset.similar_dim), "co_rating"
+    fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids)
+    if preset.similar_space == "co_rating":
+        similarity, metadata["similar_svd"] = co_rating_factors(fitted, preset.similar_dim, preset.seed)
+        metadata["similar_space"] = "co_rating"
     else:
         similarity, metadata["similar_space"] = item_towers_by_member(ranking, retrieval, item_ids), "item_towers"
     retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count,
@@ -201,11 +198,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     item_item = None
     if preset.uses_ease:
-        if not dense or len(item_ids) > EASE_MAX_MOVIES:
-            raise ValueError(f"ease_weight needs a catalog of at most {EASE_MAX_MOVIES:,} movies and "
-                             f"{MAX_DENSE_CELLS:,} users x movies: train with --set ease_weight=0 "
-                             "--set ease_weight_new_users=0")
-        item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32), fitted.astype(np.float32),
+        item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32), fitted,
                              preset.ease_weight, preset.ease_weight_new_users)
     print(f"item-item weights and similar-items space in {time.perf_counter() - started_item_item:.1f}s", flush=True)
     ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model,

@@ -14,10 +14,10 @@ FOLD_IN_TOLERANCE = 0.005
 RECENT_LIFT = 0.004
 
 
-def test_popularity_baseline_is_in_its_known_range(ml100k_split):
+def test_popularity_baseline_is_in_its_known_range(ml100k, ml100k_split):
     train, test = ml100k_split
-    held_out = held_out_by_user(test)
-    metrics = ranking_metrics(popularity_lists(train, list(held_out)), held_out)
+    held_out = held_out_by_user(test, ml100k.names)
+    metrics = ranking_metrics(popularity_lists(train, np.unique(test[:, 0]), ml100k.names), held_out)
     assert 0.085 <= metrics["hr@10"] <= 0.095
     assert 0.40 <= metrics["hr@100"] <= 0.42
 
@@ -58,7 +58,7 @@ def test_recent_sends_each_users_earliest_half():
 @pytest.mark.slow
 def test_evaluate_reports_every_system(ml100k_evaluation):
     evaluation = ml100k_evaluation
-    for system in ("popularity", "ease", "retrieval", "two_stage"):
+    for system in ("popularity", "ease", "als", "retrieval", "two_stage"):
         metrics = evaluation["systems"][system]
         assert {"hr@10", "hr@100", "ndcg@10", "hr@10_se"} <= set(metrics)
         assert all(0.0 <= metrics[key] <= 1.0 for key in ("hr@10", "hr@100", "ndcg@10"))
@@ -70,6 +70,7 @@ def test_evaluate_reports_every_system(ml100k_evaluation):
     assert evaluation["protocol"] == "random"
     assert evaluation["systems"]["ease"]["lambda"] in (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
     assert 0.16 <= evaluation["systems"]["ease"]["hr@10"] <= 0.18
+    assert evaluation["systems"]["als"]["factors"] in (64, 128)
 
 
 @pytest.mark.slow

@@ -57,8 +57,9 @@ def test_a_csv_catalog_trains_evaluates_and_serves_like_movielens(movielens, tmp
     ("ratings", 1, "user,item,rating,timestamp", "expected the header 'user_id,item_id,rating,timestamp'"),
     ("ratings", 3, "7,12,9,880000000", "rating 9 is not a multiple of 0.5 in (0, 5]"),
     ("ratings", 4, "7,12,4", "expected 4 fields"),
-    ("ratings", 2, "seven,12,4,880000000", "invalid literal"),
-    ("items", 2, "x,Title,Drama", "movie id 'x' is not a number"),
+    ("ratings", 2, "7,12,4,soon", "invalid literal"),
+    ("ratings", 2, "7,no-such-movie,4,880000000", "movie id 'no-such-movie' is not in the items file"),
+    ("items", 3, "1,Title twice,Drama", "movie id '1' is listed twice"),
 ])
 def test_a_malformed_csv_row_names_its_file_and_line(movielens, tmp_path, capsys, which, line, text, message):
     ratings, items = write_csv_catalog(movielens, tmp_path / "catalog")

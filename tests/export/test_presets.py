@@ -16,7 +16,7 @@ def test_overrides_convert_to_each_fields_type():
 @pytest.mark.parametrize("assignment, message", [
     ("no_such_field=1", "FIELD one of"), ("ensemble_size", "FIELD=VALUE"), ("name=x", "FIELD one of"),
     ("ensemble_size=two", "ensemble_size=two"), ("rating_taste=maybe", "true or false"),
-    ("retrieval_loss=full-softmax", "retrieval_loss must be one of in_batch, full_softmax"),
+    ("retrieval_loss=full-softmax", "retrieval_loss must be one of auto, in_batch, full_softmax, sampled"),
     ("ranking_optimizer=sgd", "ranking_optimizer must be one of adagrad, adam"), ("ensemble_size=0", "at least 1"),
 ])
 def test_bad_overrides_are_refused(assignment, message):
@@ -29,4 +29,4 @@ def test_a_preset_with_an_unknown_choice_cannot_be_built():
     import dataclasses
 
     with pytest.raises(ValueError, match="retrieval_loss"):
-        dataclasses.replace(PRESETS["seed"], retrieval_loss="sampled")
+        dataclasses.replace(PRESETS["seed"], retrieval_loss="sampled_softmax")

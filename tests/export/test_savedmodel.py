@@ -7,7 +7,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from export.examples import from_rows
-from export.models import ease_weights, history_matrix
+from export.item_item import ease_weights, history_matrix
 from export.presets import PRESETS
 from server.layout import complete_versions
 from tests.tf_serving.c_api import SavedModelSession

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from export.examples import from_rows
-from export.models import ConcatTowers, HistoryUserTower, ease_weights, history_matrix
+from export.item_item import ease_weights, history_matrix
+from export.models import ConcatTowers, HistoryUserTower
 from export.presets import PRESETS
 from tests.export.test_savedmodel import user_side
 

@@ -62,9 +62,9 @@ def test_only_unknown_movies_means_the_fallback_and_they_are_counted(client, cap
 
 
 def test_the_served_list_is_the_offline_pipelines_with_the_same_interactions(client, models_dir, split,
-                                                                              served_backend):
+                                                                              served_backend, movielens):
     rows = split[1][split[1][:, 0] <= 30]
-    sent = interactions_by_user(rows)
+    sent = interactions_by_user(rows, movielens.names)
     users = sorted(sent, key=int)[:8] + [NEW_USER]
     sent[NEW_USER] = sent[users[0]]
     offline = two_stage_lists(Pipeline(served_backend, CatalogStore(models_dir)), users, k=20, sent=sent)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.__main__ import main as client_main
-from export.models import co_rating_factors, history_matrix
+from export.item_item import co_rating_factors, history_matrix
 from server.catalog import CatalogStore
 from tests.conftest import status_of
 
@@ -32,7 +32,7 @@ def test_similar_items_are_the_nearest_by_cosine_in_the_co_rating_space(client, 
     from export.examples import from_rows
 
     fit, movies = from_rows(split[0]), sorted(movielens.items, key=int)
-    factors = co_rating_factors(history_matrix(fit.user_ids, movies, fit.rated_item_ids), 64)
+    factors, _ = co_rating_factors(history_matrix(fit.user_ids, movies, fit.rated_item_ids), 64)
     unit = factors / np.linalg.norm(factors, axis=1, keepdims=True)
     cosine = unit @ unit[movies.index("1")]
     cosine[movies.index("1")] = -np.inf

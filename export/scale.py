@@ -1,0 +1,67 @@
+"""What training chooses by the size of the data, so that no flag beyond the data is needed.
+
+A preset is tuned on MovieLens 100k (80,000 fit rows, 1,682 movies). On a larger catalog some of its
+choices stop fitting, and `fit_to_data` replaces them, field by field:
+- a softmax over every movie (`full_softmax`) costs movies x batch per step: above
+  FULL_SOFTMAX_MAX_MOVIES movies both two-tower heads train on in-batch negatives with the logQ
+  correction (`sampled`);
+- the ranker's item-item part (EASE) keeps a dense movies x movies matrix, and a dense table of every
+  trained user's item-item score: it is left out where either would not fit (EASE_MAX_MOVIES movies,
+  ITEM_ITEM_MAX_CELLS users x movies);
+- epochs are counted in rows seen: a preset's epochs over its reference data set's rows are a budget
+  of REFERENCE_ROWS x epochs examples, which a larger data set spends in fewer passes (at least
+  one); past ENSEMBLE_MAX_ROWS fit rows, one tower pair per head instead of an ensemble.
+Every choice is recorded, with its reason, in the export's metadata (`scale`). Fields set with
+`--set` are never changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from export.item_item import EASE_MAX_MOVIES
+from export.presets import Preset
+
+FULL_SOFTMAX_MAX_MOVIES = 2_000
+ITEM_ITEM_MAX_CELLS = 100_000_000
+REFERENCE_ROWS = 80_000
+ENSEMBLE_MAX_ROWS = 400_000
+
+
+def _loss(movies: int) -> tuple[str, str]:
+    if movies <= FULL_SOFTMAX_MAX_MOVIES:
+        return "full_softmax", f"{movies:,} movies: a softmax over all of them (at most {FULL_SOFTMAX_MAX_MOVIES:,})"
+    return "sampled", f"{movies:,} movies: in-batch negatives with the logQ correction (over {FULL_SOFTMAX_MAX_MOVIES:,})"
+
+
+def _epochs(epochs: int, rows: int) -> int:
+    return max(1, min(epochs, math.ceil(epochs * REFERENCE_ROWS / max(rows, 1))))
+
+
+def fit_to_data(preset: Preset, users: int, movies: int, rows: int, fixed: frozenset[str] = frozenset()
+                ) -> tuple[Preset, dict[str, dict]]:
+    """`preset` with the choices that fit `users` x `movies` and `rows` fit rows, and what was chosen
+    and why (field -> {"value", "reason"})."""
+    choices: dict[str, dict] = {}
+
+    def choose(field: str, value, reason: str, always: bool = False) -> None:
+        if always or field not in fixed:
+            choices[field] = {"value": value, "reason": reason}
+
+    for field in ("retrieval_loss", "watch_loss"):
+        if getattr(preset, field) == "auto":  # set or not, "auto" is a choice to make
+            choose(field, *_loss(movies), always=True)
+    if preset.uses_ease and (movies > EASE_MAX_MOVIES or users * movies > ITEM_ITEM_MAX_CELLS):
+        reason = (f"{movies:,} movies and {users:,} users: EASE's dense weights (at most {EASE_MAX_MOVIES:,} movies) "
+                  f"or its per-user table (at most {ITEM_ITEM_MAX_CELLS:,} users x movies) would not fit")
+        choose("ease_weight", 0.0, reason)
+        choose("ease_weight_new_users", 0.0, reason)
+    if preset.scale_to_data:
+        for field in ("retrieval_epochs", "ranking_epochs"):
+            epochs = _epochs(getattr(preset, field), rows)
+            if epochs != getattr(preset, field):
+                choose(field, epochs, f"{rows:,} fit rows: the preset's {getattr(preset, field)} epochs of "
+                                      f"{REFERENCE_ROWS:,} rows, at least one pass")
+        if rows > ENSEMBLE_MAX_ROWS and preset.ensemble_size > 1:
+            choose("ensemble_size", 1, f"{rows:,} fit rows: one tower pair per head (over {ENSEMBLE_MAX_ROWS:,})")
+    return dataclasses.replace(preset, **{field: choice["value"] for field, choice in choices.items()}), choices
