@@ -78,8 +78,8 @@ class Preset:
     ease_weight_new_users: float = 0.0
     ease_lambda: float = 300.0
     # SimilarItems' space: "co_rating", movies' co-rating factors of `similar_dim` dimensions
-    # (export/models.py co_rating_factors), where the training matrix fits in memory; else (and
-    # with "item_towers") the item towers' embeddings.
+    # (export/item_item.py co_rating_factors: an exact SVD of the sparse training matrix where it
+    # is small, a randomized one otherwise); "item_towers", the item towers' embeddings.
     similar_space: str = "co_rating"
     similar_dim: int = 64
     # The watch head's softmax, as retrieval_loss (without "in_batch").
