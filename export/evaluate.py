@@ -41,12 +41,14 @@ from export.data import (
     popularity_order,
 )
 from export.item_item import unit_columns
-from server.backend import Backend, InProcessBackend, UserBatch
+from server.backend import Backend, UserBatch
 from server.catalog import CatalogStore
 from server.errors import ModelsUnavailable
+from server.in_process import InProcessBackend
 from server.layout import metadata_path
 from server.limits import MAX_BATCH_USERS, MAX_K
-from server.pipeline import Pipeline, Query, Recommendation
+from server.pipeline import Pipeline, Recommendation
+from server.validation import Query
 
 LIST_LENGTH = 100
 # Users scored per protocol: all of them up to this many, else a seeded sample.

@@ -74,8 +74,10 @@ class HistoryUserTower(tf.keras.Model):
 
     def __init__(self, user_ids: list[str], item_ids: list[str], history: dict[str, list[str]], dim: int,
                  l2: float, name: str = "history_user_tower", stars: dict[str, np.ndarray] | None = None,
-                 mean_stars: float = 0.0, id_dropout: float = 0.0, history_keep: float = 1.0):
+                 mean_stars: float = 0.0, id_dropout: float = 0.0, history_keep: float = 1.0,
+                 history_sample: int = 0):
         super().__init__(name=name)
+        self.history_sample = history_sample
         regularizer = tf.keras.regularizers.l2(l2) if l2 else None
         self.user_lookup = tf.keras.layers.StringLookup(vocabulary=user_ids, mask_token=None)
         self.id_dropout, self.history_keep = id_dropout, history_keep
@@ -101,43 +103,62 @@ class HistoryUserTower(tf.keras.Model):
         """[rated | liked] rows scaled by [1 | stars - mean], folded into one embedding."""
         return embeddings[:, :self.dim] + embeddings[:, self.dim:] * weights[:, None]
 
-    def _history_sums(self, unique_users: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Each distinct user's history summed, and its length.
+    def _entries(self, ids: tf.Tensor, cap: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The history entries a step sums for each of `ids`: all of a row's entries where it has at
+        most `cap` (or `cap` is 0), else `cap` of them drawn uniformly with replacement.
 
-        Summed as a sparse [users x movies] matrix times the embedding table: the table's
-        gradient is then one dense matrix instead of a slice per rated movie, which the
-        optimizer would have to merge (that cost about half a history tower's training step).
+        Returns each entry's row (index into `ids`), its position in the tables' values, the factor
+        (length / drawn) that makes the drawn sum an unbiased estimate of the whole row's sum, and
+        each row's length. A step's cost is then at most `cap` per row, however long the histories
+        (a popular movie's raters run to tens of thousands).
         """
-        history = self.rated_positions.rows(unique_users)
+        splits = self.rated_positions.row_splits
+        starts = tf.gather(splits, ids)
+        lengths = tf.gather(splits, ids + 1) - starts
+        drawn = tf.minimum(lengths, cap) if cap else lengths
+        offsets = tf.ragged.range(drawn)
+        rows, offset = offsets.value_rowids(), offsets.flat_values
+        length, count = tf.gather(lengths, rows), tf.gather(drawn, rows)
+        if cap:
+            uniform = tf.random.uniform(tf.shape(offset), dtype=tf.float64)
+            random_offset = tf.minimum(tf.cast(uniform * tf.cast(length, tf.float64), tf.int64), length - 1)
+            offset = tf.where(length > count, random_offset, offset)
+        scale = tf.cast(length, tf.float32) / tf.cast(tf.maximum(count, 1), tf.float32)
+        return rows, tf.gather(starts, rows) + offset, scale, lengths
+
+    def _sum(self, rows: tf.Tensor, at: tf.Tensor, weights: tf.Tensor, row_count: tf.Tensor) -> tf.Tensor:
+        """Sum of the weighted history rows at values positions `at`, per row.
+
+        Summed as a sparse [rows x movies] matrix times the embedding table: the table's gradient
+        is then one dense matrix instead of a slice per rated movie, which the optimizer would have
+        to merge (that cost about half a history tower's training step).
+        """
         table = self.history_embedding.embeddings
-        indices = tf.stack([history.value_rowids(), history.values], axis=1)
-        shape = tf.stack([tf.shape(unique_users, out_type=tf.int64)[0], tf.shape(table, out_type=tf.int64)[0]])
-        rated = tf.SparseTensor(indices, tf.ones_like(history.values, tf.float32), shape)
+        indices = tf.stack([rows, tf.gather(self.rated_positions.values, at)], axis=1)
+        shape = tf.stack([tf.cast(row_count, tf.int64), tf.shape(table, out_type=tf.int64)[0]])
+        rated = tf.SparseTensor(indices, weights, shape)
         if not self.with_stars:
-            return tf.sparse.sparse_dense_matmul(rated, table), history.row_lengths()
-        weights = self.star_weights.rows(unique_users)
-        liked = tf.SparseTensor(indices, weights.values, shape)
-        summed = (tf.sparse.sparse_dense_matmul(rated, table[:, :self.dim])
-                  + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:]))
-        return summed, history.row_lengths()
+            return tf.sparse.sparse_dense_matmul(rated, table)
+        liked = tf.SparseTensor(indices, weights * tf.gather(self.star_weights.values, at), shape)
+        return (tf.sparse.sparse_dense_matmul(rated, table[:, :self.dim])
+                + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:]))
+
+    def _history_sums(self, unique_users: tf.Tensor, cap: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+        """Each distinct user's history summed (estimated from at most `cap` entries each), and its length."""
+        rows, at, scale, lengths = self._entries(unique_users, cap)
+        return self._sum(rows, at, scale, tf.shape(unique_users)[0]), lengths
 
     def _subsampled_sums(self, users: tf.Tensor, leave_out_items: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Per example: its user's history without the left-out movie, each other movie kept with
-        probability `history_keep`, summed; and how many were kept."""
-        history = self.rated_positions.rows(users)
-        rows = history.value_rowids()
-        keep = ((tf.random.uniform(tf.shape(history.values)) < self.history_keep)
-                & (history.values != tf.gather(self.item_lookup(leave_out_items), rows)))
-        indices = tf.boolean_mask(tf.stack([rows, history.values], axis=1), keep)
-        table = self.history_embedding.embeddings
-        shape = tf.stack([tf.shape(users, out_type=tf.int64)[0], tf.shape(table, out_type=tf.int64)[0]])
-        count = tf.math.unsorted_segment_sum(tf.cast(keep, tf.float32), rows, tf.shape(users)[0])
-        rated = tf.SparseTensor(indices, tf.ones_like(indices[:, 0], tf.float32), shape)
-        if not self.with_stars:
-            return tf.sparse.sparse_dense_matmul(rated, table), count
-        liked = tf.SparseTensor(indices, tf.boolean_mask(self.star_weights.rows(users).values, keep), shape)
-        return (tf.sparse.sparse_dense_matmul(rated, table[:, :self.dim])
-                + tf.sparse.sparse_dense_matmul(liked, table[:, self.dim:])), count
+        probability `history_keep`, summed; and how many were kept (both estimated from at most
+        `history_sample` entries per example)."""
+        rows, at, scale, _ = self._entries(users, self.history_sample)
+        positions = tf.gather(self.rated_positions.values, at)
+        keep = ((tf.random.uniform(tf.shape(positions)) < self.history_keep)
+                & (positions != tf.gather(self.item_lookup(leave_out_items), rows)))
+        rows, at, scale = tf.boolean_mask(rows, keep), tf.boolean_mask(at, keep), tf.boolean_mask(scale, keep)
+        count = tf.math.unsorted_segment_sum(scale, rows, tf.shape(users)[0])
+        return self._sum(rows, at, scale, tf.shape(users)[0]), count
 
     def call(self, inputs, training=None) -> tf.Tensor:
         """`inputs`: user ids, or {"user_id", "leave_out_item_id"[, "leave_out_stars"]} while training.
@@ -153,7 +174,7 @@ class HistoryUserTower(tf.keras.Model):
         users = self.user_lookup(inputs)
         # Sum each distinct user's history once, however many rows of the batch they have.
         unique_users, row_of_example = tf.unique(users, out_idx=tf.int64)
-        summed, lengths = self._history_sums(unique_users)
+        summed, lengths = self._history_sums(unique_users, self.history_sample if leave_out is not None else 0)
         summed = tf.gather(summed, row_of_example)
         count = tf.cast(tf.gather(lengths, row_of_example), tf.float32)
         if leave_out is not None:
@@ -287,7 +308,8 @@ class RetrievalModel(tfrs.Model):
             if preset.user_history:
                 user_members.append(HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim,
                                                      preset.retrieval_l2, name=f"history_user_tower_{member}",
-                                                     id_dropout=preset.id_dropout, history_keep=preset.history_keep))
+                                                     id_dropout=preset.id_dropout, history_keep=preset.history_keep,
+                                                     history_sample=preset.history_sample))
             else:
                 user_members.append(id_tower(user_ids, preset.embedding_dim, preset.retrieval_l2,
                                              f"user_tower_{member}", preset.id_dropout))
@@ -331,7 +353,7 @@ class RatingHead(tf.keras.Model):
             self.user_model = HistoryUserTower(user_ids, item_ids, history, preset.embedding_dim, preset.rating_l2,
                                                name="history_user_tower", stars=stars if taste else None,
                                                mean_stars=mean_stars, id_dropout=preset.id_dropout,
-                                               history_keep=preset.history_keep)
+                                               history_keep=preset.history_keep, history_sample=preset.history_sample)
         else:
             self.user_model = id_tower(user_ids, preset.embedding_dim, preset.rating_l2, "user_tower",
                                        preset.id_dropout)
@@ -347,7 +369,7 @@ class RatingHead(tf.keras.Model):
             self.item_model = HistoryUserTower(
                 item_ids, user_ids, raters, preset.embedding_dim, preset.rating_l2, name="history_item_tower",
                 stars={item: np.asarray(values, np.float32) for item, values in rater_stars.items()} if taste else None,
-                mean_stars=mean_stars)
+                mean_stars=mean_stars, history_sample=preset.history_sample)
         else:
             self.item_model = id_tower(item_ids, preset.embedding_dim, preset.rating_l2, "item_tower")
         self.mlp = tf.keras.Sequential(
@@ -400,7 +422,7 @@ class RankingModel(tfrs.Model):
             self.watch_user_model = ConcatTowers(
                 [HistoryUserTower(user_ids, item_ids, history or {}, preset.embedding_dim, 0.0,
                                   name=f"watch_user_tower_{member}", id_dropout=preset.id_dropout,
-                                  history_keep=preset.history_keep)
+                                  history_keep=preset.history_keep, history_sample=preset.history_sample)
                  if self.watch_history else
                  id_tower(user_ids, preset.embedding_dim, 0.0, f"watch_user_tower_{member}", preset.id_dropout)
                  for member in range(preset.ensemble_size)], name="watch_user_model")

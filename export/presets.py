@@ -68,6 +68,10 @@ class Preset:
     # Those examples keep each movie of their history with this probability: a new user has sent
     # only some of what they rated.
     history_keep: float = 1.0
+    # While training, each step sums at most this many entries of a history (a user's rated movies,
+    # a movie's raters), drawn at random and scaled to an unbiased estimate of the whole sum; 0 sums
+    # them all. A step's cost then stays bounded however long the histories grow.
+    history_sample: int = 0
     # The watch head's user towers add the user's rated movies to the id (as retrieval's do),
     # so interactions sent with a request move the watch score too.
     watch_history: bool = False
@@ -98,6 +102,8 @@ class Preset:
             raise ValueError(f"id_dropout must be in [0, 1); got {self.id_dropout}")
         if min(self.ease_weight, self.ease_weight_new_users) < 0 or self.ease_lambda <= 0:
             raise ValueError("ease_weight and ease_weight_new_users must be 0 or more, ease_lambda above 0")
+        if self.history_sample < 0:
+            raise ValueError(f"history_sample must be 0 (whole histories) or more; got {self.history_sample}")
         if not 0.0 < self.history_keep <= 1.0:
             raise ValueError(f"history_keep must be in (0, 1]; got {self.history_keep}")
 

@@ -5,12 +5,14 @@ choices stop fitting, and `fit_to_data` replaces them, field by field:
 - a softmax over every movie (`full_softmax`) costs movies x batch per step: above
   FULL_SOFTMAX_MAX_MOVIES movies both two-tower heads train on in-batch negatives with the logQ
   correction (`sampled`);
-- the ranker's item-item part (EASE) keeps a dense movies x movies matrix, and a dense table of every
-  trained user's item-item score: it is left out where either would not fit (EASE_MAX_MOVIES movies,
-  ITEM_ITEM_MAX_CELLS users x movies);
+- the ranker's item-item part (EASE) keeps a dense movies x movies matrix: it is left out above
+  EASE_MAX_MOVIES movies;
 - epochs are counted in rows seen: a preset's epochs over its reference data set's rows are a budget
   of REFERENCE_ROWS x epochs examples, which a larger data set spends in fewer passes (at least
-  one); past ENSEMBLE_MAX_ROWS fit rows, one tower pair per head instead of an ensemble.
+  one); past LARGE_DATA_ROWS fit rows, one tower pair per head instead of an ensemble;
+- a history tower's step sums each batch user's whole history (and each batch movie's raters), so
+  its cost per row grows with the histories' lengths, not with the rows: past LARGE_DATA_ROWS fit
+  rows each step sums at most HISTORY_SAMPLE entries per history, an unbiased estimate of the sum.
 Every choice is recorded, with its reason, in the export's metadata (`scale`). Fields set with
 `--set` are never changed.
 """
@@ -23,9 +25,9 @@ from export.item_item import EASE_MAX_MOVIES
 from export.presets import Preset
 
 FULL_SOFTMAX_MAX_MOVIES = 2_000
-ITEM_ITEM_MAX_CELLS = 100_000_000
 REFERENCE_ROWS = 80_000
-ENSEMBLE_MAX_ROWS = 400_000
+LARGE_DATA_ROWS = 400_000
+HISTORY_SAMPLE = 64
 
 
 def _loss(movies: int) -> tuple[str, str]:
@@ -51,9 +53,8 @@ def fit_to_data(preset: Preset, users: int, movies: int, rows: int, fixed: froze
     for field in ("retrieval_loss", "watch_loss"):
         if getattr(preset, field) == "auto":  # set or not, "auto" is a choice to make
             choose(field, *_loss(movies), always=True)
-    if preset.uses_ease and (movies > EASE_MAX_MOVIES or users * movies > ITEM_ITEM_MAX_CELLS):
-        reason = (f"{movies:,} movies and {users:,} users: EASE's dense weights (at most {EASE_MAX_MOVIES:,} movies) "
-                  f"or its per-user table (at most {ITEM_ITEM_MAX_CELLS:,} users x movies) would not fit")
+    if preset.uses_ease and movies > EASE_MAX_MOVIES:
+        reason = f"{movies:,} movies: EASE's dense weights fit at most {EASE_MAX_MOVIES:,}"
         choose("ease_weight", 0.0, reason)
         choose("ease_weight_new_users", 0.0, reason)
     if preset.scale_to_data:
@@ -62,6 +63,9 @@ def fit_to_data(preset: Preset, users: int, movies: int, rows: int, fixed: froze
             if epochs != getattr(preset, field):
                 choose(field, epochs, f"{rows:,} fit rows: the preset's {getattr(preset, field)} epochs of "
                                       f"{REFERENCE_ROWS:,} rows, at least one pass")
-        if rows > ENSEMBLE_MAX_ROWS and preset.ensemble_size > 1:
-            choose("ensemble_size", 1, f"{rows:,} fit rows: one tower pair per head (over {ENSEMBLE_MAX_ROWS:,})")
+        if rows > LARGE_DATA_ROWS and preset.ensemble_size > 1:
+            choose("ensemble_size", 1, f"{rows:,} fit rows: one tower pair per head (over {LARGE_DATA_ROWS:,})")
+        if rows > LARGE_DATA_ROWS and not preset.history_sample:
+            choose("history_sample", HISTORY_SAMPLE, f"{rows:,} fit rows: each step sums at most {HISTORY_SAMPLE} "
+                                                     f"entries of a history (over {LARGE_DATA_ROWS:,})")
     return dataclasses.replace(preset, **{field: choice["value"] for field, choice in choices.items()}), choices

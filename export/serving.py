@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse as sparse
 import tensorflow as tf
 
 from export.index import BruteForceIndex
@@ -101,13 +102,15 @@ class TowerParts:
         """Each user row's training history sum, before normalising (row 0, unknown users: zeros)."""
         if self.rated is None:
             return None
+        # The histories as a sparse [users x movies] matrix (the ragged row splits are its CSR row
+        # pointers) times the table: one sparse product instead of a scatter-add per rated movie.
         splits = history.positions.row_splits.numpy()
-        rows = np.repeat(np.arange(len(splits) - 1), np.diff(splits))
         positions, stars = history.positions.values.numpy(), history.stars.values.numpy()
-        summed = np.zeros((len(splits) - 1, self.rated.shape[1]), np.float64)
-        np.add.at(summed, rows, self.rated[positions])
+        shape = (len(splits) - 1, self.rated.shape[0])
+        summed = sparse.csr_matrix((np.ones(len(positions)), positions, splits), shape=shape) @ self.rated.astype(np.float64)
         if self.liked is not None:
-            np.add.at(summed, rows, self.liked[positions] * (stars - self.mean_stars)[:, None])
+            weights = (stars - self.mean_stars).astype(np.float64)
+            summed += sparse.csr_matrix((weights, positions, splits), shape=shape) @ self.liked.astype(np.float64)
         return summed.astype(np.float32)
 
 
@@ -353,12 +356,10 @@ class RetrievalServing(tf.Module):
 
 @dataclass(frozen=True)
 class ItemItem:
-    """The ranker's item-item part: EASE weights B [movies x movies] and the training histories
-    [users x movies] (binary, vocabulary order); a candidate scores weight x sum over the user's
-    history of B[movie, candidate]."""
+    """The ranker's item-item part: EASE weights B [movies x movies] (vocabulary order); a candidate
+    scores weight x sum over the user's history of B[movie, candidate]."""
 
     weights: np.ndarray
-    history: np.ndarray
     weight: float
     weight_new_users: float
 
@@ -405,11 +406,9 @@ class RankingServing(tf.Module):
         self.movie_ids = tf.Variable([""] + item_ids, dtype=tf.string, trainable=False, name="movie_ids")
         self.with_item_item = item_item is not None
         if self.with_item_item:
-            # Both tables have a row and a column 0 for movies the catalog does not know (all zeros):
-            # each trained user's item-item score of every movie, and B by candidate (row = candidate,
-            # column = history movie, both lookup rows), for users who send interactions and the reasons.
-            trained = np.pad(item_item.history @ item_item.weights, [[1, 0], [1, 0]])
-            self.item_item_trained = tf.Variable(trained.astype(np.float32), trainable=False, name="item_item_trained")
+            # B by candidate (row = candidate, column = history movie, both lookup rows), with a row and
+            # a column 0 for movies the catalog does not know (all zeros). Nothing per user is stored:
+            # a request sums B over its users' histories.
             self.item_item_by_candidate = tf.Variable(np.pad(item_item.weights.T, [[1, 0], [1, 0]]).astype(np.float32),
                                                       trainable=False, name="item_item_by_candidate")
             self.item_item_weight = tf.constant(item_item.weight, tf.float32)
@@ -432,19 +431,28 @@ class RankingServing(tf.Module):
         return {"predicted_rating": predicted_rating, "score": score}
 
     def item_item_scores(self, users: RequestUsers, candidates: tf.Tensor) -> tf.Tensor:
-        """[users, candidates] weight x sum over the history of B[movie, candidate]: the trained users' sums
-        from a table, plus, for users who sent interactions, B over the (new movie, candidate) pairs (the
-        candidates' columns only, never whole rows of B)."""
-        scores = tf.gather(tf.gather(self.item_item_trained, users.rows), candidates, batch_dims=1)
+        """[users, candidates] weight x sum over the history of B[movie, candidate]: over each user's
+        training movies, then the new movies their interactions add. Only the candidates' columns of B
+        are read, history length x candidates per user."""
+        trained = self.history.training_positions(users.rows)
+        scores = self._summed_columns(candidates, trained.value_rowids(), trained.values, tf.shape(users.rows)[0])
         additions = users.additions
-        entry_candidates = tf.gather(tf.gather(candidates, additions.active), additions.rows)  # [entries, candidates]
-        pairs = tf.stack([entry_candidates, tf.broadcast_to(additions.positions[:, None],
-                                                            tf.shape(entry_candidates, out_type=tf.int64))], axis=2)
-        added = tf.gather_nd(self.item_item_by_candidate, pairs) * tf.cast(additions.new, tf.float32)[:, None]
-        scores = tf.tensor_scatter_nd_add(scores, additions.active[:, None], tf.math.unsorted_segment_sum(
-            added, additions.rows, tf.size(additions.active)))
+        added = self._summed_columns(tf.gather(candidates, additions.active), additions.rows, additions.positions,
+                                     tf.size(additions.active), tf.cast(additions.new, tf.float32))
+        scores = tf.tensor_scatter_nd_add(scores, additions.active[:, None], added)
         weight = tf.where(users.rows > 0, self.item_item_weight, self.item_item_weight_new_users)
         return weight[:, None] * scores
+
+    def _summed_columns(self, candidates: tf.Tensor, rows: tf.Tensor, positions: tf.Tensor, row_count: tf.Tensor,
+                        weights: tf.Tensor | None = None) -> tf.Tensor:
+        """[row_count, candidates]: per row r, the sum over its entries (rows == r) of B[position, candidate]."""
+        entry_candidates = tf.gather(candidates, rows)  # [entries, candidates]
+        pairs = tf.stack([entry_candidates, tf.broadcast_to(positions[:, None],
+                                                            tf.shape(entry_candidates, out_type=tf.int64))], axis=2)
+        values = tf.gather_nd(self.item_item_by_candidate, pairs)
+        if weights is not None:
+            values *= weights[:, None]
+        return tf.math.unsorted_segment_sum(values, rows, row_count)
 
     def reasons(self, users: RequestUsers, item_ids: tf.Tensor) -> dict[str, tf.Tensor]:
         """For each (user, movie): the REASONS movies of the user's history that add the most to the

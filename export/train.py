@@ -16,6 +16,7 @@ from export.examples import FitData, from_rows, from_stream
 from export.item_item import co_rating_factors, ease_weights, history_matrix
 from export.models import RankingModel, RetrievalModel, item_towers_by_member, make_optimizer
 from export.presets import STRATEGIES, Preset
+from export.progress import EpochProgress
 from export.savedmodel import write_export
 from export.scale import fit_to_data
 from export.serving import (
@@ -28,23 +29,6 @@ from export.serving import (
     tower_table,
 )
 from export.stored import StoredRatings
-
-
-class EpochLine(tf.keras.callbacks.Callback):
-    """One concise progress line per epoch."""
-
-    def __init__(self, stage: str, epochs: int, every: int = 1):
-        super().__init__()
-        self.stage, self.epochs, self.every = stage, epochs, every
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
-            return
-        metrics = " ".join(f"{key}={value:.4f}" for key, value in (logs or {}).items()
-                           if key in ("loss", "total_loss", "rmse", "root_mean_squared_error"))
-        print(f"  [{self.stage}] epoch {epoch + 1}/{self.epochs} {metrics} "
-              f"({time.perf_counter() - self.started:.1f}s)", flush=True)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -73,8 +57,9 @@ def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
     with (strategy or tf.distribute.get_strategy()).scope():
         model = RetrievalModel(fit.user_ids, item_ids, fit.rated_item_ids, preset, fit.rating_counts)
         model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
+    steps = math.ceil(fit.row_count / preset.retrieval_batch_size)
     model.fit(fit.batches(preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
-              verbose=0, callbacks=[EpochLine("retrieval", preset.retrieval_epochs)])
+              verbose=0, callbacks=[EpochProgress("retrieval", preset.retrieval_epochs, steps)])
     return model
 
 
@@ -82,12 +67,12 @@ def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
                   strategy: tf.distribute.Strategy | None = None) -> RankingModel:
     with (strategy or tf.distribute.get_strategy()).scope():
         model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids, fit.rated_stars, fit.rating_counts)
-        decay_steps = preset.ranking_epochs * math.ceil(fit.row_count / preset.ranking_batch_size)
+        steps = math.ceil(fit.row_count / preset.ranking_batch_size)
+        decay_steps = preset.ranking_epochs * steps
         model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate,
                                                decay_steps if preset.ranking_cosine_decay else 0))
-    every = max(1, preset.ranking_epochs // 10)
     model.fit(fit.batches(preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,
-              verbose=0, callbacks=[EpochLine("ranking", preset.ranking_epochs, every)])
+              verbose=0, callbacks=[EpochProgress("ranking", preset.ranking_epochs, steps)])
     return model
 
 
@@ -198,7 +183,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     item_item = None
     if preset.uses_ease:
-        item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32), fitted,
+        item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32),
                              preset.ease_weight, preset.ease_weight_new_users)
     print(f"item-item weights and similar-items space in {time.perf_counter() - started_item_item:.1f}s", flush=True)
     ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model,

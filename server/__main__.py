@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--stored-interactions", type=int, default=DEFAULTS.stored_interactions, metavar="N",
                        help="merge each user's newest N stored interactions into every Recommend "
                             "(default: %(default)s)")
+    store.add_argument("--store-read-ms", type=float, default=DEFAULTS.store_read_seconds * 1000, metavar="MS",
+                       help="a Recommend waits at most this long for its stored interactions, then goes on without "
+                            "them (counted in recsys_store_reads_failed) (default: %(default)s)")
+    store.add_argument("--max-interactions-per-user", type=int, default=DEFAULTS.max_interactions_per_user,
+                       metavar="N", help="keep at most N stored interactions per user; a write drops that user's "
+                                         "oldest beyond it (default: %(default)s)")
     parser.add_argument("--reasons", action=argparse.BooleanOptionalAction, default=DEFAULTS.reasons,
                         help="give every model item its because_item_ids, the movies of the user's history that "
                              "raise its score the most (one more model call per batch) (default: on)")
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.stored_interactions < 0:
         parser.error("--stored-interactions must be 0 or more")
+    if args.store_read_ms <= 0 or args.max_interactions_per_user < 1:
+        parser.error("--store-read-ms must be above 0 and --max-interactions-per-user at least 1")
     if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) < 0:
         parser.error("--tensorflow-*-op-parallelism must be 0 (one thread per core) or more")
     logging.getLogger().setLevel(logging.INFO)
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
         max_connection_age_seconds=args.max_connection_age_seconds, interactions_db=args.interactions_db,
         stored_interactions=args.stored_interactions, reasons=args.reasons,
+        store_read_seconds=args.store_read_ms / 1000, max_interactions_per_user=args.max_interactions_per_user,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.retrieval_signature, args.include_rated_signature, args.ranking_signature,
                                    args.model_version, args.similar_items_signature, args.explain_signature)
     else:
-        from server.backend import InProcessBackend, set_tensorflow_threads
+        from server.in_process import InProcessBackend, set_tensorflow_threads
 
         intra_op, inter_op = set_tensorflow_threads(options.tensorflow_intra_op_parallelism,
                                                     options.tensorflow_inter_op_parallelism)
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
     try:
-        store = open_store(options.interactions_db)
+        store = open_store(options.interactions_db, options.max_interactions_per_user)
         log.info("interaction store: %s", describe(options.interactions_db))
         recommender, port = create_server(f"{options.host}:{options.port}", backend, args.models, options, store)
         recommender.metrics.log_lines_dropped.set_function(lambda: sum(writer.dropped for writer in log_writers))

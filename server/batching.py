@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from server.errors import Cancelled, DeadlineExceeded, Overloaded
-from server.pipeline import Pipeline, Query, RankedList
+from server.pipeline import Pipeline, RankedList
+from server.validation import Query
 
 log = logging.getLogger("recsys.server")
 

@@ -18,9 +18,11 @@ from server.options import DEFAULTS
 def run_in_process(models_dir: Path, duration: float, k: int, users: str,
                    interactions: int = 0) -> tuple[bench.Tally, float]:
     """The request mix through the pipeline, one call at a time; TensorFlow's pools sized as the server's."""
-    from server.backend import InProcessBackend, set_tensorflow_threads, settle_heap
+    from server.app import settle_heap
     from server.catalog import CatalogStore
-    from server.pipeline import Pipeline, Query
+    from server.in_process import InProcessBackend, set_tensorflow_threads
+    from server.pipeline import Pipeline
+    from server.validation import Query
 
     set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
     backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)

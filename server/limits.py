@@ -14,3 +14,5 @@ MAX_BATCH_USERS = 100
 MAX_RECENT_INTERACTIONS = 1_000  # per Recommend; a RecommendBatch at most MAX_BATCH_INTERACTIONS in total
 MAX_BATCH_INTERACTIONS = 10_000
 MIN_RATING, MAX_RATING = 0.5, 5.0  # stars of an interaction; 0 means no rating
+# An interaction's timestamp may run ahead of the server's clock by this much (clock skew), no more.
+MAX_FUTURE_SECONDS = 600

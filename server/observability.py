@@ -69,6 +69,9 @@ class Metrics:
         self.store_reads_failed = Counter("recsys_store_reads_failed",
                                           "Recommend batches served without their stored interactions (store failed "
                                           "or paused after a failure)", registry=self.registry)
+        self.store_read_timeouts = Counter("recsys_store_read_timeouts",
+                                           "Store reads for Recommend that ran out of their budget (--store-read-ms) "
+                                           "or found every read thread busy", registry=self.registry)
         self.log_lines_dropped = Gauge("recsys_log_lines_dropped",
                                        "Log lines dropped since start, written while stderr was "
                                        f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m server)",

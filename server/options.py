@@ -39,7 +39,7 @@ class ServerOptions:
     # Concurrent requests merged into one model call; 1 turns batching off.
     max_batch_size: int = 32
     # TensorFlow's two thread pools for in-process models (0: one thread per core); see
-    # backend.set_tensorflow_threads for why one each.
+    # in_process.set_tensorflow_threads for why one each.
     tensorflow_intra_op_parallelism: int = 1
     tensorflow_inter_op_parallelism: int = 1
     # Where RecordInteractions writes: an SQLite file, a postgresql:// URL (shared by replicas), or
@@ -47,6 +47,10 @@ class ServerOptions:
     interactions_db: str = DEFAULT_INTERACTIONS_DB
     # Each user's newest stored interactions merged into every Recommend.
     stored_interactions: int = 100
+    # A Recommend waits at most this long for the store's read, then goes on without it (counted).
+    store_read_seconds: float = 0.05
+    # The store keeps at most this many interactions per user: a write drops that user's oldest.
+    max_interactions_per_user: int = 1_000
     # Fill RankedItem.because_item_ids (one more model call per batch).
     reasons: bool = True
     tls_cert: bytes | None = None

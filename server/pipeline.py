@@ -13,7 +13,6 @@ calls this same code, so its numbers are what the service returns.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -22,49 +21,13 @@ import numpy as np
 
 from server.backend import Backend, RankedCandidates, UserBatch
 from server.catalog import Catalog, CatalogStore
-from server.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelsUnavailable, NotFound, StoreUnavailable
-from server.limits import (
-    DEFAULT_K,
-    MAX_EXCLUDED_ITEMS,
-    MAX_ITEM_ID_LENGTH,
-    MAX_K,
-    MAX_RATING,
-    MAX_RECENT_INTERACTIONS,
-    MAX_USER_ID_LENGTH,
-    MIN_RATING,
-)
+from server.errors import Cancelled, DeadlineExceeded, ModelsUnavailable, NotFound, StoreUnavailable
 from server.options import DEFAULTS
 from server.store import InteractionStore, StoredInteraction
+from server.validation import Query, SimilarQuery
 
 # SimilarItems with a user: at least this many nearest movies are ordered for them.
 SIMILAR_POOL = 30
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """Something a user did with a movie: stars (0 = no rating) at a time (0 = unknown)."""
-
-    item_id: str
-    rating: float = 0.0
-    timestamp_seconds: int = 0
-
-
-@dataclass(frozen=True)
-class Query:
-    user_id: str
-    k: int = DEFAULT_K
-    exclude_item_ids: frozenset[str] = frozenset()
-    include_rated: bool = False
-    # One (movie id, stars) per movie, already deduplicated (`make_query`).
-    recent_interactions: tuple[tuple[str, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class SimilarQuery:
-    item_id: str
-    k: int = DEFAULT_K
-    exclude_item_ids: frozenset[str] = frozenset()
-    user_id: str = ""  # "": nobody in particular
 
 
 @dataclass(frozen=True)
@@ -94,42 +57,6 @@ class RankedList:
     stored_interactions: int = 0
 
 
-def _check_item_id(item_id: str, name: str) -> None:
-    if not item_id:
-        raise InvalidRequest(f"{name} must not be empty")
-    if len(item_id) > MAX_ITEM_ID_LENGTH:
-        raise InvalidRequest(f"{name} is {len(item_id)} characters; the maximum is {MAX_ITEM_ID_LENGTH}")
-
-
-def validate_interactions(interactions: Sequence[Interaction], field_name: str = "recent_interactions") -> None:
-    """Every limit the proto documents for a list of interactions; the message names the field."""
-    if len(interactions) > MAX_RECENT_INTERACTIONS:
-        raise InvalidRequest(f"{field_name} has {len(interactions)} entries; the maximum is {MAX_RECENT_INTERACTIONS}")
-    for position, interaction in enumerate(interactions):
-        name = f"{field_name}[{position}]"
-        _check_item_id(interaction.item_id, f"{name}.item_id")
-        rating = interaction.rating
-        if math.isnan(rating) or rating != 0 and not MIN_RATING <= rating <= MAX_RATING:
-            raise InvalidRequest(f"{name}.rating is {rating}; it must be 0 (no rating) or {MIN_RATING} to {MAX_RATING}")
-        if interaction.timestamp_seconds < 0:
-            raise InvalidRequest(f"{name}.timestamp_seconds is {interaction.timestamp_seconds}; it must not be "
-                                 "negative")
-
-
-def check_interactions(interactions: Sequence[Interaction],
-                       field_name: str = "recent_interactions") -> tuple[tuple[str, float], ...]:
-    """Validate interactions and keep one per movie, with its latest rating (by timestamp, the later
-    entry on a tie); rating-less entries (0 stars) rate nothing, so they replace no rating."""
-    validate_interactions(interactions, field_name)
-    movies: dict[str, None] = {}
-    rated: dict[str, tuple[int, float]] = {}
-    for interaction in interactions:
-        movies.setdefault(interaction.item_id)
-        if interaction.rating and interaction.timestamp_seconds >= rated.get(interaction.item_id, (-1, 0.0))[0]:
-            rated[interaction.item_id] = (interaction.timestamp_seconds, interaction.rating)
-    return tuple((item_id, rated.get(item_id, (0, 0.0))[1]) for item_id in movies)
-
-
 def with_stored(query: Query, stored: Sequence[StoredInteraction]) -> Query:
     """The query as if its caller had also sent the user's stored interactions: the request's own
     are newer, so they win, except that a rating-less one keeps a stored rating."""
@@ -140,44 +67,6 @@ def with_stored(query: Query, stored: Sequence[StoredInteraction]) -> Query:
         if rating or item_id not in merged:
             merged[item_id] = rating
     return dataclasses.replace(query, recent_interactions=tuple(merged.items()))
-
-
-def check_user_id(user_id: str) -> str:
-    if not user_id or not user_id.strip():
-        raise InvalidRequest("user_id must not be empty")
-    if len(user_id) > MAX_USER_ID_LENGTH:
-        raise InvalidRequest(f"user_id is {len(user_id)} characters; the maximum is {MAX_USER_ID_LENGTH}")
-    return user_id
-
-
-def _check_k_and_exclusions(k: int, exclude_item_ids: Sequence[str]) -> None:
-    if k > MAX_K:
-        raise InvalidRequest(f"k={k} exceeds the maximum of {MAX_K}")
-    if len(exclude_item_ids) > MAX_EXCLUDED_ITEMS:
-        raise InvalidRequest(
-            f"exclude_item_ids has {len(exclude_item_ids)} ids; the maximum is {MAX_EXCLUDED_ITEMS}")
-    for position, item_id in enumerate(exclude_item_ids):
-        if len(item_id) > MAX_ITEM_ID_LENGTH:
-            raise InvalidRequest(f"exclude_item_ids[{position}] is {len(item_id)} characters; "
-                                 f"the maximum is {MAX_ITEM_ID_LENGTH}")
-
-
-def make_similar_query(item_id: str, k: int, exclude_item_ids: Sequence[str], user_id: str) -> SimilarQuery:
-    """Validate a SimilarItems request; the limits are the ones the proto documents."""
-    _check_item_id(item_id, "item_id")
-    _check_k_and_exclusions(k, exclude_item_ids)
-    if user_id:
-        check_user_id(user_id)
-    return SimilarQuery(item_id, k or DEFAULT_K, frozenset(exclude_item_ids), user_id)
-
-
-def make_query(user_id: str, k: int, exclude_item_ids: Sequence[str], include_rated: bool,
-               recent_interactions: Sequence[Interaction] = ()) -> Query:
-    """Validate one request's fields; the limits are the ones the proto documents."""
-    check_user_id(user_id)
-    _check_k_and_exclusions(k, exclude_item_ids)
-    return Query(user_id=user_id, k=k or DEFAULT_K, exclude_item_ids=frozenset(exclude_item_ids),
-                 include_rated=include_rated, recent_interactions=check_interactions(recent_interactions))
 
 
 class Deadline:
@@ -201,25 +90,30 @@ class Deadline:
 
 class Pipeline:
     """`store`: recorded interactions, each user's newest `stored_interactions` merged into every
-    query (`with_stored`); when the store fails, queries go on with what the caller sent."""
+    query (`with_stored`), read within `store_read_seconds`; when the store fails or runs out of
+    that budget, queries go on with what the caller sent."""
 
     def __init__(self, backend: Backend, catalogs: CatalogStore, store: InteractionStore | None = None,
-                 stored_interactions: int = DEFAULTS.stored_interactions, reasons: bool = DEFAULTS.reasons):
+                 stored_interactions: int = DEFAULTS.stored_interactions, reasons: bool = DEFAULTS.reasons,
+                 store_read_seconds: float = DEFAULTS.store_read_seconds):
         """`reasons`: fill each model item's `because_item_ids` (one more model call per batch)."""
         self.backend = backend
         self.catalogs = catalogs
         self.store = store
         self.stored_interactions = stored_interactions
         self.reasons = reasons
+        self.store_read_seconds = store_read_seconds
         self.store_reads_failed = 0  # Recommend calls served without their stored interactions
 
     def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> dict[str, list[StoredInteraction]]:
-        """The batch's users' stored interactions, in one query; nothing if the store fails."""
+        """The batch's users' stored interactions, in one query within the read budget; nothing if the
+        store fails or is slower than that."""
         if self.store is None or self.stored_interactions <= 0:
             return {}
         started = time.perf_counter()
         try:
-            return self.store.recent([query.user_id for query in queries], self.stored_interactions)
+            return self.store.recent_within([query.user_id for query in queries], self.stored_interactions,
+                                            self.store_read_seconds)
         except StoreUnavailable:
             self.store_reads_failed += 1
             return {}

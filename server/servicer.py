@@ -29,18 +29,17 @@ from server.limits import (
     MAX_USER_ID_LENGTH,
 )
 from server.observability import CallRecord, Observer
-from server.pipeline import (
+from server.pipeline import RankedList, Recommendation
+from server.status import map_errors
+from server.store import InteractionStore
+from server.validation import (
     Interaction,
     Query,
-    RankedList,
-    Recommendation,
     check_user_id,
     make_query,
     make_similar_query,
     validate_interactions,
 )
-from server.status import map_errors
-from server.store import InteractionStore
 
 # A Recommend with more interactions than this is validated on a worker thread, not on the event loop.
 LARGE_REQUEST_INTERACTIONS = 100

@@ -10,21 +10,29 @@ migrations at start; they are idempotent, and concurrent starts take a lock.
 
 A store that fails raises `StoreUnavailable`. After a failure the store is not tried again for a
 short, growing pause (a circuit breaker), so an outage costs requests nothing while it lasts; each
-thread then reconnects by itself.
+thread then reconnects by itself. A value the store cannot hold (a NUL byte in PostgreSQL text) is
+the request's fault, `InvalidRequest`, and never trips the breaker.
+
+Each user keeps at most `max_per_user` rows: a write drops that user's oldest beyond it in the same
+transaction, so one caller recording millions of rows under one id cannot make that id's reads (or
+anyone's) slow. The newest rows come from an index in (user, newest first) order.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from server.errors import StoreUnavailable
+from server.errors import InvalidRequest, StoreUnavailable
+from server.options import DEFAULTS
 
 log = logging.getLogger("recsys.server")
 
@@ -35,6 +43,10 @@ RETRY_SECONDS = 0.5
 MAX_RETRY_SECONDS = 8.0
 CONNECT_TIMEOUT_SECONDS = 2
 STATEMENT_TIMEOUT_MS = 2000
+# Reads for Recommend run on threads of their own, each waiting at most its caller's budget.
+READ_THREADS = 4
+# Reads waiting for those threads beyond this are refused at once (a hung store queues nothing more).
+MAX_WAITING_READS = 64
 
 # Each migration runs once, in order, inside the transaction that records its number.
 MIGRATIONS = (
@@ -46,6 +58,9 @@ MIGRATIONS = (
         timestamp_seconds BIGINT NOT NULL, -- Unix seconds of the latest interaction
         PRIMARY KEY (user_id, item_id))""",
     "CREATE INDEX interactions_newest_first ON interactions (user_id, timestamp_seconds DESC)",
+    # The newest rows in the order reads and the per-user cap take them (ties by movie id).
+    "CREATE INDEX interactions_by_recency ON interactions (user_id, timestamp_seconds DESC, item_id)",
+    "DROP INDEX interactions_newest_first",
 )
 
 
@@ -80,12 +95,18 @@ class InteractionStore(abc.ABC):
 
     kind: str
 
-    def __init__(self) -> None:
+    def __init__(self, max_per_user: int = DEFAULTS.max_interactions_per_user) -> None:
+        if max_per_user < 1:
+            raise ValueError(f"max_per_user must be at least 1; got {max_per_user}")
+        self.max_per_user = max_per_user
         self._local = threading.local()
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self._backoff = RETRY_SECONDS
         self.failures = 0  # calls that failed in the store since start (a metric)
+        self.read_timeouts = 0  # budgeted reads that ran out of time or found every read thread busy (a metric)
+        self._readers = _DaemonThreads(READ_THREADS, "store-read")
+        self._reads_waiting = 0
         self._writing = contextlib.nullcontext()  # what a write holds (SQLiteStore: one writer at a time)
 
     # --- what a backend provides ---------------------------------------------------------------
@@ -97,7 +118,13 @@ class InteractionStore(abc.ABC):
     def _errors(self) -> tuple[type[BaseException], ...]:
         """The driver's exceptions that mean the store failed."""
 
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's exceptions that mean one request's values cannot be stored (not an outage)."""
+        return ()
+
     upsert_sql: str
+    # Deletes a user's rows beyond the newest N (parameters: user, user, N).
+    trim_sql: str
     recent_sql: str
     placeholder: str
 
@@ -110,6 +137,7 @@ class InteractionStore(abc.ABC):
         def write(connection) -> None:
             with self._writing, self._transaction(connection) as cursor:
                 cursor.executemany(self.upsert_sql, rows)
+                cursor.execute(self.trim_sql, (user_id, user_id, self.max_per_user))
 
         self._run(write)
         return len({item_id for item_id, _, _ in interactions})
@@ -130,6 +158,34 @@ class InteractionStore(abc.ABC):
         for user_id, item_id, rating, timestamp in self._run(read):
             found.setdefault(user_id, []).append(StoredInteraction(item_id, float(rating), int(timestamp)))
         return found
+
+    def recent_within(self, user_ids: Sequence[str], limit: int, seconds: float) -> dict[str, list[StoredInteraction]]:
+        """`recent` on the store's own read threads, waited for at most `seconds`.
+
+        A hung store (a frozen PostgreSQL never enforces statement_timeout) then costs a caller this
+        budget, never its whole deadline, and never holds up the thread that called: raises
+        StoreUnavailable when the budget runs out or MAX_WAITING_READS reads are already waiting."""
+        with self._lock:
+            busy = self._reads_waiting >= MAX_WAITING_READS
+            if busy:
+                self.read_timeouts += 1
+            else:
+                self._reads_waiting += 1
+        if busy:
+            raise StoreUnavailable(f"the interaction store ({self.kind}) has {MAX_WAITING_READS} reads waiting")
+        future = self._readers.submit(self.recent, user_ids, limit)
+        future.add_done_callback(self._read_done)
+        try:
+            return future.result(timeout=seconds)
+        except futures.TimeoutError:
+            with self._lock:
+                self.read_timeouts += 1
+            raise StoreUnavailable(f"the interaction store ({self.kind}) did not answer within "
+                                   f"{seconds * 1000:.0f} ms") from None
+
+    def _read_done(self, _future: futures.Future) -> None:
+        with self._lock:
+            self._reads_waiting -= 1
 
     def forget(self, user_id: str) -> int:
         """Delete every interaction of `user_id`; returns how many."""
@@ -172,6 +228,9 @@ class InteractionStore(abc.ABC):
             if connection is None:
                 connection = self._local.connection = self._connect()
             result = work(connection)
+        except self._data_errors() as error:
+            raise InvalidRequest(f"the interaction store ({self.kind}) cannot hold a value of this request: "
+                                 f"{_first_line(error)}") from None
         except self._errors() as error:
             self._fail(error)
         with self._lock:
@@ -190,8 +249,46 @@ class InteractionStore(abc.ABC):
             self._retry_at = time.monotonic() + self._backoff
             pause, self._backoff = self._backoff, min(MAX_RETRY_SECONDS, self._backoff * 2)
         log.warning("interaction store (%s) failed (%s: %s); next try in %.1f s", self.kind, type(error).__name__,
-                    str(error).strip().splitlines()[0] if str(error).strip() else "", pause)
+                    _first_line(error), pause)
         raise StoreUnavailable(f"the interaction store ({self.kind}) is unavailable; retry later") from None
+
+
+class _DaemonThreads:
+    """A fixed number of daemon threads running submitted calls in order (started on first use).
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so one read stuck in a
+    hung store would keep the server from exiting."""
+
+    def __init__(self, count: int, name: str):
+        self.count, self.name = count, name
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def submit(self, function, *args) -> futures.Future:
+        with self._lock:
+            if not self._started:
+                for number in range(self.count):
+                    threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True).start()
+                self._started = True
+        future: futures.Future = futures.Future()
+        self._tasks.put((future, function, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, function, args = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _Transaction:
@@ -224,6 +321,12 @@ def _migrate(cursor, placeholder: str) -> None:
             cursor.execute(f"INSERT INTO schema_migrations (version) VALUES ({placeholder})", (version,))
 
 
+def _trim_sql(placeholder: str, all_rows: str) -> str:
+    return (f"DELETE FROM interactions WHERE user_id = {placeholder} AND item_id IN ("
+            f"SELECT item_id FROM interactions WHERE user_id = {placeholder} "
+            f"ORDER BY timestamp_seconds DESC, item_id LIMIT {all_rows} OFFSET {placeholder})")
+
+
 RECENT_SQL = ("SELECT user_id, item_id, rating, timestamp_seconds FROM ("
               "SELECT user_id, item_id, rating, timestamp_seconds, ROW_NUMBER() OVER ("
               "PARTITION BY user_id ORDER BY timestamp_seconds DESC, item_id) AS position "
@@ -238,10 +341,11 @@ class SQLiteStore(InteractionStore):
     kind = "sqlite"
     placeholder = "?"
     upsert_sql = _upsert("MAX", "?")
+    trim_sql = _trim_sql("?", "-1")
     recent_sql = RECENT_SQL
 
-    def __init__(self, path: str | Path):
-        super().__init__()
+    def __init__(self, path: str | Path, max_per_user: int = DEFAULTS.max_interactions_per_user):
+        super().__init__(max_per_user)
         # SQLite runs one write at a time whatever we do; taking turns here rather than in its busy
         # handler (which sleeps and retries) keeps writes from waiting seconds under contention.
         self._writing = threading.Lock()
@@ -277,11 +381,12 @@ class PostgresStore(InteractionStore):
     kind = "postgresql"
     placeholder = "%s"
     upsert_sql = _upsert("GREATEST", "%s")
+    trim_sql = _trim_sql("%s", "ALL")
     recent_sql = RECENT_SQL
     MIGRATION_LOCK = 7_407_001  # pg_advisory_xact_lock key: one starting server migrates at a time
 
-    def __init__(self, url: str):
-        super().__init__()
+    def __init__(self, url: str, max_per_user: int = DEFAULTS.max_interactions_per_user):
+        super().__init__(max_per_user)
         import psycopg
 
         self._psycopg = psycopg
@@ -290,7 +395,7 @@ class PostgresStore(InteractionStore):
             self._connect().close()
         except psycopg.Error as error:
             log.warning("interaction store (postgresql) not reachable at start (%s); retrying as calls come",
-                        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+                        _first_line(error))
 
     def _connect(self):
         connection = self._psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_SECONDS,
@@ -308,20 +413,29 @@ class PostgresStore(InteractionStore):
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (self._psycopg.Error,)
 
+    def _data_errors(self) -> tuple[type[BaseException], ...]:
+        return (self._psycopg.DataError,)
 
-def open_store(location: str) -> InteractionStore | None:
+
+def open_store(location: str, max_per_user: int = DEFAULTS.max_interactions_per_user) -> InteractionStore | None:
     """`none`, a `postgresql://` URL, or a path to an SQLite file (created if missing)."""
     if location == NO_STORE:
         return None
     if location.startswith(POSTGRES_SCHEMES):
-        return PostgresStore(location)
-    return SQLiteStore(location)
+        return PostgresStore(location, max_per_user)
+    return SQLiteStore(location, max_per_user)
 
 
 def describe(location: str) -> str:
-    """The location without a password, for logs."""
-    if location.startswith(POSTGRES_SCHEMES):
-        scheme, _, rest = location.partition("://")
-        credentials, at, host = rest.rpartition("@")
-        return f"{scheme}://{credentials.split(':')[0] + '@' if at else ''}{host}"
-    return location
+    """The location without a password (in the URL's user part, its query or a DSN), for logs."""
+    if not location.startswith(POSTGRES_SCHEMES):
+        return location
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(location)
+    except Exception:  # noqa: BLE001 - an unparsable URL is logged without any of its parts
+        return "postgresql://(unparsable URL)"
+    shown = " ".join(f"{key}={value}" for key, value in sorted(parts.items())
+                     if key in ("host", "hostaddr", "port", "dbname", "user", "sslmode"))
+    return f"postgresql ({shown})"

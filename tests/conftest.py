@@ -226,7 +226,7 @@ def running_server(models_dir):
     """The real server on a loopback port, serving the session's export in-process."""
     from client import RecommenderClient
     from server.app import create_server
-    from server.backend import InProcessBackend
+    from server.in_process import InProcessBackend
     from server.options import ServerOptions
 
     backend = InProcessBackend(models_dir)

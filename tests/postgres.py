@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -71,3 +72,21 @@ class PostgresServer:
 
         with psycopg.connect(self.url, autocommit=True) as connection:
             connection.execute("DROP TABLE IF EXISTS interactions, schema_migrations")
+
+    def processes(self) -> list[int]:
+        """The postmaster's pid and its children's (the backends serving connections)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the server and its backends: connections stay open and nothing answers (a hung host)."""
+        frozen = self.processes()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        return frozen
+
+    @staticmethod
+    def thaw(frozen: list[int]) -> None:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)

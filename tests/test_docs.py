@@ -1,4 +1,5 @@
-"""The README and docs/ stay true to the code: the flag table is argparse's, and the README stays short."""
+"""The README and docs/ stay true to the code: the flag table (docs/operations.md) is argparse's, and the README
+stays short."""
 import argparse
 import re
 
@@ -6,11 +7,12 @@ from server.__main__ import build_parser
 from tests.conftest import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
+OPERATIONS = REPO_ROOT / "docs" / "operations.md"
 
 
 def _flag_table() -> dict[str, str]:
-    """`--flag` -> default cell, from the README's "Operating the server" table."""
-    section = README.read_text().split("## Operating the server", 1)[1].split("\n## ", 1)[0]
+    """`--flag` -> default cell, from the flag table of docs/operations.md."""
+    section = OPERATIONS.read_text().split("\n## Flags", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))]

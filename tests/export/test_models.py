@@ -94,3 +94,31 @@ def test_id_dropout_in_an_id_tower_only_while_training():
     ids = tf.constant([1, 2, 3, 4], tf.int64)
     assert IdDropout(0.999999)(ids, training=True).numpy().tolist() == [0, 0, 0, 0]
     assert IdDropout(0.999999)(ids).numpy().tolist() == [1, 2, 3, 4]
+
+
+def test_a_sampled_history_is_an_unbiased_estimate_of_the_whole_sum():
+    """With `history_sample`, a training step sums at most that many entries of a long history, scaled so
+    that on average it is the whole history's sum (less the left-out movie); short histories are exact.
+    Each distinct user of a step draws once, so many users with one same history give many draws."""
+    items = [str(n) for n in range(100, 140)]
+    draws = 3000
+    users = [f"u{n}" for n in range(draws)] + ["short"]
+    history = {**{user: items for user in users[:draws]}, "short": items[:3]}
+    ratings = np.linspace(1, 5, len(items)).astype(np.float32)
+    stars = {**{user: ratings for user in users[:draws]}, "short": ratings[:3]}
+    tf.keras.utils.set_random_seed(11)
+    towers = [HistoryUserTower(users, items, history, dim=4, l2=0.0, stars=stars, mean_stars=3.0, history_sample=cap)
+              for cap in (0, 4)]
+    for tower in towers:
+        tower(tf.constant(users[:1]))
+    for layer in ("user_embedding", "history_embedding"):
+        getattr(towers[1], layer).set_weights(getattr(towers[0], layer).get_weights())
+    features = {"user_id": tf.constant(users), "leave_out_item_id": tf.constant(["120"] * draws + ["101"]),
+                "leave_out_stars": tf.constant([float(ratings[20])] * draws + [float(ratings[1])])}
+    whole, sampled = (tower(features).numpy() for tower in towers)
+    ids = towers[0].user_embedding.get_weights()[0][1:len(users) + 1]
+    assert np.std(sampled[:draws] - ids[:draws], axis=0).max() > 1e-3, "the long history is sampled, not summed whole"
+    np.testing.assert_allclose((sampled - ids)[:draws].mean(axis=0), (whole - ids)[:draws].mean(axis=0), atol=0.01)
+    np.testing.assert_allclose(sampled[draws], whole[draws], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(towers[1](tf.constant(users)).numpy(), towers[0](tf.constant(users)).numpy(), rtol=1e-6,
+                               err_msg="serving sums the whole history")

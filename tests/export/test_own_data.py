@@ -9,8 +9,8 @@ from client import RecommenderClient
 from export.__main__ import main as export_cli
 from export.data import DataFormatError, load_csv
 from server.app import create_server
-from server.backend import InProcessBackend
 from server.catalog import CatalogStore
+from server.in_process import InProcessBackend
 from server.layout import metadata_path
 from server.options import ServerOptions
 from server.store import open_store

@@ -157,11 +157,14 @@ def test_the_default_preset_keeps_its_choices_at_movielens_100k_size_and_scales_
     small, choices = fit_to_data(preset, 943, 1682, 80_000)
     assert (small.retrieval_loss, small.watch_loss) == ("full_softmax", "full_softmax")
     assert (small.retrieval_epochs, small.ranking_epochs, small.ensemble_size) == (9, 16, 3)
-    assert small.ease_weight == preset.ease_weight
+    assert small.ease_weight == preset.ease_weight and small.history_sample == 0
     large, choices = fit_to_data(preset, 160_000, 60_000, 20_000_000)
     assert (large.retrieval_loss, large.watch_loss) == ("sampled", "sampled")
     assert (large.retrieval_epochs, large.ranking_epochs, large.ensemble_size) == (1, 1, 1)
-    assert large.ease_weight == 0 and "would not fit" in choices["ease_weight"]["reason"]
+    assert large.ease_weight == 0 and "dense weights fit at most" in choices["ease_weight"]["reason"]
+    assert large.history_sample > 0, "long histories are sampled per step"
+    assert fit_to_data(preset, 70_000, 10_700, 8_000_000)[0].ease_weight == preset.ease_weight, \
+        "EASE stays where its movies x movies weights fit, however many users"
     kept, choices = fit_to_data(preset, 160_000, 60_000, 20_000_000, frozenset({"ranking_epochs", "retrieval_loss"}))
     assert kept.ranking_epochs == 16 and "ranking_epochs" not in choices, "a field set with --set stays"
     assert kept.retrieval_loss == "sampled", "auto is resolved even when set"

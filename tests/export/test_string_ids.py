@@ -8,7 +8,7 @@ from client import RecommenderClient
 from export.__main__ import main as export_cli
 from export.data import fit_and_held_out, load_csv
 from server.app import create_server
-from server.backend import InProcessBackend
+from server.in_process import InProcessBackend
 from server.options import ServerOptions
 from server.tf_serving import TFServingBackend
 from tests.conftest import start_tf_serving, stop_process

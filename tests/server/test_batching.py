@@ -4,11 +4,12 @@ from concurrent import futures
 
 import pytest
 
-from server.backend import InProcessBackend
 from server.batching import RequestBatcher
 from server.catalog import CatalogStore
 from server.errors import Cancelled, DeadlineExceeded
-from server.pipeline import Pipeline, Query
+from server.in_process import InProcessBackend
+from server.pipeline import Pipeline
+from server.validation import Query
 
 
 class CountingBackend(InProcessBackend):

@@ -17,11 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import server.backend
+import server.in_process
 from client import RecommenderClient
 from protos import recommender_pb2
 from server.app import create_server
-from server.backend import InProcessBackend, UserBatch
+from server.backend import UserBatch
+from server.in_process import InProcessBackend
 from server.limits import MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH
 from server.options import ServerOptions
 from tests.conftest import REPO_ROOT, publish, start_server_process, start_tf_serving, status_of, stop_process, wait_for
@@ -202,7 +203,7 @@ def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
                  "missing from"),
 ])
 def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fresh_models, monkeypatch, damage, why):
-    monkeypatch.setattr(server.backend, "RETRY_SECONDS", 0.4)
+    monkeypatch.setattr(server.in_process, "RETRY_SECONDS", 0.4)
     recommender, port = start(fresh_models)
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:

@@ -13,7 +13,8 @@ from export.evaluate import interactions_by_user, two_stage_lists
 from protos import recommender_pb2
 from server.catalog import CatalogStore
 from server.errors import InvalidRequest
-from server.pipeline import Interaction, Pipeline, Query, check_interactions
+from server.pipeline import Pipeline
+from server.validation import Interaction, Query, check_interactions
 from tests.conftest import status_of
 
 NEW_USER = "someone-new"

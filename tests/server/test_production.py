@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import RecommenderClient
 from server.app import create_server
-from server.backend import InProcessBackend
 from server.catalog import CatalogStore
+from server.in_process import InProcessBackend
 from server.observability import ThreadedLogWriter
 from server.options import ServerOptions
 from tests.conftest import publish, start_server_process, status_of, wait_for

@@ -9,8 +9,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from client import RecommenderClient
 from export.evaluate import two_stage_lists
 from server.app import create_server
-from server.backend import InProcessBackend
 from server.catalog import CatalogStore
+from server.in_process import InProcessBackend
 from server.options import ServerOptions
 from server.pipeline import Pipeline
 from tests.conftest import status_of

@@ -15,9 +15,9 @@ import pytest
 from client import RecommenderClient
 from protos import recommender_pb2
 from server.app import create_server
-from server.backend import InProcessBackend
 from server.catalog import CatalogStore
 from server.errors import StoreUnavailable
+from server.in_process import InProcessBackend
 from server.options import ServerOptions
 from server.store import MIGRATIONS, StoredInteraction, open_store
 from tests.conftest import start_server_process, status_of, stop_process, wait_for
@@ -328,7 +328,8 @@ def _reads(store) -> bool:
 
 
 def test_recommend_goes_on_without_the_store_and_counts_it(models_dir, tmp_path, served_backend):
-    from server.pipeline import Pipeline, Query
+    from server.pipeline import Pipeline
+    from server.validation import Query
 
     path = tmp_path / "s.sqlite3"
     store = open_store(str(path))

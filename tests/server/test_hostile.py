@@ -1,0 +1,126 @@
+"""Hostile callers and failing stores, against the real stores (an SQLite file, a PostgreSQL server, one
+of them frozen with SIGSTOP) and the fake backend: no caller or store can stall everyone."""
+import time
+
+import grpc
+import pytest
+
+from client import RecommenderClient
+from protos import recommender_pb2
+from server.app import create_server
+from server.catalog import CatalogStore
+from server.errors import InvalidRequest
+from server.options import ServerOptions
+from server.pipeline import Pipeline
+from server.store import StoredInteraction, open_store
+from server.validation import Query
+from tests.conftest import status_of
+from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
+
+
+@pytest.fixture()
+def fake_models(tmp_path):
+    return write_fake_metadata(tmp_path / "models", movies=60)
+
+
+def test_the_pipeline_on_the_fake_backend_leaves_out_what_the_user_rated_and_follows_what_they_sent(fake_models):
+    backend = FakeBackend(fake_models)
+    pipeline = Pipeline(backend, CatalogStore(fake_models), reasons=False)
+    trained, fresh = pipeline.recommend([Query("u1", k=10), Query("new", k=3, recent_interactions=(("m30", 5.0),))])
+    assert len(trained.items) == 10 and not {item.item_id for item in trained.items} & set(movie_ids(5))
+    assert {item.item_id for item in fresh.items[:2]} == {"m29", "m31"}, "the sent movie's neighbours lead"
+    assert backend.batch_sizes == [2, 2], "one retrieve and one rank call for the batch"
+
+
+def test_a_user_keeps_at_most_the_newest_n_rows(store_location):
+    store = open_store(store_location, max_per_user=25)
+    try:
+        for start in range(0, 100, 10):  # oldest first, ten a call
+            store.record("heavy", [(f"m{n}", 4.0, 1_000 + n) for n in range(start, start + 10)])
+        store.record("light", [("m1", 3.0, 5)])
+        kept = store.recent(["heavy", "light"], 1_000)
+        assert [entry.item_id for entry in kept["heavy"]] == [f"m{n}" for n in range(99, 74, -1)]
+        assert kept["light"] == [StoredInteraction("m1", 3.0, 5)], "other users keep theirs"
+        assert sum(1 for row in store.export() if row[0] == "heavy") == 25
+    finally:
+        store.close()
+
+
+def test_a_value_postgresql_cannot_hold_is_the_requests_fault_and_never_pauses_the_store(postgres):
+    postgres.clear()
+    store = open_store(postgres.url)
+    try:
+        with pytest.raises(InvalidRequest, match="cannot hold"):
+            store.record("nul\x00user", [("m1", 4.0, 100)])
+        assert store.failures == 0
+        store.record("other", [("m2", 5.0, 100)])  # at once: no pause after a data error
+        assert store.recent(["other"], 5)["other"] == [StoredInteraction("m2", 5.0, 100)]
+    finally:
+        store.close()
+
+
+def test_a_frozen_postgresql_costs_recommend_its_read_budget_and_no_more(fake_models, postgres):
+    """SIGSTOP keeps the connections open and answers nothing, so statement_timeout never fires: each
+    Recommend still answers within the read budget, with lists, and the store's rows come back after."""
+    postgres.clear()
+    store = open_store(postgres.url)
+    store.record("u1", [("m40", 5.0, 100)])
+    pipeline = Pipeline(FakeBackend(fake_models), CatalogStore(fake_models), store, reasons=False,
+                        store_read_seconds=0.2)
+    assert pipeline.recommend([Query("u1", k=5)])[0].stored_interactions == 1
+    frozen = postgres.freeze()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            result = pipeline.recommend([Query("u1", k=5), Query("nobody", k=5)])
+            assert time.monotonic() - started < 1.0
+            assert [len(answer.items) for answer in result] == [5, 5]
+            assert result[0].stored_interactions == 0
+        assert pipeline.store_reads_failed == 3 and store.read_timeouts >= 3
+    finally:
+        postgres.thaw(frozen)
+    deadline = time.monotonic() + 30
+    while pipeline.recommend([Query("u1", k=5)])[0].stored_interactions != 1:
+        assert time.monotonic() < deadline, "the store's rows never came back"
+        time.sleep(0.2)
+    store.close()
+
+
+@pytest.fixture()
+def fake_server(fake_models, tmp_path):
+    store = open_store(str(tmp_path / "interactions.sqlite3"))
+    backend = FakeBackend(fake_models)
+    server, port = create_server("127.0.0.1:0", backend, fake_models, ServerOptions(poll_seconds=0.2), store=store)
+    server.start()
+    client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
+    try:
+        yield client, store
+    finally:
+        client.close()
+        server.stop(0).wait(10)
+        store.close()
+
+
+@pytest.mark.parametrize("user_id, item_id, timestamp, field", [
+    ("a\x00b", "m1", 100, "user_id"),
+    ("u2", "m\x001", 100, "interactions[0].item_id"),
+    ("u2", "m1", 2**63 - 1, "interactions[0].timestamp_seconds"),
+    ("u2", "m1", int(time.time()) + 3_600, "interactions[0].timestamp_seconds"),
+])
+def test_what_a_store_cannot_hold_or_no_write_could_replace_is_invalid_at_the_edge(fake_server, user_id, item_id,
+                                                                                    timestamp, field):
+    client, store = fake_server
+    request = recommender_pb2.RecordInteractionsRequest(user_id=user_id, interactions=[
+        recommender_pb2.Interaction(item_id=item_id, rating=4.0, timestamp_seconds=timestamp)])
+    code, details = status_of(lambda: client.stub.RecordInteractions(request, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
+    assert not list(store.export()), "nothing was written"
+
+
+def test_a_timestamp_within_the_allowed_skew_is_recorded(fake_server):
+    client, store = fake_server
+    soon = int(time.time()) + 60
+    request = recommender_pb2.RecordInteractionsRequest(user_id="u2", interactions=[
+        recommender_pb2.Interaction(item_id="m1", rating=4.0, timestamp_seconds=soon)])
+    assert client.stub.RecordInteractions(request, timeout=10).recorded == 1
+    assert store.recent(["u2"], 5)["u2"] == [StoredInteraction("m1", 4.0, soon)]
