@@ -134,7 +134,10 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
         fit = from_stream(data, holdout, shuffle_buffer)
         print(f"streaming {fit.row_count} fit rows from {data.source / data.spec.ratings_file}", flush=True)
     else:
-        fit = from_rows(fit_and_held_out(data.ratings, holdout)[0], data.rating_scale, stored and stored.rows, data.names)
+        fit_rows = fit_and_held_out(data.ratings, holdout)[0]
+        if stored is not None:
+            fit_rows = stored.without_forgotten(fit_rows, data.names)
+        fit = from_rows(fit_rows, data.rating_scale, stored and stored.rows, data.names)
         if stored is not None:
             print(stored.summary(), flush=True)
     user_ids, item_ids = fit.user_ids, data.item_ids
@@ -149,7 +152,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     if stored is not None:
         metadata["stored_ratings"] = {"added": len(stored.rows.user_ids), "new_users": stored.new_users,
                                       "skipped_unknown_movies": stored.unknown_movies, "skipped_unrated": stored.unrated,
-                                      "skipped_in_data_set": stored.in_data_set}
+                                      "skipped_in_data_set": stored.in_data_set, "erased_users_left_out": len(stored.forgotten)}
     started = time.perf_counter()
     retrieval = train_retrieval(fit, item_ids, preset, distribution)
     retrieval_seconds = time.perf_counter() - started

@@ -143,16 +143,21 @@ class RecommenderServicer:
         user's newest stored interactions with the request's, as if the caller had sent them)
         and for the next training run. OK means committed to the interaction store: durable.
         One entry per (user, movie) is kept, with the latest rating, so a retried call records
-        nothing twice. Same limits as `recent_interactions`; any user id may be recorded, known
-        to the models or not. UNAVAILABLE while the store is down; FAILED_PRECONDITION on a
-        server started without a store (--interactions-db none).
+        nothing twice. Same limits as `recent_interactions` (ids without NUL characters,
+        timestamps at most 600 s ahead of the server's clock); any user id may be recorded,
+        known to the models or not. The store keeps each user's newest
+        --max-interactions-per-user (1,000). For a user erased by ForgetUser, only interactions
+        stamped at or after the erasure are recorded. UNAVAILABLE while the store is down;
+        FAILED_PRECONDITION on a server started without a store (--interactions-db none).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ForgetUser(self, request, context):
-        """Erase a user's stored interactions; their lists stop using them at once. Errors as in
+        """Erase a user's stored interactions and leave a tombstone (a hash of the id): their lists
+        stop using them, and the served models' trained history of them, at once; late writes
+        from before the erasure are dropped; the next training leaves them out. Errors as in
         RecordInteractions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

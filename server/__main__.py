@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "one grpc.aio event loop (default: %(default)s)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-concurrent-rpcs", type=int, default=DEFAULTS.max_concurrent_rpcs,
-                        help="Recommender calls in flight beyond this get RESOURCE_EXHAUSTED at once; health checks "
-                             "never count (default: %(default)s)")
+                        help="Recommender calls at work (validating, in the models or the store) beyond this get "
+                             "RESOURCE_EXHAUSTED at once; streams sending what they have and health checks never "
+                             "count (default: %(default)s)")
     limits.add_argument("--max-queued-queries", type=int, default=DEFAULTS.max_queued_queries,
                         help="queries waiting for the models beyond this get RESOURCE_EXHAUSTED at once "
                              "(default: %(default)s)")

@@ -35,6 +35,9 @@ LIVENESS_SERVICE = ""
 STOP_SLACK_SECONDS = 0.3
 CONNECTION_AGE_GRACE_SECONDS = 30
 NETWORK_BATCH_THREADS = 4
+# Concurrent streams one client connection may hold (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): one
+# connection's unread streams and health Watch streams are bounded, whatever it asks for.
+MAX_STREAMS_PER_CONNECTION = 100
 
 
 def settle_heap() -> None:
@@ -229,7 +232,8 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
         # grpc.aio objects belong to the loop they are created on.
         grpc_server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(options.auth_token)] if options.auth_token else None,
-            options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0)]
+            options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0),
+                     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
             + ([("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),
                 ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000)]
                if options.max_connection_age_seconds > 0 else []),

@@ -23,9 +23,11 @@ from server.backend import Backend, RankedCandidates, UserBatch
 from server.catalog import Catalog, CatalogStore
 from server.errors import Cancelled, DeadlineExceeded, ModelsUnavailable, NotFound, StoreUnavailable
 from server.options import DEFAULTS
-from server.store import InteractionStore, StoredInteraction
+from server.store import NO_RECORDS, InteractionStore, StoredInteraction, UserRecords
 from server.validation import Query, SimilarQuery
 
+# The id the models see for a user they must not recognise (no trained history; row 0 of every tower).
+ANONYMOUS_USER = ""
 # SimilarItems with a user: at least this many nearest movies are ordered for them.
 SIMILAR_POOL = 30
 
@@ -69,6 +71,15 @@ def with_stored(query: Query, stored: Sequence[StoredInteraction]) -> Query:
     return dataclasses.replace(query, recent_interactions=tuple(merged.items()))
 
 
+def as_served(query: Query, forgotten: frozenset[str]) -> Query:
+    """An erased user (ForgetUser) is served as an unknown id, from what they sent and recorded since:
+    the models' copy of their training history is not used, from the erasure on, until a version
+    trained without them is served."""
+    if query.user_id in forgotten:
+        return dataclasses.replace(query, user_id=ANONYMOUS_USER)
+    return query
+
+
 class Deadline:
     """Seconds left of the caller's deadline, checked between stages; also stops work for
     callers that went away (`is_cancelled`)."""
@@ -105,18 +116,18 @@ class Pipeline:
         self.store_read_seconds = store_read_seconds
         self.store_reads_failed = 0  # Recommend calls served without their stored interactions
 
-    def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> dict[str, list[StoredInteraction]]:
-        """The batch's users' stored interactions, in one query within the read budget; nothing if the
-        store fails or is slower than that."""
+    def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> UserRecords:
+        """The batch's users' stored interactions and erasures, in one transaction within the read
+        budget; nothing if the store fails or is slower than that."""
         if self.store is None or self.stored_interactions <= 0:
-            return {}
+            return NO_RECORDS
         started = time.perf_counter()
         try:
-            return self.store.recent_within([query.user_id for query in queries], self.stored_interactions,
-                                            self.store_read_seconds)
+            return self.store.records_within([query.user_id for query in queries], self.stored_interactions,
+                                             self.store_read_seconds)
         except StoreUnavailable:
             self.store_reads_failed += 1
-            return {}
+            return NO_RECORDS
         finally:
             timings["store"] = timings.get("store", 0.0) + time.perf_counter() - started
 
@@ -138,9 +149,10 @@ class Pipeline:
             return []
         deadline = Deadline(timeout, is_cancelled)
         timings = stage_seconds if stage_seconds is not None else {}
-        stored = self._stored(queries, timings)
-        stored_counts = [len(stored.get(query.user_id, ())) for query in queries]
-        queries = [with_stored(query, stored.get(query.user_id, ())) for query in queries]
+        records = self._stored(queries, timings)
+        stored_counts = [len(records.recent.get(query.user_id, ())) for query in queries]
+        queries = [as_served(with_stored(query, records.recent.get(query.user_id, ())), records.forgotten)
+                   for query in queries]
         results: list[RankedList | None] = [None] * len(queries)
         for include_rated in (False, True):
             group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
@@ -246,11 +258,14 @@ class Pipeline:
         if query.item_id not in catalog.titles:
             raise NotFound(f"item_id {query.item_id!r} is not a movie the models know")
         interactions: tuple[tuple[str, float], ...] = ()
+        model_user = query.user_id
         if query.user_id:
-            stored = self._stored([Query(query.user_id)], {})
-            interactions = tuple(pair for pair in with_stored(Query(query.user_id), stored.get(query.user_id, ()))
-                                 .recent_interactions if pair[0] in catalog.titles)
-        users = UserBatch.of([query.user_id], [interactions])
+            records = self._stored([Query(query.user_id)], {})
+            user = as_served(with_stored(Query(query.user_id), records.recent.get(query.user_id, ())),
+                             records.forgotten)
+            model_user = user.user_id
+            interactions = tuple(pair for pair in user.recent_interactions if pair[0] in catalog.titles)
+        users = UserBatch.of([model_user], [interactions])
         nearest = self.backend.similar(users, [query.item_id], deadline.remaining())
         catalog = self.catalogs.get(nearest.model_version)
         pairs = [(item_id, float(similarity)) for item_id, similarity in zip(nearest.item_ids[0], nearest.scores[0])

@@ -7,10 +7,11 @@ threads, and the loop only awaits them, so health checks and other calls never w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent import futures
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 
@@ -117,18 +118,28 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.stored_interactions = stored_interactions if store is not None else 0
         # Writes have threads of their own: a slow store never holds up the pipeline or other work.
         self.store_threads = futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
-        # Admission control: calls in flight beyond this are refused at once. Only this service's
+        # Admission control: calls at work beyond this are refused at once. Only this service's
         # calls count; health checks and Watch streams never do.
         self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.working = 0  # calls validating, in the pipeline or in the store (the event loop's own count)
         self.accepting = True  # false once shutdown starts: new calls get UNAVAILABLE
 
-    def _admit(self, needs_models: bool = True) -> None:
+    @contextlib.contextmanager
+    def _working(self, needs_models: bool = True) -> Iterator[None]:
+        """Admission control around a call's work: counts calls validating, in the pipeline or in the
+        store, not calls sending what they already have, so a client that never reads its stream holds
+        a stream open but never a slot. Runs on the event loop only: no lock."""
         if not self.accepting:
             raise ModelsUnavailable("server is shutting down; retry (another replica)")
-        if self.observer.active_calls > self.max_concurrent_rpcs:
-            raise Overloaded(f"the server is at its limit of {self.max_concurrent_rpcs} calls in flight; retry later")
+        if self.working >= self.max_concurrent_rpcs:
+            raise Overloaded(f"the server is at its limit of {self.max_concurrent_rpcs} calls at work; retry later")
         if needs_models and not self.backend.is_ready():
             raise ModelsUnavailable(f"not serving: {self.backend.not_ready_reason()}; retry later")
+        self.working += 1
+        try:
+            yield
+        finally:
+            self.working -= 1
 
     def _store(self) -> InteractionStore:
         if self.store is None:
@@ -159,12 +170,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     @map_errors
     async def Recommend(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
-        self._admit()
-        if len(request.recent_interactions) > LARGE_REQUEST_INTERACTIONS:  # validating 1,000 is not for the loop
-            query = await asyncio.to_thread(_query, request)
-        else:
-            query = _query(request)
-        results = await self._recommend([query], context, record)
+        with self._working():
+            if len(request.recent_interactions) > LARGE_REQUEST_INTERACTIONS:  # validating 1,000 is not for the loop
+                query = await asyncio.to_thread(_query, request)
+            else:
+                query = _query(request)
+            results = await self._recommend([query], context, record)
         _note(record, [query], results)
         streaming_started = time.perf_counter()
         for item in results[0].items:
@@ -175,23 +186,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     @map_errors
     async def RecommendBatch(self, request, context, record: CallRecord):
         record.user_ids = [entry.user_id[:MAX_USER_ID_LENGTH] for entry in request.requests[:MAX_BATCH_USERS]]
-        self._admit()
-        queries = await asyncio.to_thread(_batch_queries, request)
-        results = await self._recommend(queries, context, record)
-        _note(record, queries, results)
-        return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
+        with self._working():
+            queries = await asyncio.to_thread(_batch_queries, request)
+            results = await self._recommend(queries, context, record)
+            _note(record, queries, results)
+            return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
 
     @map_errors
     async def SimilarItems(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
-        self._admit()
-        query = make_similar_query(request.item_id, request.k, request.exclude_item_ids, request.user_id)
-        # A call of its own (not batched): run beside the batches, within the caller's deadline.
-        timeout = context.time_remaining()
-        try:
-            items = await asyncio.wait_for(asyncio.to_thread(self.similar, query, timeout), timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("deadline exceeded before the similar items were found") from None
+        with self._working():
+            query = make_similar_query(request.item_id, request.k, request.exclude_item_ids, request.user_id)
+            # A call of its own (not batched): run beside the batches, within the caller's deadline.
+            timeout = context.time_remaining()
+            try:
+                items = await asyncio.wait_for(asyncio.to_thread(self.similar, query, timeout), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("deadline exceeded before the similar items were found") from None
         record.item_count = len(items)
         record.model_version = items[0].model_version if items else ""
         for item in items:
@@ -200,26 +211,26 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     @map_errors
     async def RecordInteractions(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
-        self._admit(needs_models=False)
-        store = self._store()
-        user_id, interactions = await asyncio.to_thread(_recorded, request)
-        record.interaction_count = len(interactions)
-        recorded = await self._in_store(context, store.record, user_id, interactions)
+        with self._working(needs_models=False):
+            store = self._store()
+            user_id, interactions = await asyncio.to_thread(_recorded, request)
+            record.interaction_count = len(interactions)
+            recorded = await self._in_store(context, store.record, user_id, interactions)
         return recommender_pb2.RecordInteractionsResponse(recorded=recorded)
 
     @map_errors
     async def ForgetUser(self, request, context, record: CallRecord):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
-        self._admit(needs_models=False)
-        store = self._store()
-        forgotten = await self._in_store(context, store.forget, check_user_id(request.user_id))
+        with self._working(needs_models=False):
+            store = self._store()
+            forgotten = await self._in_store(context, store.forget, check_user_id(request.user_id))
         record.interaction_count = forgotten
         return recommender_pb2.ForgetUserResponse(forgotten=forgotten)
 
     @map_errors
     async def GetModelInfo(self, request, context, record: CallRecord):
-        self._admit()
-        catalog = await asyncio.to_thread(self.pipeline.current_catalog)  # parsing metadata is not for the loop
+        with self._working():
+            catalog = await asyncio.to_thread(self.pipeline.current_catalog)  # parsing metadata is not for the loop
         return recommender_pb2.ModelInfo(
             model_version=catalog.model_version, backend=self.backend.name, candidate_count=catalog.candidate_count,
             preset=catalog.preset.get("name", ""), default_k=DEFAULT_K, max_k=MAX_K,

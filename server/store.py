@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import logging
 import queue
 import sqlite3
@@ -61,6 +62,9 @@ MIGRATIONS = (
     # The newest rows in the order reads and the per-user cap take them (ties by movie id).
     "CREATE INDEX interactions_by_recency ON interactions (user_id, timestamp_seconds DESC, item_id)",
     "DROP INDEX interactions_newest_first",
+    # Tombstones: users erased by ForgetUser (by the SHA-256 of their id: the id itself is gone), and
+    # when. Later writes older than that are dropped.
+    "CREATE TABLE forgotten (user_hash TEXT PRIMARY KEY, forgotten_at BIGINT NOT NULL)",
 )
 
 
@@ -69,6 +73,24 @@ class StoredInteraction:
     item_id: str
     rating: float  # 0 = no rating
     timestamp_seconds: int
+
+
+@dataclass(frozen=True)
+class UserRecords:
+    """What the store holds for a batch's users: each one's newest interactions, newest first, and
+    which of them were erased (ForgetUser), whom the models must then serve as unknown ids."""
+
+    recent: dict[str, list[StoredInteraction]]
+    forgotten: frozenset[str] = frozenset()
+
+
+NO_RECORDS = UserRecords({})
+
+
+def user_hash(user_id: str) -> str:
+    """How a tombstone names an erased user: SHA-256 of the id, hex. It tells whether a given id was
+    erased, and keeps no list of erased ids."""
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
 
 
 def _upsert(greatest: str, placeholder: str) -> str:
@@ -125,42 +147,60 @@ class InteractionStore(abc.ABC):
     upsert_sql: str
     # Deletes a user's rows beyond the newest N (parameters: user, user, N).
     trim_sql: str
+    # Records (or moves forward) a user's tombstone (parameters: user, unix seconds).
+    tombstone_sql: str
     recent_sql: str
     placeholder: str
 
     # --- the interface -------------------------------------------------------------------------
     def record(self, user_id: str, interactions: Sequence[tuple[str, float, int]]) -> int:
         """Store (movie, stars, unix seconds) interactions, committed before returning; returns how
-        many movies they name. Timestamp 0 means now."""
+        many movies were recorded. Timestamp 0 means now. For an erased user, interactions older than
+        the erasure (a late or retried write) are dropped; newer ones are recorded."""
         rows = _rows(user_id, interactions, int(time.time()))
 
-        def write(connection) -> None:
+        def write(connection) -> int:
             with self._writing, self._transaction(connection) as cursor:
-                cursor.executemany(self.upsert_sql, rows)
-                cursor.execute(self.trim_sql, (user_id, user_id, self.max_per_user))
+                cursor.execute(f"SELECT forgotten_at FROM forgotten WHERE user_hash = {self.placeholder}",
+                               (user_hash(user_id),))
+                tombstone = cursor.fetchone()
+                kept = [row for row in rows if tombstone is None or row[4] >= tombstone[0]]
+                if kept:
+                    cursor.executemany(self.upsert_sql, kept)
+                    cursor.execute(self.trim_sql, (user_id, user_id, self.max_per_user))
+                return len({row[1] for row in kept})
 
-        self._run(write)
-        return len({item_id for item_id, _, _ in interactions})
+        return self._run(write)
 
     def recent(self, user_ids: Sequence[str], limit: int) -> dict[str, list[StoredInteraction]]:
         """Each user's newest `limit` interactions (newest first), all users in one query."""
+        return self.records(user_ids, limit).recent
+
+    def records(self, user_ids: Sequence[str], limit: int) -> UserRecords:
+        """Each user's newest `limit` interactions (newest first) and which users were erased, in one
+        transaction."""
         users = sorted(set(user_ids))
         if not users or limit <= 0:
-            return {}
+            return NO_RECORDS
+        marks = ", ".join([self.placeholder] * len(users))
 
-        def read(connection) -> list[tuple]:
+        def read(connection) -> tuple[list[tuple], list[tuple]]:
             with self._transaction(connection) as cursor:
-                cursor.execute(self.recent_sql.format(users=", ".join([self.placeholder] * len(users)),
-                                                      limit=self.placeholder), (*users, limit))
-                return cursor.fetchall()
+                cursor.execute(self.recent_sql.format(users=marks, limit=self.placeholder), (*users, limit))
+                rows = cursor.fetchall()
+                cursor.execute(f"SELECT user_hash FROM forgotten WHERE user_hash IN ({marks})",
+                               [user_hash(user) for user in users])
+                return rows, cursor.fetchall()
 
+        rows, forgotten = self._run(read)
         found: dict[str, list[StoredInteraction]] = {}
-        for user_id, item_id, rating, timestamp in self._run(read):
+        for user_id, item_id, rating, timestamp in rows:
             found.setdefault(user_id, []).append(StoredInteraction(item_id, float(rating), int(timestamp)))
-        return found
+        erased = {hashed for hashed, in forgotten}
+        return UserRecords(found, frozenset(user for user in users if user_hash(user) in erased))
 
-    def recent_within(self, user_ids: Sequence[str], limit: int, seconds: float) -> dict[str, list[StoredInteraction]]:
-        """`recent` on the store's own read threads, waited for at most `seconds`.
+    def records_within(self, user_ids: Sequence[str], limit: int, seconds: float) -> UserRecords:
+        """`records` on the store's own read threads, waited for at most `seconds`.
 
         A hung store (a frozen PostgreSQL never enforces statement_timeout) then costs a caller this
         budget, never its whole deadline, and never holds up the thread that called: raises
@@ -173,7 +213,7 @@ class InteractionStore(abc.ABC):
                 self._reads_waiting += 1
         if busy:
             raise StoreUnavailable(f"the interaction store ({self.kind}) has {MAX_WAITING_READS} reads waiting")
-        future = self._readers.submit(self.recent, user_ids, limit)
+        future = self._readers.submit(self.records, user_ids, limit)
         future.add_done_callback(self._read_done)
         try:
             return future.result(timeout=seconds)
@@ -188,14 +228,33 @@ class InteractionStore(abc.ABC):
             self._reads_waiting -= 1
 
     def forget(self, user_id: str) -> int:
-        """Delete every interaction of `user_id`; returns how many."""
+        """Delete every interaction of `user_id` and leave a tombstone (now) in the same transaction;
+        returns how many interactions were deleted."""
+        now = int(time.time())
 
         def delete(connection) -> int:
-            with self._writing, self._transaction(connection) as cursor:
-                cursor.execute(f"DELETE FROM interactions WHERE user_id = {self.placeholder}", (user_id,))
-                return cursor.rowcount
+            with self._writing:
+                with self._transaction(connection) as cursor:
+                    cursor.execute(f"DELETE FROM interactions WHERE user_id = {self.placeholder}", (user_id,))
+                    deleted = cursor.rowcount
+                    cursor.execute(self.tombstone_sql, (user_hash(user_id), now))
+                self._after_erasure(connection)
+            return deleted
 
         return self._run(delete)
+
+    def _after_erasure(self, connection) -> None:  # noqa: B027 - optional: SQLite's WAL needs it
+        """What makes an erasure reach the disk's old pages too (SQLite: the WAL); nothing by default."""
+
+    def forgotten_hashes(self) -> set[str]:
+        """`user_hash` of every erased user (training leaves them out)."""
+
+        def read(connection) -> list[tuple]:
+            with self._transaction(connection) as cursor:
+                cursor.execute("SELECT user_hash FROM forgotten")
+                return cursor.fetchall()
+
+        return {hashed for hashed, in self._run(read)}
 
     def export(self) -> Iterator[tuple[str, str, float, int]]:
         """Every stored (user, movie, stars, unix seconds), for training."""
@@ -342,6 +401,8 @@ class SQLiteStore(InteractionStore):
     placeholder = "?"
     upsert_sql = _upsert("MAX", "?")
     trim_sql = _trim_sql("?", "-1")
+    tombstone_sql = ("INSERT INTO forgotten (user_hash, forgotten_at) VALUES (?, ?) ON CONFLICT (user_hash) "
+                     "DO UPDATE SET forgotten_at = MAX(forgotten.forgotten_at, excluded.forgotten_at)")
     recent_sql = RECENT_SQL
 
     def __init__(self, path: str | Path, max_per_user: int = DEFAULTS.max_interactions_per_user):
@@ -357,6 +418,7 @@ class SQLiteStore(InteractionStore):
         connection = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
         connection.isolation_level = "IMMEDIATE"  # Python opens a transaction before each write
         cursor = connection.cursor()
         try:
@@ -374,6 +436,10 @@ class SQLiteStore(InteractionStore):
     def _errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
 
+    def _after_erasure(self, connection) -> None:
+        # Copy the WAL into the database file and truncate it: the erased rows' old pages go with it.
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
 
 class PostgresStore(InteractionStore):
     """A PostgreSQL database shared by every replica (psycopg 3, one connection per thread)."""
@@ -382,6 +448,8 @@ class PostgresStore(InteractionStore):
     placeholder = "%s"
     upsert_sql = _upsert("GREATEST", "%s")
     trim_sql = _trim_sql("%s", "ALL")
+    tombstone_sql = ("INSERT INTO forgotten (user_hash, forgotten_at) VALUES (%s, %s) ON CONFLICT (user_hash) "
+                     "DO UPDATE SET forgotten_at = GREATEST(forgotten.forgotten_at, excluded.forgotten_at)")
     recent_sql = RECENT_SQL
     MIGRATION_LOCK = 7_407_001  # pg_advisory_xact_lock key: one starting server migrates at a time
 

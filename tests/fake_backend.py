@@ -28,13 +28,14 @@ def movie_ids(count: int) -> list[str]:
 
 
 def write_fake_metadata(models_dir: Path, movies: int = 50, rated: dict[str, list[str]] | None = None,
-                        candidate_count: int = 20) -> Path:
+                        candidate_count: int = 20, title_length: int = 0) -> Path:
     """metadata/1.json for `movies` movies ("m0", "m1", ...; popularity in that order) and the trained
-    users' rated movies (default: "u1" rated m0 to m4)."""
+    users' rated movies (default: "u1" rated m0 to m4). `title_length` pads titles (large responses)."""
     items = movie_ids(movies)
     rated = {"u1": items[:5]} if rated is None else rated
     metadata = {"model_version": int(VERSION), "candidate_count": candidate_count,
-                "items": {item: {"title": f"Movie {item}", "genres": ["Drama"]} for item in items},
+                "items": {item: {"title": f"Movie {item}".ljust(title_length, "."), "genres": ["Drama"]}
+                          for item in items},
                 "popular_item_ids": items, "rated_item_ids": rated, "preset": {"name": "fake"},
                 "serves_interactions": True}
     (models_dir / METADATA_DIR).mkdir(parents=True, exist_ok=True)
@@ -62,12 +63,14 @@ class FakeBackend(Backend):
         self.delay, self.fail_with = delay, fail_with
         self.calls = 0
         self.batch_sizes: list[int] = []
+        self.user_ids_seen: list[str] = []
         self._lock = threading.Lock()
 
     def _call(self, users: UserBatch) -> None:
         with self._lock:
             self.calls += 1
             self.batch_sizes.append(len(users))
+            self.user_ids_seen.extend(users.user_ids)
         if self.delay:
             time.sleep(self.delay)
         if self.fail_with is not None:

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from client import RecommenderClient
-from protos import recommender_pb2
+from protos import recommender_pb2, recommender_pb2_grpc
 from server.app import create_server
 from server.catalog import CatalogStore
 from server.errors import InvalidRequest
@@ -14,7 +14,7 @@ from server.options import ServerOptions
 from server.pipeline import Pipeline
 from server.store import StoredInteraction, open_store
 from server.validation import Query
-from tests.conftest import status_of
+from tests.conftest import status_of, wait_for
 from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
 
 
@@ -124,3 +124,32 @@ def test_a_timestamp_within_the_allowed_skew_is_recorded(fake_server):
         recommender_pb2.Interaction(item_id="m1", rating=4.0, timestamp_seconds=soon)])
     assert client.stub.RecordInteractions(request, timeout=10).recorded == 1
     assert store.recent(["u2"], 5)["u2"] == [StoredInteraction("m1", 4.0, soon)]
+
+
+def test_clients_that_never_read_their_streams_hold_no_admission_slot(tmp_path):
+    """Streams whose client never reads (large lists, flow control stalls the sends) stay open; the
+    server's slots count work, so other callers are still admitted."""
+    models = write_fake_metadata(tmp_path / "models", movies=150, candidate_count=120, title_length=4_000)
+    server, port = create_server("127.0.0.1:0", FakeBackend(models), models,
+                                 ServerOptions(poll_seconds=0.2, max_concurrent_rpcs=4))
+    server.start()
+    # A client that reads nothing: small stream windows, never grown (no BDP probing).
+    idle = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.http2.bdp_probe", 0),
+                                                               ("grpc.http2.lookahead_bytes", 1024)])
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            client.wait_until_serving(10)
+            stub = recommender_pb2_grpc.RecommenderStub(idle)
+            unread = [stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=100), timeout=60)
+                      for n in range(8)]
+            wait_for(lambda: server.servicer.observer.active_calls >= 8 and server.servicer.working == 0, 10,
+                     "eight computed streams stalled on the client")
+            time.sleep(0.5)
+            assert server.servicer.observer.active_calls >= 8, "the unread streams are still open"
+            assert len(client.recommend("u1", k=5)) == 5
+            assert client.model_info().model_version == "1"
+            for call in unread:
+                call.cancel()
+    finally:
+        idle.close()
+        server.stop(0).wait(10)
