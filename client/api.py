@@ -1,12 +1,13 @@
 """RecommenderClient: the generated stubs' friendly face. Every call carries a deadline."""
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.retry import SERVICE_CONFIG, RetriedStream
+from client.retry import SERVICE_CONFIG, RetriedStream, RetryBudget
 from protos import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
@@ -17,7 +18,7 @@ InteractionLike = Union[tuple, recommender_pb2.Interaction]
 
 
 def interaction(entry: InteractionLike) -> recommender_pb2.Interaction:
-    """(movie id, stars[, unix seconds]) as the message; stars 0 means no rating."""
+    """(movie id, stars[, unix seconds]) as the message; stars 0 means no rating, no time 0 (unknown)."""
     if isinstance(entry, recommender_pb2.Interaction):
         return entry
     item_id, rating, *rest = entry
@@ -60,6 +61,7 @@ class RecommenderClient:
         self.channel = channel
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)
+        self.retry_budget = RetryBudget()  # the streamed calls' retry throttling (the channel has the unary calls')
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def _deadline(self, timeout: float | None) -> float:
@@ -68,7 +70,7 @@ class RecommenderClient:
     def _streamed(self, method: grpc.UnaryStreamMultiCallable, request, timeout: float | None) -> RetriedStream:
         """A server-streamed call, each attempt with the time its deadline leaves."""
         return RetriedStream(lambda left: method(request, timeout=left, metadata=self.metadata),
-                             self._deadline(timeout))
+                             self._deadline(timeout), self.retry_budget)
 
     @staticmethod
     def _request(user_id: str, k: int, exclude: Iterable[str], include_rated: bool,
@@ -112,9 +114,14 @@ class RecommenderClient:
     def record_interactions(self, user_id: str, interactions: Iterable[InteractionLike],
                             timeout: float | None = None) -> int:
         """Store what the user did (durable once this returns), for their later lists and the next
-        training run; returns how many movies were recorded. Safe to retry."""
-        request = recommender_pb2.RecordInteractionsRequest(
-            user_id=str(user_id), interactions=[interaction(entry) for entry in interactions])
+        training run; returns how many movies were recorded. Safe to retry: interactions without a
+        time are stamped now, once, before the first attempt, so a retry never records a later time
+        than the original (nor revives a user erased in between)."""
+        now = int(time.time())
+        entries = [recommender_pb2.Interaction(item_id=entry.item_id, rating=entry.rating,
+                                               timestamp_seconds=entry.timestamp_seconds or now)
+                   for entry in map(interaction, interactions)]
+        request = recommender_pb2.RecordInteractionsRequest(user_id=str(user_id), interactions=entries)
         return self.stub.RecordInteractions(request, timeout=self._deadline(timeout), metadata=self.metadata).recorded
 
     def forget_user(self, user_id: str, timeout: float | None = None) -> int:

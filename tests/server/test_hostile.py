@@ -9,7 +9,7 @@ from client import RecommenderClient
 from protos import recommender_pb2, recommender_pb2_grpc
 from server.app import create_server
 from server.catalog import CatalogStore
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, ModelsUnavailable
 from server.options import ServerOptions
 from server.pipeline import Pipeline
 from server.store import StoredInteraction, open_store
@@ -153,3 +153,36 @@ def test_clients_that_never_read_their_streams_hold_no_admission_slot(tmp_path):
     finally:
         idle.close()
         server.stop(0).wait(10)
+
+
+def test_during_an_outage_retries_are_throttled_for_unary_and_streamed_calls(tmp_path):
+    """A backend that answers UNAVAILABLE to everything: without throttling each call would be four
+    attempts; the channel's retryThrottling and the client's stream budget stop retrying early."""
+    models = write_fake_metadata(tmp_path / "models")
+    backend = FakeBackend(models, fail_with=ModelsUnavailable("the models are down"))
+    server, port = create_server("127.0.0.1:0", backend, models, ServerOptions(poll_seconds=0.2))
+    server.start()
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            calls = 16
+            for _ in range(calls):
+                assert status_of(lambda: client.recommend_batch(["u1"]))[0] == grpc.StatusCode.UNAVAILABLE
+            unary_attempts = backend.calls
+            assert calls <= unary_attempts <= calls + 8, unary_attempts
+            for _ in range(calls):
+                assert status_of(lambda: client.recommend("u1"))[0] == grpc.StatusCode.UNAVAILABLE
+            assert calls <= backend.calls - unary_attempts <= calls + 8, backend.calls - unary_attempts
+    finally:
+        server.stop(0).wait(10)
+
+
+def test_the_client_stamps_a_write_once_so_a_retry_keeps_the_first_time(fake_server):
+    client, store = fake_server
+    before = int(time.time())
+    assert client.record_interactions("u5", [("m1", 4.0)]) == 1
+    stamped = store.recent(["u5"], 5)["u5"][0].timestamp_seconds
+    assert before <= stamped <= int(time.time())
+    request = recommender_pb2.RecordInteractionsRequest(user_id="u5", interactions=[
+        recommender_pb2.Interaction(item_id="m1", rating=2.0, timestamp_seconds=stamped - 50)])
+    client.stub.RecordInteractions(request, timeout=10)  # an older retry of an earlier write changes nothing
+    assert store.recent(["u5"], 5)["u5"] == [StoredInteraction("m1", 4.0, stamped)]
