@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--auth-token-file", type=Path,
                           help="file holding a token; calls without 'authorization: Bearer <token>' metadata get "
                                "UNAUTHENTICATED (the health service stays open for probes)")
+    security.add_argument("--auth-jwt-key", type=Path,
+                          help="PEM public key (RS256, ES256 or EdDSA) verifying JWT bearer tokens: 'exp' required, "
+                               "'scope' grants recommend, record, forget; a 'sub' binds the token to that user id")
+    security.add_argument("--auth-jwt-audience", metavar="AUD",
+                          help="with --auth-jwt-key: tokens must name this audience ('aud')")
     store = parser.add_argument_group("interaction store (RecordInteractions, ForgetUser)")
     store.add_argument("--interactions-db", default=DEFAULTS.interactions_db, metavar="PATH|URL|none",
                        help="where recorded interactions live: an SQLite file (created if missing; one server), a "
@@ -119,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.stored_interactions < 0:
         parser.error("--stored-interactions must be 0 or more")
+    if args.auth_jwt_audience and not args.auth_jwt_key:
+        parser.error("--auth-jwt-audience needs --auth-jwt-key")
+    if args.auth_jwt_key:
+        from server.security import Authenticator
+
+        try:
+            Authenticator(jwt_key=args.auth_jwt_key.read_bytes())
+        except (OSError, ValueError) as error:
+            parser.error(f"--auth-jwt-key {args.auth_jwt_key}: not a readable PEM public key ({error})")
     if args.store_read_ms <= 0 or args.max_interactions_per_user < 1:
         parser.error("--store-read-ms must be above 0 and --max-interactions-per-user at least 1")
     if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) < 0:
@@ -145,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         store_read_seconds=args.store_read_ms / 1000, max_interactions_per_user=args.max_interactions_per_user,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
-        auth_token=read_token(args.auth_token_file) if args.auth_token_file else None)
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file else None,
+        auth_jwt_key=args.auth_jwt_key.read_bytes() if args.auth_jwt_key else None,
+        auth_jwt_audience=args.auth_jwt_audience)
     if args.tf_serving:
         from server.tf_serving import TFServingBackend
 
@@ -177,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("could not start: %s", error)
         _stop_writers(log_writers, 5.0)
         return 1
-    if options.auth_token and not options.tls_cert:
+    authenticated = bool(options.auth_token or options.auth_jwt_key)
+    if authenticated and not options.tls_cert:
         log.warning("a bearer token is required but sent over plaintext, where anyone on the network can read it: "
                     "serve TLS (--tls-cert, --tls-key) or keep the port on a trusted network")
     log.info("listening on %s:%d (%s, models: %s%s)", options.host, port, "TLS" if options.tls_cert else "plaintext",
-             args.models, ", bearer token required" if options.auth_token else "")
+             args.models, ", bearer token required" if authenticated else "")
     stop_requested.wait()
     log.info("shutting down, grace %.1fs", options.grace_seconds)
     exit_by = time.monotonic() + options.grace_seconds + EXIT_SLACK_SECONDS

@@ -22,7 +22,7 @@ from server.catalog import CatalogStore
 from server.observability import Metrics, Observer
 from server.options import ServerOptions
 from server.pipeline import Pipeline
-from server.security import BearerTokenInterceptor
+from server.security import AuthenticationInterceptor, Authenticator
 from server.servicer import RecommenderServicer
 from server.store import InteractionStore
 from server.wire import add_recommender_to_server
@@ -225,13 +225,14 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
     else:
         runner = ThreadedPipeline(pipeline, options.max_workers, options.backend_timeout_seconds,
                                   options.max_queued_queries)
+    authenticator = Authenticator(options.auth_token, options.auth_jwt_key, options.auth_jwt_audience)
     servicer = RecommenderServicer(runner, backend, observer, options.max_concurrent_rpcs, store,
-                                   options.stored_interactions)
+                                   options.stored_interactions, authenticator)
 
     async def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # grpc.aio objects belong to the loop they are created on.
         grpc_server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(options.auth_token)] if options.auth_token else None,
+            interceptors=[AuthenticationInterceptor(authenticator)] if authenticator.required else None,
             options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0),
                      ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
             + ([("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),

@@ -40,3 +40,11 @@ class NotConfigured(RecsysError):
 
 class NotFound(RecsysError):
     """The request names something the models do not know (SimilarItems' movie)."""
+
+
+class Unauthenticated(RecsysError):
+    """The call carries no valid credential."""
+
+
+class PermissionDenied(RecsysError):
+    """The credential is valid but does not allow this call (its scope, or another user's data)."""

@@ -14,6 +14,8 @@ from typing import Iterable, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.security import ANYONE, Principal
+
 request_log = logging.getLogger("recsys.requests")
 
 # Log lines waiting for a stuck stderr (100,000 request lines hold ~45 MiB); beyond this they are dropped.
@@ -38,6 +40,7 @@ class CallRecord:
     unknown_interaction_count: int = 0  # ... of movies the models do not know (ignored)
     stored_interaction_count: int = 0  # merged in from the interaction store
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    principal: Principal = ANYONE  # who called (server/security.py)
 
 
 class Metrics:

@@ -56,6 +56,10 @@ class ServerOptions:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     auth_token: str | None = None
+    # PEM public key verifying JWT bearer tokens (scopes, per-user `sub`), and the audience they
+    # must name (none: not checked).
+    auth_jwt_key: bytes | None = None
+    auth_jwt_audience: str | None = None
 
 
 DEFAULTS = ServerOptions()

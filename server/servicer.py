@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import threading
 import time
 from concurrent import futures
@@ -31,6 +33,7 @@ from server.limits import (
 )
 from server.observability import CallRecord, Observer
 from server.pipeline import RankedList, Recommendation
+from server.security import Authenticator
 from server.status import map_errors
 from server.store import InteractionStore
 from server.validation import (
@@ -41,6 +44,9 @@ from server.validation import (
     make_similar_query,
     validate_interactions,
 )
+
+# One line per erasure: who asked, for whom, when (kept apart from the request log).
+audit = logging.getLogger("recsys.audit")
 
 # A Recommend with more interactions than this is validated on a worker thread, not on the event loop.
 LARGE_REQUEST_INTERACTIONS = 100
@@ -109,7 +115,10 @@ def _recorded(request: recommender_pb2.RecordInteractionsRequest) -> tuple[str, 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
-                 max_concurrent_rpcs: int, store: InteractionStore | None = None, stored_interactions: int = 0):
+                 max_concurrent_rpcs: int, store: InteractionStore | None = None, stored_interactions: int = 0,
+                 authenticator: Authenticator | None = None):
+        """`authenticator`: who may call what (server/security.py); none: anyone, anything."""
+        self.authenticator = authenticator or Authenticator()
         self.pipeline = pipeline
         self.similar = pipeline.pipeline.similar
         self.backend = backend
@@ -224,6 +233,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         with self._working(needs_models=False):
             store = self._store()
             forgotten = await self._in_store(context, store.forget, check_user_id(request.user_id))
+        audit.info(json.dumps({"event": "erasure", "user_id": request.user_id, "by": record.principal.name,
+                               "request_id": record.request_id, "at": int(time.time()), "forgotten": forgotten}))
         record.interaction_count = forgotten
         return recommender_pb2.ForgetUserResponse(forgotten=forgotten)
 

@@ -18,8 +18,10 @@ from server.errors import (
     NotConfigured,
     NotFound,
     Overloaded,
+    PermissionDenied,
     RecsysError,
     StoreUnavailable,
+    Unauthenticated,
 )
 from server.wire import Undecodable
 
@@ -35,6 +37,8 @@ STATUS_OF_ERROR: dict[type[RecsysError], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -53,6 +57,21 @@ def _check_decoded(request) -> None:
         raise InvalidRequest(request.reason)
 
 
+def _requested_users(request) -> list[str]:
+    if hasattr(request, "requests"):  # RecommendBatch
+        return [entry.user_id for entry in request.requests]
+    return [request.user_id] if hasattr(request, "user_id") else []
+
+
+def _authorize(servicer, name: str, request, context, record) -> None:
+    """Authenticate the caller, check the call's scope and the users it names (the servicer's
+    `authenticator`); the principal goes into the call's record (audit lines name it)."""
+    record.principal = servicer.authenticator.principal(context.invocation_metadata())
+    record.principal.check_scope(name)
+    _check_decoded(request)
+    record.principal.check_users(_requested_users(request))
+
+
 def map_errors(method: Callable) -> Callable:
     """The one place errors become statuses. Also opens and closes the call's CallRecord
     (`self.observer`), which the method receives as its last argument.
@@ -65,7 +84,7 @@ def map_errors(method: Callable) -> Callable:
         async def stream(self, request, context):
             record = self.observer.begin(name, context.invocation_metadata())
             try:
-                _check_decoded(request)
+                _authorize(self, name, request, context, record)
                 async for response in method(self, request, context, record):
                     yield response
             except (GeneratorExit, asyncio.CancelledError):  # the client cancelled or the deadline passed
@@ -82,7 +101,7 @@ def map_errors(method: Callable) -> Callable:
     async def unary(self, request, context):
         record = self.observer.begin(name, context.invocation_metadata())
         try:
-            _check_decoded(request)
+            _authorize(self, name, request, context, record)
             response = await method(self, request, context, record)
         except asyncio.CancelledError:
             self.observer.finish(record, grpc.StatusCode.CANCELLED.name)
