@@ -71,7 +71,7 @@ class PostgresServer:
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as connection:
-            connection.execute("DROP TABLE IF EXISTS interactions, schema_migrations")
+            connection.execute("DROP TABLE IF EXISTS interactions, forgotten, schema_migrations")
 
     def processes(self) -> list[int]:
         """The postmaster's pid and its children's (the backends serving connections)."""

@@ -150,17 +150,21 @@ def _ids(items) -> list[str]:
 
 
 def test_recorded_interactions_change_the_list_at_once_and_forget_undoes_it(served):
+    """A user the models do not know: recorded ratings personalise their list at once, and erasing
+    them brings back the list of someone unknown (a trained user would be served as unknown from
+    then on: tests/server/test_erasure.py)."""
     client, _, _ = served
-    before = client.recommend("42", k=20)
+    user = "recorded-then-forgotten"
+    before = client.recommend(user, k=20)
     sent = [(item.item_id, 5.0) for item in before[:3]]
-    assert client.record_interactions("42", sent) == 3
+    assert client.record_interactions(user, sent) == 3
     try:
-        after = client.recommend("42", k=20)
+        after = client.recommend(user, k=20)
         assert after != before and not {item for item, _ in sent} & set(_ids(after))
-        assert _ids(after) == _ids(client.recommend("42", k=20, interactions=sent)), "as if the caller had sent them"
+        assert _ids(after) == _ids(client.recommend(user, k=20, interactions=sent)), "as if the caller had sent them"
     finally:
-        assert client.forget_user("42") == 3
-    assert _ids(client.recommend("42", k=20)) == _ids(before)
+        assert client.forget_user(user) == 3
+    assert _ids(client.recommend(user, k=20)) == _ids(before)
 
 
 def test_a_new_user_records_ratings_and_gets_a_personalised_list(served, split, heaviest_user):
@@ -253,7 +257,9 @@ def test_two_servers_on_one_postgres_share_what_is_recorded(models_dir, postgres
             after = other.recommend("42", k=20)
             assert _ids(after) != _ids(before) and not set(_ids(before[:3])) & set(_ids(after))
             one.forget_user("42")
-            assert _ids(other.recommend("42", k=20)) == _ids(before)
+            erased = other.recommend("42", k=20)
+            assert _ids(erased) == _ids(other.recommend("never-seen", k=20)), "served as an unknown id"
+            assert all(item.fallback for item in erased)
     finally:
         stop_process(first)
         stop_process(second)
