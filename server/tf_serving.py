@@ -142,15 +142,15 @@ class TFServingBackend(Backend):
     def _translate(self, error: grpc.RpcError, what: str) -> RecsysError:
         """TF Serving's status as ours. A failed call fails that call only (retryable where a retry
         can help); whether the replica is ready is for the probes (`refresh`) to say. Callers see
-        the model and the status; TF Serving's address stays in the server's log."""
+        the model and the status; TF Serving's address and its error details stay in the server's log."""
         code, details = error.code(), error.details()
         log.info("TF Serving at %s answered %s for %s: %s", self.target, code.name, what, details)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"deadline exceeded waiting for TF Serving ({what})")
         if code == grpc.StatusCode.NOT_FOUND:  # e.g. the version was unloaded since the last probe
-            return ModelsUnavailable(f"TF Serving does not have {what} now: {details}; retry")
+            return ModelsUnavailable(f"TF Serving does not have {what} now; retry")
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-            return BackendMisconfigured(f"TF Serving cannot serve {what}: {code.name}: {details}")
+            return BackendMisconfigured(f"TF Serving cannot serve {what} ({code.name})")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return Overloaded(f"TF Serving is overloaded ({what}); retry later")
         return ModelsUnavailable(f"TF Serving failed {what} ({code.name}); retry")

@@ -4,6 +4,10 @@ grpc's generated registration parses each request with `FromString`; a protobuf 
 there (invalid UTF-8 in a string field, a truncated message) ends the call with UNKNOWN before
 any handler runs, outside the error map, unlogged and uncounted. Here a message that does not
 parse becomes an `Undecodable` naming the field, and the handler answers INVALID_ARGUMENT.
+
+Finding the field walks the message in Python, on the event loop that carries every call, so the
+walk is bounded: messages over EXPLAINED_BYTES, or with more than EXPLAINED_FIELDS fields before
+the bad one, get INVALID_ARGUMENT without the field's name.
 """
 from __future__ import annotations
 
@@ -16,6 +20,12 @@ from google.protobuf.message import DecodeError
 from protos import recommender_pb2
 
 SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"]
+EXPLAINED_BYTES = 64 * 1024
+EXPLAINED_FIELDS = 2_000
+
+
+class _TooLong(Exception):
+    """The walk ran out of its field budget."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +48,19 @@ def _varint(data: bytes, offset: int) -> tuple[int, int]:
         shift += 7
 
 
-def _first_bad_field(message: descriptor.Descriptor, data: bytes, prefix: str = "") -> str | None:
+def _first_bad_field(message: descriptor.Descriptor, data: bytes, prefix: str = "",
+                     budget: list[int] | None = None) -> str | None:
     """The path of the first string field that is not UTF-8 (e.g. "requests[2].user_id"), walking
-    the wire format; "" where the bytes are malformed otherwise; None where nothing is wrong."""
+    the wire format; "" where the bytes are malformed otherwise; None where nothing is wrong.
+    Raises _TooLong after EXPLAINED_FIELDS fields (`budget` carries the count down the nesting)."""
+    budget = budget if budget is not None else [EXPLAINED_FIELDS]
     counts: dict[str, int] = {}
     offset = 0
     try:
         while offset < len(data):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _TooLong
             key, offset = _varint(data, offset)
             number, wire_type = key >> 3, key & 7
             if wire_type == 0:
@@ -72,7 +88,7 @@ def _first_bad_field(message: descriptor.Descriptor, data: bytes, prefix: str = 
                 except UnicodeDecodeError:
                     return path
             elif field.type == field.TYPE_MESSAGE:
-                found = _first_bad_field(field.message_type, payload, path + ".")
+                found = _first_bad_field(field.message_type, payload, path + ".", budget)
                 if found is not None:
                     return found
     except ValueError:
@@ -86,8 +102,8 @@ def tolerant_decoder(message_class):
             return message_class.FromString(data)
         except DecodeError:
             try:
-                field = _first_bad_field(message_class.DESCRIPTOR, data)
-            except Exception:  # noqa: BLE001 - explaining must never fail the decoder
+                field = _first_bad_field(message_class.DESCRIPTOR, data) if len(data) <= EXPLAINED_BYTES else None
+            except Exception:  # noqa: BLE001 - explaining must never fail the decoder (nor take long: _TooLong)
                 field = None
             if field:
                 return Undecodable(f"{field} is not valid UTF-8")

@@ -186,3 +186,19 @@ def test_the_client_stamps_a_write_once_so_a_retry_keeps_the_first_time(fake_ser
         recommender_pb2.Interaction(item_id="m1", rating=2.0, timestamp_seconds=stamped - 50)])
     client.stub.RecordInteractions(request, timeout=10)  # an older retry of an earlier write changes nothing
     assert store.recent(["u5"], 5)["u5"] == [StoredInteraction("m1", 4.0, stamped)]
+
+
+def test_explaining_an_undecodable_request_is_bounded_work_on_the_event_loop():
+    """4 MB of tiny fields ending in one invalid UTF-8 string: the decoder (which runs on the event
+    loop) gives up naming the field instead of walking it all; a small bad request still names it."""
+    from server.wire import tolerant_decoder
+
+    decode = tolerant_decoder(recommender_pb2.RecommendBatchRequest)
+    entry = recommender_pb2.RecommendRequest(user_id="u", exclude_item_ids=["m"] * 8).SerializeToString()
+    field = b"\x0a" + bytes([len(entry)]) + entry
+    bad = b"\x0a\x04\x0a\x02\xc3\x28"  # requests[n].user_id, not UTF-8
+    for size, named in ((100, True), (4_000_000 // len(field), False)):
+        started = time.perf_counter()
+        result = decode(field * size + bad)
+        assert time.perf_counter() - started < 0.2
+        assert (f"requests[{size}].user_id is not valid UTF-8" in result.reason) == named, result.reason
