@@ -9,6 +9,9 @@ With a backend that waits on the network (TF Serving), several threads take batc
 slow call does not hold up the others; every backend call is capped at `backend_timeout`
 seconds whatever the callers' deadlines. The queue is bounded: past `max_queued_queries`
 waiting queries, a request is refused at once (RESOURCE_EXHAUSTED) instead of queueing.
+
+Small requests go first (`_CostQueue`): a lone Recommend waits for the batch running, never
+behind every RecommendBatch of 100 users queued before it.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -38,6 +42,49 @@ class _Pending:
 
     def gone(self) -> bool:
         return self.is_cancelled is not None and self.is_cancelled()
+
+
+class _CostQueue:
+    """Two FIFO queues in one: requests of one query (Recommend) are taken before larger ones
+    (RecommendBatch), so cheap calls are not stuck behind expensive ones; among each kind, first
+    come first served. A large request waits at most while small ones keep arriving faster than a
+    batch runs, and each batch takes as many small ones as it holds."""
+
+    def __init__(self) -> None:
+        self._small: deque = deque()
+        self._large: deque = deque()
+        self._closed = False
+        self._ready = threading.Condition()
+
+    def put(self, pending: "_Pending | None") -> None:
+        with self._ready:
+            if pending is None:
+                self._closed = True
+            elif len(pending.queries) <= 1:
+                self._small.append(pending)
+            else:
+                self._large.append(pending)
+            self._ready.notify()
+
+    def _next(self) -> "_Pending | None":
+        if self._small:
+            return self._small.popleft()
+        if self._large:
+            return self._large.popleft()
+        if self._closed:
+            self._ready.notify()  # wake the next batching thread to see it too
+            return None
+        raise queue.Empty
+
+    def get(self) -> "_Pending | None":
+        """The next request, waiting for one; None once closed and drained."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._small or self._large or self._closed)
+            return self._next()
+
+    def get_nowait(self) -> "_Pending | None":
+        with self._ready:
+            return self._next()
 
 
 def _capped(timeout: float | None, cap: float) -> float:
@@ -63,7 +110,7 @@ class RequestBatcher:
         self.backend_timeout = backend_timeout
         self.max_queued_queries = max_queued_queries
         self.observe_batch = observe_batch
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue = _CostQueue()
         self._queued_queries = 0
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"batcher-{n}", daemon=True) for n in range(workers)]
@@ -114,7 +161,6 @@ class RequestBatcher:
             except queue.Empty:
                 break
             if pending is None:
-                self._queue.put(None)
                 break
             batch.append(pending)
             size += len(pending.queries)

@@ -111,3 +111,23 @@ def test_no_model_call_runs_on_the_event_loop(models_dir):
             assert concurrent == [[item.item_id for item in client.recommend(user)] for user in users]
     finally:
         recommender.stop(0).wait()
+
+
+def test_a_lone_recommend_is_not_queued_behind_large_batches(tmp_path):
+    """Eight 100-user batches queued behind a running one: a one-user request arriving after them
+    runs in the next model call, not after all of them (fake backend, 50 ms a call)."""
+    from tests.fake_backend import FakeBackend, write_fake_metadata
+
+    models = write_fake_metadata(tmp_path / "models", movies=60)
+    backend = FakeBackend(models, delay=0.05)
+    batcher = RequestBatcher(Pipeline(backend, CatalogStore(models), reasons=False), max_batch_size=32,
+                             backend_timeout=10, max_queued_queries=5_000)
+    try:
+        large = [batcher.submit([Query(f"user-{n}-{u}") for u in range(100)]) for n in range(9)]
+        lone = batcher.submit([Query("u1", k=5)])
+        assert len(lone.result(10)[0].items) == 5
+        finished_large = sum(future.done() for future in large)
+        assert finished_large <= 2, f"{finished_large} large batches ran before the lone request"
+        assert all(len(future.result(10)) == 100 for future in large)
+    finally:
+        batcher.close()
