@@ -34,6 +34,10 @@ def test_kubernetes_manifest_matches_the_server():
     headless = objects[("Service", "recommender")]["spec"]
     assert headless["clusterIP"] == "None" and headless["selector"] == {"app": "recommender"}
     assert args.interactions_db.startswith("postgresql://"), "replicas share one interaction store"
+    assert [port["name"] for port in headless["ports"]] == ["grpc"], "metrics are not published beyond the pod"
+    key_mount = next(mount for mount in container["volumeMounts"] if str(args.auth_jwt_key).startswith(mount["mountPath"]))
+    secret = next(volume for volume in recommender["volumes"] if volume["name"] == key_mount["name"])["secret"]
+    assert secret["items"][0]["path"] == args.auth_jwt_key.name, "the token key comes from a Secret"
     user = args.interactions_db.split("://")[1].split("@")[0]
     assert ":" not in user and "PGPASSWORD" in {variable["name"] for variable in container["env"]}, \
         "the password comes from a Secret, never in the arguments"
@@ -42,8 +46,11 @@ def test_kubernetes_manifest_matches_the_server():
 def test_compose_matches_the_server():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     args = build_parser().parse_args(compose["recommender"]["command"])
-    assert args.tf_serving == "tf-serving:8500" and "8500:8500" in compose["tf-serving"]["ports"]
-    assert f"{args.port}:{args.port}" in compose["recommender"]["ports"]
+    assert args.tf_serving == "tf-serving:8500" and "ports" not in compose["tf-serving"], "TF Serving stays inside"
+    assert compose["recommender"]["ports"] == [f"127.0.0.1:{args.port}:{args.port}"], "gRPC on loopback, nothing else"
+    assert args.tls_cert and args.tls_key and args.auth_jwt_key, "TLS and scoped tokens"
+    secrets = {volume.rsplit(":", 2)[1] for volume in compose["recommender"]["volumes"]}
+    assert all(str(path.parent) in secrets for path in (args.tls_cert, args.tls_key, args.auth_jwt_key))
     host = args.interactions_db.split("@")[1].split(":")[0]
     assert args.interactions_db.startswith("postgresql://") and host in compose, "the store is one of the services"
     assert "PGPASSWORD" in compose["recommender"]["environment"]
