@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from export.progress import Progress
+
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_SHA256 = "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"
 DATA_DIR_ENV = "RECSYS_DATA_DIR"
@@ -29,6 +31,9 @@ TRAIN_FRACTION = 0.8  # 80,000 of ML-100k's 100,000 ratings
 SPLIT_SEED = 42
 # Rows in the shuffle buffer when training streams the ratings (export/examples.py).
 DEFAULT_SHUFFLE_BUFFER = 500_000
+# Reading a file larger than this shows progress; lines are counted into it in blocks of this many.
+PROGRESS_BYTES = 10_000_000
+PROGRESS_LINES = 50_000
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -259,11 +264,26 @@ def read_users(path: Path) -> dict[str, User]:
     return users
 
 
+def _decoded_lines(handle, encoding: str, progress: Progress | None):
+    """A binary file's lines as text, telling `progress` the bytes read (every PROGRESS_LINES lines)."""
+    read = 0
+    for number, line in enumerate(handle, start=1):
+        read += len(line)
+        if progress is not None and number % PROGRESS_LINES == 0:
+            progress.advance(read)
+            read = 0
+        yield line.decode(encoding)
+
+
 def _rows(path: Path, encoding: str, separator: str, field_count: int, header: str | None = None):
-    """(line number, fields) of a delimited file, failing with the file and line on a bad one."""
+    """(line number, fields) of a delimited file, failing with the file and line on a bad one.
+    Files over PROGRESS_BYTES show their reading's progress."""
     if separator == ",":
-        with open(path, encoding=encoding, newline="") as handle:
-            for line_number, fields in enumerate(csv.reader(handle), start=1):
+        size = path.stat().st_size
+        progress = Progress(f"reading {path.name}", size, "bytes") if size > PROGRESS_BYTES else None
+        with open(path, "rb") as handle:
+            lines = _decoded_lines(handle, encoding, progress)
+            for line_number, fields in enumerate(csv.reader(lines), start=1):
                 if line_number == 1 and header is not None:
                     if ",".join(fields) != header:
                         raise DataFormatError(f"{path}:1: expected the header {header!r}, got {','.join(fields)!r}")
@@ -271,6 +291,8 @@ def _rows(path: Path, encoding: str, separator: str, field_count: int, header: s
                 if len(fields) != field_count:
                     raise DataFormatError(f"{path}:{line_number}: expected {field_count} fields: {fields!r}")
                 yield line_number, fields
+        if progress is not None:
+            progress.close()
         return
     for line_number, line in _read_lines(path, encoding):
         fields = line.split(separator)

@@ -9,7 +9,6 @@ import sys
 import time
 from typing import IO
 
-import tensorflow as tf
 from tqdm import tqdm
 
 LINES_PER_PHASE = 10
@@ -46,30 +45,3 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         return time.perf_counter() - self.started
-
-
-class EpochProgress(tf.keras.callbacks.Callback):
-    """Keras training with a `Progress` per epoch (steps) and one summary line per epoch."""
-
-    def __init__(self, stage: str, epochs: int, steps_per_epoch: int, stream: IO[str] | None = None):
-        super().__init__()
-        self._supports_tf_logs = True  # per-step hooks without copying each step's logs to numpy
-        self.stage, self.epochs, self.steps = stage, epochs, steps_per_epoch
-        self.stream = stream or sys.stdout
-        self.started = time.perf_counter()
-        self.progress: Progress | None = None
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.progress = Progress(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}", self.steps, "steps", self.stream)
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self.progress is not None:
-            self.progress.advance()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        metrics = " ".join(f"{key}={value:.4f}" for key, value in (logs or {}).items()
-                           if key in ("loss", "total_loss", "rmse", "root_mean_squared_error"))
-        print(f"  [{self.stage}] epoch {epoch + 1}/{self.epochs} {metrics} "
-              f"({time.perf_counter() - self.started:.1f}s)", file=self.stream, flush=True)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import tensorflow as tf
@@ -16,7 +18,7 @@ from export.examples import FitData, from_rows, from_stream
 from export.item_item import co_rating_factors, ease_weights, history_matrix
 from export.models import RankingModel, RetrievalModel, item_towers_by_member, make_optimizer
 from export.presets import STRATEGIES, Preset
-from export.progress import EpochProgress
+from export.progress import Progress
 from export.savedmodel import write_export
 from export.scale import fit_to_data
 from export.serving import (
@@ -29,6 +31,33 @@ from export.serving import (
     tower_table,
 )
 from export.stored import StoredRatings
+
+
+class EpochProgress(tf.keras.callbacks.Callback):
+    """Keras training with a `Progress` per epoch (steps) and one summary line per epoch."""
+
+    def __init__(self, stage: str, epochs: int, steps_per_epoch: int, stream: IO[str] | None = None):
+        super().__init__()
+        self._supports_tf_logs = True  # per-step hooks without copying each step's logs to numpy
+        self.stage, self.epochs, self.steps = stage, epochs, steps_per_epoch
+        self.stream = stream or sys.stdout
+        self.started = time.perf_counter()
+        self.progress: Progress | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.progress = Progress(f"[{self.stage}] epoch {epoch + 1}/{self.epochs}", self.steps, "steps", self.stream)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.progress is not None:
+            self.progress.advance()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        metrics = " ".join(f"{key}={value:.4f}" for key, value in (logs or {}).items()
+                           if key in ("loss", "total_loss", "rmse", "root_mean_squared_error"))
+        print(f"  [{self.stage}] epoch {epoch + 1}/{self.epochs} {metrics} "
+              f"({time.perf_counter() - self.started:.1f}s)", file=self.stream, flush=True)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
