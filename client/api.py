@@ -11,6 +11,7 @@ from client.retry import SERVICE_CONFIG, RetriedStream, RetryBudget
 from protos import recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
+RETRY_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 # An interaction: (movie id, stars[, unix seconds]) or the message itself.
@@ -52,7 +53,12 @@ class RecommenderClient:
         self.target = target
         self.timeout = timeout
         if channel is None:
-            options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+            # gRPC retries a call only while its messages fit the retry buffers (256 KiB a call by
+            # default): sized for the largest request a server takes (4 MiB), so a RecommendBatch of
+            # 100 users with their interactions is retried like any other call.
+            options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
+                       ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+                       ("grpc.retry_buffer_size", 4 * RETRY_BUFFER_BYTES)]
             if ca_cert is not None:
                 channel = grpc.secure_channel(channel_target(target),
                                               grpc.ssl_channel_credentials(root_certificates=ca_cert), options)

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reasons", action=argparse.BooleanOptionalAction, default=DEFAULTS.reasons,
                         help="give every model item its because_item_ids, the movies of the user's history that "
                              "raise its score the most (one more model call per batch) (default: on)")
+    parser.add_argument("--log-user-id-key-file", type=Path, metavar="F",
+                        help="file holding a secret key: request and audit logs show a keyed hash (HMAC-SHA256) of "
+                             "each user id instead of the id (default: ids as sent)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics over HTTP on this port (default: off)")
     return parser
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_key=args.tls_key.read_bytes() if args.tls_key else None,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None,
         auth_jwt_key=args.auth_jwt_key.read_bytes() if args.auth_jwt_key else None,
-        auth_jwt_audience=args.auth_jwt_audience)
+        auth_jwt_audience=args.auth_jwt_audience,
+        log_user_id_key=read_token(args.log_user_id_key_file).encode() if args.log_user_id_key_file else None)
     if args.tf_serving:
         from server.tf_serving import TFServingBackend
 

@@ -1,6 +1,8 @@
 """One structured log line and Prometheus metrics per request, and the thread that writes the log."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import logging.handlers
@@ -82,8 +84,11 @@ class Metrics:
 
 
 class Observer:
-    def __init__(self, metrics: Metrics | None = None):
+    def __init__(self, metrics: Metrics | None = None, user_id_key: bytes | None = None):
+        """`user_id_key`: log a keyed hash (HMAC-SHA256, 16 hex digits) of each user id instead of the
+        id: lines of one user still group together, and nobody without the key can tell whose they are."""
         self.metrics = metrics or Metrics()
+        self.user_id_key = user_id_key
         self._active = 0
         self.last_call_started = 0.0  # time.monotonic()
         self._lock = threading.Lock()
@@ -102,6 +107,12 @@ class Observer:
         request_id = supplied[:64] if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
         return CallRecord(method=method, request_id=request_id)
 
+    def logged_user_id(self, user_id: str) -> str:
+        """The user id as logs show it: itself, or its keyed hash."""
+        if self.user_id_key is None or not user_id:
+            return user_id
+        return hmac.new(self.user_id_key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
     def finish(self, record: CallRecord, code: str) -> None:
         """`code`: the gRPC status code's name (OK, INVALID_ARGUMENT, ...)."""
         with self._lock:
@@ -114,10 +125,11 @@ class Observer:
             metrics.latency.labels(stage).observe(seconds)
         if record.fallback_count:
             metrics.fallback_items.inc(record.fallback_count)
+        user_ids = [self.logged_user_id(user_id) for user_id in record.user_ids[:5]]
         request_log.info(json.dumps({
             "request_id": record.request_id,
             "method": record.method,
-            "user_id": record.user_ids[0] if len(record.user_ids) == 1 else record.user_ids[:5],
+            "user_id": user_ids[0] if len(record.user_ids) == 1 else user_ids,
             "users": len(record.user_ids),
             "status": code,
             "items": record.item_count,

@@ -60,6 +60,8 @@ class ServerOptions:
     # must name (none: not checked).
     auth_jwt_key: bytes | None = None
     auth_jwt_audience: str | None = None
+    # A secret key: logs (requests, erasures) show a keyed hash of each user id instead of the id.
+    log_user_id_key: bytes | None = None
 
 
 DEFAULTS = ServerOptions()

@@ -233,7 +233,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         with self._working(needs_models=False):
             store = self._store()
             forgotten = await self._in_store(context, store.forget, check_user_id(request.user_id))
-        audit.info(json.dumps({"event": "erasure", "user_id": request.user_id, "by": record.principal.name,
+        audit.info(json.dumps({"event": "erasure", "user_id": self.observer.logged_user_id(request.user_id),
+                               "by": record.principal.name,
                                "request_id": record.request_id, "at": int(time.time()), "forgotten": forgotten}))
         record.interaction_count = forgotten
         return recommender_pb2.ForgetUserResponse(forgotten=forgotten)

@@ -132,3 +132,26 @@ def test_reflection_needs_a_credential(server_port):
                                                  metadata=(("authorization", f"Bearer {SHARED_TOKEN}"),)))
         assert any(service.name == recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
                    for service in answers[0].list_services_response.service)
+
+
+def test_with_a_log_key_logs_show_a_keyed_hash_of_user_ids(tmp_path, caplog):
+    import hashlib
+    import hmac
+
+    models = write_fake_metadata(tmp_path / "models")
+    store = open_store(str(tmp_path / "s.sqlite3"))
+    server, port = create_server("127.0.0.1:0", FakeBackend(models), models,
+                                 ServerOptions(poll_seconds=0.2, log_user_id_key=b"log-key"), store=store)
+    server.start()
+    try:
+        with caplog.at_level(logging.INFO), client_with(port, None) as caller:
+            caller.record_interactions("private-user", [("m1", 4.0)])
+            caller.forget_user("private-user")
+    finally:
+        server.stop(0).wait(10)
+        store.close()
+    hashed = hmac.new(b"log-key", b"private-user", hashlib.sha256).hexdigest()[:16]
+    lines = [json.loads(record.getMessage()) for record in caplog.records
+             if record.name in ("recsys.audit", "recsys.requests")]
+    assert {line["user_id"] for line in lines} == {hashed} and len(lines) == 3
+    assert not any("private-user" in record.getMessage() for record in caplog.records)
