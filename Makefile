@@ -55,9 +55,9 @@ postgres:
 test: lint postgres
 	$(PY) -m pytest
 
-# Unit tests and the service contract end to end, on a synthetic data set (no slow tests).
+# Unit tests and the service contract end to end, on a synthetic data set: no data set needed.
 test-fast: lint postgres
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not real_data"
 
 clean:
 	rm -rf $(VENV) .demo-server.log

@@ -27,8 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the real data's exports must be marked slow, and run last: their training runs in
-    the background meanwhile (`RealDataJob`)."""
+    """Tests that read the real MovieLens 100k are marked `real_data` (the fast tier leaves them out,
+    so it runs with no data set at all). Tests on the real data's exports must be marked slow, and
+    run last: their training runs in the background meanwhile (`RealDataJob`)."""
+    for item in items:
+        if "ml100k_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
     on_real_exports = [item for item in items if SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))]
     later = set(map(id, on_real_exports))
     unmarked = [item.nodeid for item in on_real_exports if not item.get_closest_marker("slow")]
@@ -39,10 +43,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:
-    """The real MovieLens 100k; tests never write into it."""
-    path = Path(os.environ.get("RECSYS_DATA_DIR") or REPO_ROOT.parent / "shared" / "data" / "ml-100k")
+    """The real MovieLens 100k, where the README says data goes ($RECSYS_DATA_DIR, else ./data/ml-100k);
+    tests never write into it."""
+    path = Path(os.environ.get("RECSYS_DATA_DIR") or REPO_ROOT / "data" / "ml-100k")
     if not (path / "u.data").is_file():
-        pytest.fail(f"MovieLens 100k not found at {path}: set RECSYS_DATA_DIR")
+        pytest.fail(f"MovieLens 100k not found at {path}: set RECSYS_DATA_DIR or unpack it into ./data/ml-100k "
+                    "(make test-fast needs no data)")
     return path.resolve()
 
 
