@@ -25,12 +25,30 @@ def format_items(items) -> str:
 
 
 def parse_interaction(text: str) -> tuple[str, float]:
-    """ITEM or ITEM:STARS -> (movie id, stars); no stars means no rating (0)."""
+    """ITEM or ITEM:STARS -> (movie id, stars); no stars means no rating (0). Anything else (an empty
+    id, stars that are not a number from 0.5 to 5, more than one ':') is a usage error."""
     item_id, separator, stars = text.rpartition(":") if ":" in text else (text, "", "")
+    problem = f"expected ITEM[:STARS] with STARS from 0.5 to 5, e.g. 50:4.5; got {text!r}"
+    if not item_id or ":" in item_id:
+        raise argparse.ArgumentTypeError(problem)
     try:
-        return item_id, float(stars) if separator else 0.0
+        rating = float(stars) if separator else 0.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ITEM[:STARS], e.g. 50:4.5; got {text!r}") from None
+        raise argparse.ArgumentTypeError(problem) from None
+    if separator and not 0.5 <= rating <= 5.0:
+        raise argparse.ArgumentTypeError(problem)
+    return item_id, rating
+
+
+def list_length(text: str) -> int:
+    """-k: a whole number from 1 to the server's maximum (100)."""
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 100; got {text!r}") from None
+    if not 1 <= k <= 100:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 100; got {k}")
+    return k
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     recommend = commands.add_parser("recommend", help="print one user's ranked recommendations")
     recommend.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")
     recommend.add_argument("--user", required=True, help="user id, e.g. 42")
-    recommend.add_argument("-k", type=int, default=10, help="how many items (default: %(default)s; server maximum 100)")
+    recommend.add_argument("-k", type=list_length, default=10, help="how many items, 1 to 100 (default: %(default)s)")
     recommend.add_argument("--exclude", nargs="*", default=[], metavar="ITEM_ID", help="movie ids never to return")
     recommend.add_argument("--include-rated", action="store_true",
                            help="allow movies the user already rated or sent with --interaction")
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     similar = commands.add_parser("similar", help="print the movies most like one movie (\"more like this\")")
     similar.add_argument("--item", required=True, help="movie id, e.g. 1 (Toy Story)")
     similar.add_argument("--user", default="", help="also leave out this user's history and order for them")
-    similar.add_argument("-k", type=int, default=10, help="how many movies (default: %(default)s; server maximum 100)")
+    similar.add_argument("-k", type=list_length, default=10, help="how many movies, 1 to 100 (default: %(default)s)")
     similar.add_argument("--exclude", nargs="*", default=[], metavar="ITEM_ID", help="movie ids never to return")
     similar.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
