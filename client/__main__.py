@@ -99,6 +99,11 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(bench.format_summary(summary))
     if args.json:
         bench.write_json(summary, args.json)
+    failed = sum(tally.errors.values())
+    if failed:  # a benchmark whose requests failed measured the failures, not the service
+        print(f"error: {failed:,} of {failed + len(tally.latencies_ms):,} requests failed: "
+              + ", ".join(f"{code} {count:,}" for code, count in tally.errors.most_common()), file=sys.stderr)
+        return 1
     return 0
 
 

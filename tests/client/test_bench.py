@@ -116,3 +116,22 @@ def test_percentiles_interpolate_as_numpy_does():
     for q in (0, 50, 90, 99, 100):
         assert abs(percentile(values, q) - float(np.percentile(values, q))) < 1e-12
     assert percentile([], 50) == 0.0
+
+
+def test_a_bench_whose_requests_fail_says_so_and_exits_non_zero(tmp_path, capsys):
+    from server.app import create_server
+    from server.options import ServerOptions
+    from tests.fake_backend import FakeBackend, write_fake_metadata
+
+    models = write_fake_metadata(tmp_path / "models")
+    # No call is ever admitted: every request fails RESOURCE_EXHAUSTED.
+    server, port = create_server("127.0.0.1:0", FakeBackend(models), models,
+                                 ServerOptions(poll_seconds=0.2, max_concurrent_rpcs=0))
+    server.start()
+    try:
+        assert client_main(["bench", "--target", f"127.0.0.1:{port}", "--concurrency", "2", "--duration", "1",
+                            "--users", "5"]) == 1
+    finally:
+        server.stop(0).wait(10)
+    error = capsys.readouterr().err
+    assert "requests failed" in error and "RESOURCE_EXHAUSTED" in error
