@@ -166,6 +166,8 @@ def set_tensorflow_threads(intra_op: int = DEFAULTS.tensorflow_intra_op_parallel
 # it may still have been copying, or the machine short of memory.
 RETRY_SECONDS = 5.0
 MAX_RETRY_SECONDS = 300.0
+# With nothing to serve, the warning saying so is repeated this often.
+NOTHING_TO_SERVE_WARNING_SECONDS = 60.0
 
 
 def check_consistency(pair: LoadedPair, catalog: Catalog) -> None:
@@ -199,6 +201,7 @@ class InProcessBackend(Backend):
         self.explains = explains
         self.current: LoadedPair | None = None
         self._retry_at: dict[int, tuple[float, float]] = {}  # failed version -> (when to retry, backoff)
+        self._warned_at = -NOTHING_TO_SERVE_WARNING_SECONDS
         self._lock = threading.Lock()
 
     def _wanted_version(self) -> int | None:
@@ -208,9 +211,23 @@ class InProcessBackend(Backend):
             return self.pinned_version if self.pinned_version in versions else None
         return versions[-1] if versions else None
 
+    def _warn_nothing_to_serve(self) -> None:
+        """As TF Serving does ("No versions of servable found under base path"): say what the models
+        directory lacks, once every NOTHING_TO_SERVE_WARNING_SECONDS until a version loads."""
+        now = time.monotonic()
+        if now < self._warned_at + NOTHING_TO_SERVE_WARNING_SECONDS:
+            return
+        self._warned_at = now
+        what = "does not exist" if not self.models_dir.is_dir() else "holds no complete version"
+        pinned = f" (version {self.pinned_version} pinned)" if self.pinned_version is not None else ""
+        log.warning("nothing to serve: %s %s%s; a version needs retrieval/<v>, ranking/<v> and metadata/<v>.json "
+                    "(python -m export train --out %s)", self.models_dir, what, pinned, self.models_dir)
+
     def refresh(self, load_catalog: Callable[[str], Catalog]) -> bool:
         with self._lock:
             version = self._wanted_version()
+            if version is None and self.current is None:
+                self._warn_nothing_to_serve()
             if version is not None and (self.current is None or self.current.model_version != str(version)):
                 try:
                     pair = load_pair(self.models_dir, version, self.explains)

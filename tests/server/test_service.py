@@ -1,5 +1,6 @@
 """The gRPC service over a real loopback channel, with the generated client and real models."""
 import re
+import time
 
 import grpc
 import pytest
@@ -145,3 +146,19 @@ def test_not_ready_until_models_load_but_live(tmp_path):
             assert str(tmp_path) not in details, "paths stay in the server's log"
     finally:
         recommender.stop(0).wait()
+
+
+def test_with_nothing_to_serve_the_log_says_what_the_directory_lacks(tmp_path, caplog, monkeypatch):
+    import server.in_process
+
+    monkeypatch.setattr(server.in_process, "NOTHING_TO_SERVE_WARNING_SECONDS", 0.3)
+    missing = tmp_path / "no-such-export"
+    backend = InProcessBackend(missing)
+    with caplog.at_level("WARNING", logger="recsys.server"):
+        for _ in range(3):
+            assert not backend.refresh(lambda version: None)
+        time.sleep(0.35)
+        assert not backend.refresh(lambda version: None)
+    warnings = [record.getMessage() for record in caplog.records if "nothing to serve" in record.getMessage()]
+    assert len(warnings) == 2, "repeated, but rate-limited"
+    assert str(missing) in warnings[0] and "does not exist" in warnings[0] and "metadata/<v>.json" in warnings[0]
