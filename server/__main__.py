@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -19,7 +20,6 @@ from server.layout import (
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
 )
-from server.observability import ThreadedLogWriter
 from server.options import DEFAULTS, ServerOptions
 
 # The process exits within --grace-seconds plus this, even when shutdown had to be forced.
@@ -120,9 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `python -m server` needs beyond the client's install (the `serve` extra).
+SERVE_MODULES = ("numpy", "prometheus_client", "grpc_reflection", "tensorflow", "tensorflow_serving")
+
+
+def missing_serve_modules() -> list[str]:
+    return [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_serve_modules()
+    if missing:
+        print(f"python -m server needs the 'serve' extra, which this environment lacks ({', '.join(missing)} "
+              "not installed): pip install 'recsys[serve]'", file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.stored_interactions < 0:
@@ -140,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--store-read-ms must be above 0 and --max-interactions-per-user at least 1")
     if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) < 0:
         parser.error("--tensorflow-*-op-parallelism must be 0 (one thread per core) or more")
+    from server.observability import ThreadedLogWriter
+
     logging.getLogger().setLevel(logging.INFO)
     log_writers = [ThreadedLogWriter(logging.getLogger(), "%(asctime)s %(levelname)s %(name)s %(message)s"),
                    # Request lines are JSON objects, one per line, for log shippers.
@@ -215,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stop_writers(log_writers: list[ThreadedLogWriter], timeout: float) -> None:
+def _stop_writers(log_writers: list, timeout: float) -> None:
     """Write the lines still queued, within `timeout` seconds in all."""
     deadline = time.monotonic() + timeout
     for writer in log_writers:

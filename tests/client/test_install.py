@@ -33,6 +33,10 @@ def test_a_client_only_install_has_no_tensorflow_and_calls_the_server(tmp_path, 
     # Run outside the repository, so nothing is imported from the working tree.
     no_tensorflow = subprocess.run([python, "-c", "import tensorflow"], cwd=tmp_path, capture_output=True, text=True)
     assert no_tensorflow.returncode != 0 and "No module named 'tensorflow'" in no_tensorflow.stderr
+    no_server = subprocess.run([python, "-m", "server", "--models", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=60)
+    assert no_server.returncode == 2 and "pip install 'recsys[serve]'" in no_server.stderr
+    assert "Traceback" not in no_server.stderr
 
     _, port = running_server
     called = subprocess.run([python, "-m", "client", "recommend", "--target", f"127.0.0.1:{port}", "--user", "42",
