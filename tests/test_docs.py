@@ -54,3 +54,32 @@ def test_the_readme_is_short_and_docs_tell_no_history():
     for path in [README, *(REPO_ROOT / "docs").glob("*.md")]:
         found = diary.findall(path.read_text())
         assert not found, f"{path.name} speaks of how it was made: {found[:3]}"
+
+
+def test_the_readme_python_snippet_runs_and_the_list_follows_what_was_sent(models_dir, tmp_path, capsys):
+    """The README's Python block, run as written against a real server with a store (port swapped in):
+    the list of the new user who sent three ratings is not the popularity list they had before."""
+    from server.app import create_server
+    from server.in_process import InProcessBackend
+    from server.options import ServerOptions
+    from server.store import open_store
+
+    block = README.read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    store = open_store(str(tmp_path / "s.sqlite3"))
+    server, port = create_server("127.0.0.1:0", InProcessBackend(models_dir), models_dir,
+                                 ServerOptions(poll_seconds=0.2), store=store)
+    server.start()
+    try:
+        from client import RecommenderClient
+
+        with RecommenderClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(60)
+        exec(compile(block.replace("localhost:50051", f"127.0.0.1:{port}"), "README.md", "exec"), {})
+    finally:
+        server.stop(0).wait(10)
+        store.close()
+    lines = capsys.readouterr().out.splitlines()
+    popular = eval(lines[0])  # noqa: S307 - the snippet's own printed list
+    streamed = [line.split(" ", 1)[1].rsplit(" (", 1)[0] for line in lines[1:6]]
+    assert len(popular) == 5 and len(lines) == 7
+    assert [title.split(" (")[0] for title in popular] != [title.split(" (")[0] for title in streamed]
