@@ -154,7 +154,9 @@ def test_the_cli_sends_interactions(running_server, capsys, popular):
                         "--interaction", f"{popular[0]}:4.5", "--interaction", popular[1]]) == 0
     items = json.loads(capsys.readouterr().out)
     assert len(items) == 3 and not any(item.get("fallback") for item in items)
-    assert client_main(["recommend", "--target", target, "--user", NEW_USER, "--interaction", "50:9"]) == 1
+    too_long = "x" * 200  # a well-formed argument the server refuses: the CLI reports its status
+    assert client_main(["recommend", "--target", target, "--user", NEW_USER, "--interaction", f"{too_long}:4"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        client_main(["recommend", "--target", target, "--user", "42", "--interaction", "50:lots"])
+    for malformed in ("50:lots", "50:9"):
+        with pytest.raises(SystemExit):
+            client_main(["recommend", "--target", target, "--user", "42", "--interaction", malformed])
