@@ -184,10 +184,10 @@ def test_a_new_user_records_ratings_and_gets_a_personalised_list(served, split, 
 def test_a_merged_batch_reads_the_store_once(served):
     client, recommender, store = served
     calls = []
-    recent = store.recent
-    store.recent = lambda users, limit: calls.append(sorted(users)) or recent(users, limit)
+    records = store.records
+    store.records = lambda users, limit: calls.append(sorted(users)) or records(users, limit)
     client.recommend_batch(["1", "2", "3", NEW_USER], k=3)
-    store.recent = recent
+    store.records = records
     assert calls == [["1", "2", "3", NEW_USER]]
 
 
