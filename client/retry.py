@@ -27,8 +27,9 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", 
 # until the channel closed (docs/operations.md); `RetriedStream` applies it to those instead.
 # Retry throttling (A6): each failed attempt takes a token, each success gives back a tenth of one,
 # and no call is retried while half or fewer of the tokens are left. During an outage, retries stop
-# after a few failures instead of multiplying every caller's load by maxAttempts.
-RETRY_THROTTLING = {"maxTokens": 10, "tokenRatio": 0.1}
+# after 20 failures instead of multiplying every caller's load by maxAttempts; a replica draining
+# under a client's 16 concurrent calls still has each of them retried.
+RETRY_THROTTLING = {"maxTokens": 40, "tokenRatio": 0.1}
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": SERVICE.full_name, "method": method} for method in UNARY_METHODS],

@@ -83,7 +83,8 @@ def test_csv_needs_both_files(tmp_path):
 def test_a_new_user_records_ratings_then_the_next_version_knows_them(data_dir, models_dir, tmp_path, heaviest_user,
                                                                     split, capsys):
     """Record 10 ratings for a new user: a personalised list at once; train with the store: the next
-    version serves them from their own id, even once their stored interactions are forgotten."""
+    version knows them. Forget them: served as an unknown id at once, and the version after leaves
+    them out."""
     models = tmp_path / "models"
     for name in ("retrieval", "ranking", "metadata"):
         (models / name).mkdir(parents=True)
@@ -112,10 +113,15 @@ def test_a_new_user_records_ratings_then_the_next_version_knows_them(data_dir, m
             catalog = CatalogStore(models).get("2")
             assert catalog.is_known_user("new-user")
             assert sorted(catalog.rated_item_ids["new-user"]) == sorted(item for item, _ in ratings)
-            assert client.forget_user("new-user") == 12
             items = client.recommend("new-user")
-            assert len(items) == 10 and not any(item.fallback for item in items), "their own towers now"
             assert not {item for item, _ in ratings} & {item.item_id for item in items}
+            assert client.forget_user("new-user") == 12
+            erased = client.recommend("new-user")
+            assert all(item.fallback for item in erased), "erased: served as an unknown id at once"
+            assert export_cli(["train", "--data-dir", str(data_dir), "--preset", "tiny", "--out", str(models),
+                               "--interactions-db", location]) == 0
+            wait_for(lambda: client.model_info().model_version == "3", 60, "version 3")
+            assert not CatalogStore(models).get("3").is_known_user("new-user"), "the next version leaves them out"
     finally:
         recommender.stop(0).wait()
         store.close()

@@ -157,7 +157,8 @@ def test_clients_that_never_read_their_streams_hold_no_admission_slot(tmp_path):
 
 def test_during_an_outage_retries_are_throttled_for_unary_and_streamed_calls(tmp_path):
     """A backend that answers UNAVAILABLE to everything: without throttling each call would be four
-    attempts; the channel's retryThrottling and the client's stream budget stop retrying early."""
+    attempts (64); the channel's retryThrottling and the client's stream budget stop retrying after
+    about 20 failures."""
     models = write_fake_metadata(tmp_path / "models")
     backend = FakeBackend(models, fail_with=ModelsUnavailable("the models are down"))
     server, port = create_server("127.0.0.1:0", backend, models, ServerOptions(poll_seconds=0.2))
@@ -168,10 +169,10 @@ def test_during_an_outage_retries_are_throttled_for_unary_and_streamed_calls(tmp
             for _ in range(calls):
                 assert status_of(lambda: client.recommend_batch(["u1"]))[0] == grpc.StatusCode.UNAVAILABLE
             unary_attempts = backend.calls
-            assert calls <= unary_attempts <= calls + 8, unary_attempts
+            assert calls <= unary_attempts <= calls + 20, unary_attempts
             for _ in range(calls):
                 assert status_of(lambda: client.recommend("u1"))[0] == grpc.StatusCode.UNAVAILABLE
-            assert calls <= backend.calls - unary_attempts <= calls + 8, backend.calls - unary_attempts
+            assert calls <= backend.calls - unary_attempts <= calls + 20, backend.calls - unary_attempts
     finally:
         server.stop(0).wait(10)
 

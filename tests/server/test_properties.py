@@ -27,9 +27,12 @@ def test_random_requests_get_ok_or_a_precise_status(client, user_id, k, exclude,
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
         too_long = len(user_id) > MAX_USER_ID_LENGTH
-        assert (not user_id.strip()) or too_long or k > MAX_K or len(exclude) > MAX_EXCLUDED_ITEMS, error.details()
+        nul = "\x00" in user_id or any("\x00" in item for item in exclude)  # no store could hold it
+        assert (not user_id.strip()) or too_long or nul or k > MAX_K or len(exclude) > MAX_EXCLUDED_ITEMS, \
+            error.details()
         return
     assert user_id.strip() and k <= MAX_K and len(exclude) <= MAX_EXCLUDED_ITEMS
+    assert "\x00" not in user_id and not any("\x00" in item for item in exclude)
     assert 0 < len(items) <= (k or DEFAULT_K)
     assert [item.rank for item in items] == list(range(1, len(items) + 1))
     assert not {item.item_id for item in items} & set(exclude)
