@@ -28,14 +28,13 @@ def movie_ids(count: int) -> list[str]:
 
 
 def write_fake_metadata(models_dir: Path, movies: int = 50, rated: dict[str, list[str]] | None = None,
-                        candidate_count: int = 20, title_length: int = 0) -> Path:
+                        candidate_count: int = 20) -> Path:
     """metadata/1.json for `movies` movies ("m0", "m1", ...; popularity in that order) and the trained
-    users' rated movies (default: "u1" rated m0 to m4). `title_length` pads titles (large responses)."""
+    users' rated movies (default: "u1" rated m0 to m4)."""
     items = movie_ids(movies)
     rated = {"u1": items[:5]} if rated is None else rated
     metadata = {"model_version": int(VERSION), "candidate_count": candidate_count,
-                "items": {item: {"title": f"Movie {item}".ljust(title_length, "."), "genres": ["Drama"]}
-                          for item in items},
+                "items": {item: {"title": f"Movie {item}", "genres": ["Drama"]} for item in items},
                 "popular_item_ids": items, "rated_item_ids": rated, "preset": {"name": "fake"},
                 "serves_interactions": True}
     (models_dir / METADATA_DIR).mkdir(parents=True, exist_ok=True)
@@ -55,7 +54,10 @@ class FakeBackend(Backend):
     name = "fake"
     in_process = True
 
-    def __init__(self, models_dir: Path, delay: float = 0.0, fail_with: Exception | None = None):
+    def __init__(self, models_dir: Path, delay: float = 0.0, fail_with: Exception | None = None,
+                 gate: threading.Event | None = None):
+        """`gate`: every call first waits (up to 30 s) for it to be set, so a test can queue work."""
+        self.gate = gate
         metadata = json.loads((Path(models_dir) / METADATA_DIR / f"{VERSION}.json").read_text())
         self.movies = list(metadata["popular_item_ids"])
         self.rated = {user: set(items) for user, items in metadata["rated_item_ids"].items()}
@@ -71,6 +73,8 @@ class FakeBackend(Backend):
             self.calls += 1
             self.batch_sizes.append(len(users))
             self.user_ids_seen.extend(users.user_ids)
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.delay:
             time.sleep(self.delay)
         if self.fail_with is not None:

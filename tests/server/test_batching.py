@@ -1,4 +1,5 @@
 """Request batching: concurrent requests share model calls and get exactly their own answers."""
+import itertools
 import threading
 from concurrent import futures
 
@@ -115,19 +116,26 @@ def test_no_model_call_runs_on_the_event_loop(models_dir):
 
 def test_a_lone_recommend_is_not_queued_behind_large_batches(tmp_path):
     """Eight 100-user batches queued behind a running one: a one-user request arriving after them
-    runs in the next model call, not after all of them (fake backend, 50 ms a call)."""
+    runs in the next model call, not after all of them (fake backend, held until all are queued)."""
     from tests.fake_backend import FakeBackend, write_fake_metadata
 
     models = write_fake_metadata(tmp_path / "models", movies=60)
-    backend = FakeBackend(models, delay=0.05)
+    gate = threading.Event()  # holds the first batch until everything is queued
+    backend = FakeBackend(models, delay=0.05, gate=gate)
     batcher = RequestBatcher(Pipeline(backend, CatalogStore(models), reasons=False), max_batch_size=32,
                              backend_timeout=10, max_queued_queries=5_000)
     try:
-        large = [batcher.submit([Query(f"user-{n}-{u}") for u in range(100)]) for n in range(9)]
+        sent = (("m3", 4.0),)  # users known only by what they send: each needs a model row
+        large = [batcher.submit([Query(f"user-{n}-{u}", recent_interactions=sent) for u in range(100)]) for n in range(9)]
         lone = batcher.submit([Query("u1", k=5)])
+        gate.set()
         assert len(lone.result(10)[0].items) == 5
-        finished_large = sum(future.done() for future in large)
-        assert finished_large <= 2, f"{finished_large} large batches ran before the lone request"
         assert all(len(future.result(10)) == 100 for future in large)
+        # Each model call (retrieve, then rank) records its users, in order: the lone user's first call is
+        # the first or the second batch's retrieve (merged into whichever batch was taken next), not the tenth.
+        ends = list(itertools.accumulate(backend.batch_sizes))
+        calls = [backend.user_ids_seen[end - size:end] for end, size in zip(ends, backend.batch_sizes)]
+        first_call = next(number for number, users in enumerate(calls) if "u1" in users)
+        assert first_call <= 2, f"the lone request's first model call was call {first_call} of {len(calls)}"
     finally:
         batcher.close()

@@ -126,32 +126,51 @@ def test_a_timestamp_within_the_allowed_skew_is_recorded(fake_server):
     assert store.recent(["u2"], 5)["u2"] == [StoredInteraction("m1", 4.0, soon)]
 
 
-def test_clients_that_never_read_their_streams_hold_no_admission_slot(tmp_path):
-    """Streams whose client never reads (large lists, flow control stalls the sends) stay open; the
-    server's slots count work, so other callers are still admitted."""
-    models = write_fake_metadata(tmp_path / "models", movies=150, candidate_count=120, title_length=4_000)
-    server, port = create_server("127.0.0.1:0", FakeBackend(models), models,
-                                 ServerOptions(poll_seconds=0.2, max_concurrent_rpcs=4))
-    server.start()
-    # A client that reads nothing: small stream windows, never grown (no BDP probing).
-    idle = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.http2.bdp_probe", 0),
-                                                               ("grpc.http2.lookahead_bytes", 1024)])
+class _HeldContext:
+    """What the servicer asks of a grpc.aio context, for a call whose client reads nothing yet."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def invocation_metadata(self):
+        return ()
+
+    def time_remaining(self):
+        return 30.0
+
+    def add_done_callback(self, callback):
+        self.callbacks.append(callback)
+
+    async def abort(self, code, details):
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def test_streams_whose_clients_never_read_hold_no_admission_slot(tmp_path):
+    """Eight Recommend streams held at their first item (a client that never reads: the send of each
+    item waits on it) against 4 slots: slots count calls at work, so all are past admission, none
+    counts, and further calls are admitted."""
+    import asyncio
+
+    models = write_fake_metadata(tmp_path / "models", movies=60)
+    server, _ = create_server("127.0.0.1:0", FakeBackend(models), models,
+                              ServerOptions(poll_seconds=0.2, max_concurrent_rpcs=4))
+    servicer = server.servicer
+
+    async def hold_streams():
+        held = [servicer.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=10), _HeldContext())
+                for n in range(8)]
+        firsts = [await stream.__anext__() for stream in held]  # each computed, now "sending"
+        assert all(first.rank == 1 for first in firsts) and servicer.working == 0
+        assert servicer.observer.active_calls >= 8, "the eight streams are still open"
+        more = [item async for item in servicer.Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3),
+                                                          _HeldContext())]
+        assert len(more) == 3, "a ninth call is admitted with four slots"
+        for stream in held:
+            await stream.aclose()
+
     try:
-        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
-            client.wait_until_serving(10)
-            stub = recommender_pb2_grpc.RecommenderStub(idle)
-            unread = [stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=100), timeout=60)
-                      for n in range(8)]
-            wait_for(lambda: server.servicer.observer.active_calls >= 8 and server.servicer.working == 0, 10,
-                     "eight computed streams stalled on the client")
-            time.sleep(0.5)
-            assert server.servicer.observer.active_calls >= 8, "the unread streams are still open"
-            assert len(client.recommend("u1", k=5)) == 5
-            assert client.model_info().model_version == "1"
-            for call in unread:
-                call.cancel()
+        server.loop_thread.run(hold_streams())
     finally:
-        idle.close()
         server.stop(0).wait(10)
 
 
