@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from client import RecommenderClient
-from protos import recommender_pb2, recommender_pb2_grpc
+from protos import recommender_pb2
 from server.app import create_server
 from server.catalog import CatalogStore
 from server.errors import InvalidRequest, ModelsUnavailable
@@ -14,7 +14,7 @@ from server.options import ServerOptions
 from server.pipeline import Pipeline
 from server.store import StoredInteraction, open_store
 from server.validation import Query
-from tests.conftest import status_of, wait_for
+from tests.conftest import status_of
 from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
 
 
@@ -149,7 +149,6 @@ def test_streams_whose_clients_never_read_hold_no_admission_slot(tmp_path):
     """Eight Recommend streams held at their first item (a client that never reads: the send of each
     item waits on it) against 4 slots: slots count calls at work, so all are past admission, none
     counts, and further calls are admitted."""
-    import asyncio
 
     models = write_fake_metadata(tmp_path / "models", movies=60)
     server, _ = create_server("127.0.0.1:0", FakeBackend(models), models,
