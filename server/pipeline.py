@@ -118,12 +118,13 @@ class Pipeline:
 
     def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> UserRecords:
         """The batch's users' stored interactions and erasures, in one transaction within the read
-        budget; nothing if the store fails or is slower than that."""
-        if self.store is None or self.stored_interactions <= 0:
+        budget; nothing if the store fails or is slower than that. Erasures are read even when no
+        stored interactions are merged (`stored_interactions` 0)."""
+        if self.store is None:
             return NO_RECORDS
         started = time.perf_counter()
         try:
-            return self.store.records_within([query.user_id for query in queries], self.stored_interactions,
+            return self.store.records_within([query.user_id for query in queries], max(self.stored_interactions, 0),
                                              self.store_read_seconds)
         except StoreUnavailable:
             self.store_reads_failed += 1

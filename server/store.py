@@ -147,7 +147,7 @@ class InteractionStore(abc.ABC):
     upsert_sql: str
     # Deletes a user's rows beyond the newest N (parameters: user, user, N).
     trim_sql: str
-    # Records (or moves forward) a user's tombstone (parameters: user, unix seconds).
+    # Records (or moves forward) a user's tombstone (parameters: user_hash of the id, unix seconds).
     tombstone_sql: str
     recent_sql: str
     placeholder: str
@@ -177,17 +177,19 @@ class InteractionStore(abc.ABC):
         return self.records(user_ids, limit).recent
 
     def records(self, user_ids: Sequence[str], limit: int) -> UserRecords:
-        """Each user's newest `limit` interactions (newest first) and which users were erased, in one
-        transaction."""
+        """Each user's newest `limit` interactions (newest first; none for a limit of 0) and which users
+        were erased, in one transaction."""
         users = sorted(set(user_ids))
-        if not users or limit <= 0:
+        if not users:
             return NO_RECORDS
         marks = ", ".join([self.placeholder] * len(users))
 
         def read(connection) -> tuple[list[tuple], list[tuple]]:
             with self._transaction(connection) as cursor:
-                cursor.execute(self.recent_sql.format(users=marks, limit=self.placeholder), (*users, limit))
-                rows = cursor.fetchall()
+                rows = []
+                if limit > 0:
+                    cursor.execute(self.recent_sql.format(users=marks, limit=self.placeholder), (*users, limit))
+                    rows = cursor.fetchall()
                 cursor.execute(f"SELECT user_hash FROM forgotten WHERE user_hash IN ({marks})",
                                [user_hash(user) for user in users])
                 return rows, cursor.fetchall()

@@ -83,3 +83,15 @@ def test_the_next_training_leaves_erased_users_out(tmp_path):
     kept = stored.without_forgotten(fit, data.names)
     assert (fit[:, 0] == 0).any() and not (kept[:, 0] == 0).any()
     assert len(kept) == len(fit) - int((fit[:, 0] == 0).sum())
+
+
+def test_erasure_applies_even_when_no_stored_interactions_are_merged(tmp_path):
+    models = write_fake_metadata(tmp_path / "models", movies=60)
+    store = open_store(str(tmp_path / "s.sqlite3"))
+    backend = FakeBackend(models)
+    pipeline = Pipeline(backend, CatalogStore(models), store, stored_interactions=0, reasons=False,
+                        store_read_seconds=2.0)
+    store.forget("u1")
+    assert all(item.fallback for item in pipeline.recommend([Query("u1", k=5)])[0].items)
+    assert not backend.user_ids_seen, "the models never saw the erased user's id"
+    store.close()
