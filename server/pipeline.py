@@ -71,13 +71,15 @@ def with_stored(query: Query, stored: Sequence[StoredInteraction]) -> Query:
     return dataclasses.replace(query, recent_interactions=tuple(merged.items()))
 
 
-def as_served(query: Query, forgotten: frozenset[str]) -> Query:
-    """An erased user (ForgetUser) is served as an unknown id, from what they sent and recorded since:
-    the models' copy of their training history is not used, from the erasure on, until a version
-    trained without them is served."""
-    if query.user_id in forgotten:
-        return dataclasses.replace(query, user_id=ANONYMOUS_USER)
-    return query
+def as_served(query: Query, records: UserRecords) -> Query:
+    """The query as the models see it: its user's stored interactions merged in (`with_stored`), and
+    an erased user (ForgetUser) served as an unknown id, from what they sent and recorded since: the
+    models' copy of their training history is not used, from the erasure on, until a version trained
+    without them is served."""
+    merged = with_stored(query, records.recent.get(query.user_id, ()))
+    if query.user_id in records.forgotten:
+        return dataclasses.replace(merged, user_id=ANONYMOUS_USER)
+    return merged
 
 
 class Deadline:
@@ -152,8 +154,7 @@ class Pipeline:
         timings = stage_seconds if stage_seconds is not None else {}
         records = self._stored(queries, timings)
         stored_counts = [len(records.recent.get(query.user_id, ())) for query in queries]
-        queries = [as_served(with_stored(query, records.recent.get(query.user_id, ())), records.forgotten)
-                   for query in queries]
+        queries = [as_served(query, records) for query in queries]
         results: list[RankedList | None] = [None] * len(queries)
         for include_rated in (False, True):
             group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
@@ -261,9 +262,7 @@ class Pipeline:
         interactions: tuple[tuple[str, float], ...] = ()
         model_user = query.user_id
         if query.user_id:
-            records = self._stored([Query(query.user_id)], {})
-            user = as_served(with_stored(Query(query.user_id), records.recent.get(query.user_id, ())),
-                             records.forgotten)
+            user = as_served(Query(query.user_id), self._stored([Query(query.user_id)], {}))
             model_user = user.user_id
             interactions = tuple(pair for pair in user.recent_interactions if pair[0] in catalog.titles)
         users = UserBatch.of([model_user], [interactions])

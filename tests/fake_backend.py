@@ -60,6 +60,7 @@ class FakeBackend(Backend):
         self.gate = gate
         metadata = json.loads((Path(models_dir) / METADATA_DIR / f"{VERSION}.json").read_text())
         self.movies = list(metadata["popular_item_ids"])
+        self.position = {item: n for n, item in enumerate(self.movies)}
         self.rated = {user: set(items) for user, items in metadata["rated_item_ids"].items()}
         self.candidate_count = metadata["candidate_count"]
         self.delay, self.fail_with = delay, fail_with
@@ -83,19 +84,23 @@ class FakeBackend(Backend):
     def _sent(self, users: UserBatch, row: int) -> set[str]:
         return {item for item in users.interaction_item_ids[row].tolist() if item}
 
-    def _score(self, users: UserBatch, row: int, item_id: str) -> float:
-        index = {item: n for n, item in enumerate(self.movies)}
-        near = {self.movies[n + step] for item in self._sent(users, row) for step in (-1, 1)
-                if 0 <= (n := index[item]) + step < len(self.movies)}
-        return affinity(users.user_ids[row], item_id) + (1.0 if item_id in near else 0.0)
+    def _near(self, users: UserBatch, row: int) -> set[str]:
+        """The movies next to one the user sent (in popularity order)."""
+        return {self.movies[n + step] for item in self._sent(users, row) for step in (-1, 1)
+                if 0 <= (n := self.position[item]) + step < len(self.movies)}
+
+    def _scores(self, users: UserBatch, row: int, item_ids) -> list[float]:
+        near = self._near(users, row)
+        return [affinity(users.user_ids[row], item) + (1.0 if item in near else 0.0) for item in item_ids]
 
     def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
         self._call(users)
         item_ids, scores = [], []
         for row, user in enumerate(users.user_ids):
             seen = set() if include_rated else self.rated.get(user, set()) | self._sent(users, row)
-            scored = sorted(((self._score(users, row, item) if item not in seen else -np.inf, item)
-                             for item in self.movies), key=lambda pair: -pair[0])[:self.candidate_count]
+            scored = sorted(((score if item not in seen else -np.inf, item)
+                             for score, item in zip(self._scores(users, row, self.movies), self.movies)),
+                            key=lambda pair: -pair[0])[:self.candidate_count]
             item_ids.append([item for _, item in scored])
             scores.append([score for score, _ in scored])
         return Candidates(np.array(item_ids, dtype=object).astype(str), np.array(scores, np.float32), VERSION)
@@ -103,8 +108,7 @@ class FakeBackend(Backend):
     def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
              timeout: float | None = None) -> Scores:
         self._call(users)
-        score = np.array([[self._score(users, row, item) for item in item_ids[row]] for row in range(len(users))],
-                         np.float32)
+        score = np.array([self._scores(users, row, item_ids[row]) for row in range(len(users))], np.float32)
         return Scores(3.0 + score, score, model_version)
 
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
