@@ -84,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connection-age-seconds", type=float, default=DEFAULTS.max_connection_age_seconds,
                         help="close each client connection after this long (GOAWAY; in-flight calls finish, "
                              "clients reconnect on their own) so clients of a DNS name spread over replicas "
-                             "added since; 0 = never (default: %(default)s)")
+                             "added since; 0 = never, and then what clients never read stays in memory until "
+                             "they disconnect (default: %(default)s)")
+    limits.add_argument("--max-connections", type=int, default=DEFAULTS.max_connections,
+                        help="client connections open at once; more are closed on arrival (default: %(default)s)")
+    limits.add_argument("--send-stall-seconds", type=float, default=DEFAULTS.send_stall_seconds,
+                        help="cancel a stream still sending this long after its first item (its client reads "
+                             "nothing) (default: %(default)s)")
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key, serve TLS only")
     security.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -172,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.poll_seconds, max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_queued_queries=args.max_queued_queries, backend_timeout_seconds=args.backend_timeout_seconds,
         max_request_bytes=args.max_request_bytes, max_batch_size=args.max_batch_size,
-        max_connection_age_seconds=args.max_connection_age_seconds, interactions_db=args.interactions_db,
+        max_connection_age_seconds=args.max_connection_age_seconds, max_connections=args.max_connections,
+        send_stall_seconds=args.send_stall_seconds, interactions_db=args.interactions_db,
         stored_interactions=args.stored_interactions, reasons=args.reasons,
         store_read_seconds=args.store_read_ms / 1000, max_interactions_per_user=args.max_interactions_per_user,
         tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,

@@ -227,14 +227,15 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
                                   options.max_queued_queries)
     authenticator = Authenticator(options.auth_token, options.auth_jwt_key, options.auth_jwt_audience)
     servicer = RecommenderServicer(runner, backend, observer, options.max_concurrent_rpcs, store,
-                                   options.stored_interactions, authenticator)
+                                   options.stored_interactions, authenticator, options.send_stall_seconds)
 
     async def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
         # grpc.aio objects belong to the loop they are created on.
         grpc_server = grpc.aio.server(
             interceptors=[AuthenticationInterceptor(authenticator)] if authenticator.required else None,
             options=[("grpc.max_receive_message_length", options.max_request_bytes), ("grpc.so_reuseport", 0),
-                     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+                     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                     ("grpc.max_allowed_incoming_connections", options.max_connections)]
             + ([("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),
                 ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000)]
                if options.max_connection_age_seconds > 0 else []),

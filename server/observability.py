@@ -77,6 +77,9 @@ class Metrics:
         self.store_read_timeouts = Counter("recsys_store_read_timeouts",
                                            "Store reads for Recommend that ran out of their budget (--store-read-ms) "
                                            "or found every read thread busy", registry=self.registry)
+        self.stalled_streams = Counter("recsys_stalled_streams",
+                                       "Streams cancelled because their client read nothing for --send-stall-seconds",
+                                       registry=self.registry)
         self.log_lines_dropped = Gauge("recsys_log_lines_dropped",
                                        "Log lines dropped since start, written while stderr was "
                                        f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m server)",

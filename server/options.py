@@ -36,6 +36,11 @@ class ServerOptions:
     # to finish) after this long, so clients re-resolve a DNS name and spread over replicas added
     # since they connected; 0 keeps connections open.
     max_connection_age_seconds: float = 300.0
+    # Client connections open at once; further connections are refused (the listener closes them).
+    max_connections: int = 1000
+    # A stream still sending this long after its first item (a client that reads nothing) is
+    # cancelled; see server/sending.py.
+    send_stall_seconds: float = 10.0
     # Concurrent requests merged into one model call; 1 turns batching off.
     max_batch_size: int = 32
     # TensorFlow's two thread pools for in-process models (0: one thread per core); see

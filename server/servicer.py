@@ -34,6 +34,7 @@ from server.limits import (
 from server.observability import CallRecord, Observer
 from server.pipeline import RankedList, Recommendation
 from server.security import Authenticator
+from server.sending import UnsentBytes
 from server.status import map_errors
 from server.store import InteractionStore
 from server.validation import (
@@ -82,10 +83,13 @@ def _batch_queries(request: recommender_pb2.RecommendBatchRequest) -> list[Query
     return queries
 
 
-def _batch_response(queries: list[Query], results: list[RankedList]) -> recommender_pb2.RecommendBatchResponse:
-    return recommender_pb2.RecommendBatchResponse(results=[
+def _batch_response(queries: list[Query],
+                    results: list[RankedList]) -> tuple[recommender_pb2.RecommendBatchResponse, int]:
+    """The response and its size in bytes (what it holds in memory until the client reads it)."""
+    response = recommender_pb2.RecommendBatchResponse(results=[
         recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in result.items])
         for query, result in zip(queries, results)])
+    return response, response.ByteSize()
 
 
 def to_proto(item: Recommendation) -> recommender_pb2.RankedItem:
@@ -116,9 +120,12 @@ def _recorded(request: recommender_pb2.RecordInteractionsRequest) -> tuple[str, 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, pipeline: RequestBatcher | ThreadedPipeline, backend: Backend, observer: Observer,
                  max_concurrent_rpcs: int, store: InteractionStore | None = None, stored_interactions: int = 0,
-                 authenticator: Authenticator | None = None):
-        """`authenticator`: who may call what (server/security.py); none: anyone, anything."""
+                 authenticator: Authenticator | None = None, send_stall_seconds: float = 10.0):
+        """`authenticator`: who may call what (server/security.py); none: anyone, anything.
+        `send_stall_seconds`: how long a stream may take to send what it has (server/sending.py)."""
         self.authenticator = authenticator or Authenticator()
+        self.send_stall_seconds = send_stall_seconds
+        self.unsent = UnsentBytes()
         self.pipeline = pipeline
         self.similar = pipeline.pipeline.similar
         self.backend = backend
@@ -199,7 +206,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             queries = await asyncio.to_thread(_batch_queries, request)
             results = await self._recommend(queries, context, record)
             _note(record, queries, results)
-            return await asyncio.to_thread(_batch_response, queries, results)  # up to 10,000 items: not on the loop
+            response, size = await asyncio.to_thread(_batch_response, queries, results)  # 10,000 items: not on the loop
+        self.unsent.hold(context, size)  # until it is sent: a client that never reads holds this memory
+        return response
 
     @map_errors
     async def SimilarItems(self, request, context, record: CallRecord):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -23,6 +24,7 @@ from server.errors import (
     StoreUnavailable,
     Unauthenticated,
 )
+from server.sending import StallTimer
 from server.wire import Undecodable
 
 log = logging.getLogger("recsys.server")
@@ -76,24 +78,38 @@ def map_errors(method: Callable) -> Callable:
     """The one place errors become statuses. Also opens and closes the call's CallRecord
     (`self.observer`), which the method receives as its last argument.
 
-    For grpc.aio servicer methods: async generators (server streaming) and coroutines.
+    For grpc.aio servicer methods: async generators (server streaming; each becomes a coroutine that
+    writes what the generator yields, see server/sending.py) and coroutines.
     """
     name = method.__name__
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             record = self.observer.begin(name, context.invocation_metadata())
+            timer = None
             try:
                 _authorize(self, name, request, context, record)
-                async for response in method(self, request, context, record):
-                    yield response
-            except (GeneratorExit, asyncio.CancelledError):  # the client cancelled or the deadline passed
+                async with contextlib.aclosing(method(self, request, context, record)) as responses:
+                    async for response in responses:
+                        if timer is None:  # sending starts: bound how long it may take (server/sending.py)
+                            timer = StallTimer(self.send_stall_seconds)
+                        try:
+                            await context.write(response)
+                        except Exception:  # noqa: BLE001 - the call is over (the client went away): no status to send
+                            self.observer.finish(record, grpc.StatusCode.CANCELLED.name)
+                            return
+            except asyncio.CancelledError:  # the client cancelled, the deadline passed, or the client stalled
+                if timer is not None and timer.fired:
+                    self.observer.metrics.stalled_streams.inc()
                 self.observer.finish(record, grpc.StatusCode.CANCELLED.name)
                 raise
             except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
                 code, message = status_of(error)
                 self.observer.finish(record, code.name)
                 await context.abort(code, message)
+            finally:
+                if timer is not None:
+                    timer.cancel()
             self.observer.finish(record, grpc.StatusCode.OK.name)
         return stream
 

@@ -1,20 +1,31 @@
 """Hostile callers and failing stores, against the real stores (an SQLite file, a PostgreSQL server, one
 of them frozen with SIGSTOP) and the fake backend: no caller or store can stall everyone."""
+import asyncio
+import contextlib
+import socket
+import sys
 import time
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 
 from client import RecommenderClient
 from protos import recommender_pb2
+from server import app
 from server.app import create_server
 from server.catalog import CatalogStore
-from server.errors import InvalidRequest, ModelsUnavailable
+from server.errors import InvalidRequest, ModelsUnavailable, Overloaded
 from server.options import ServerOptions
 from server.pipeline import Pipeline
+from server.sending import UnsentBytes
 from server.store import StoredInteraction, open_store
 from server.validation import Query
-from tests.conftest import status_of
+from tests.conftest import status_of, wait_for
 from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
 
 
@@ -127,10 +138,13 @@ def test_a_timestamp_within_the_allowed_skew_is_recorded(fake_server):
 
 
 class _HeldContext:
-    """What the servicer asks of a grpc.aio context, for a call whose client reads nothing yet."""
+    """What the servicer asks of a grpc.aio context, for a call whose client reads nothing: every
+    write waits (as grpc.aio's does on a flow-control window of 0)."""
 
     def __init__(self):
         self.callbacks = []
+        self.written = []
+        self.aborted = None
 
     def invocation_metadata(self):
         return ()
@@ -138,38 +152,167 @@ class _HeldContext:
     def time_remaining(self):
         return 30.0
 
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
     def add_done_callback(self, callback):
         self.callbacks.append(callback)
 
+    async def write(self, message):
+        self.written.append(message)
+        await asyncio.Event().wait()
+
     async def abort(self, code, details):
+        self.aborted = (code, details)
         raise AssertionError(f"aborted: {code} {details}")
 
 
-def test_streams_whose_clients_never_read_hold_no_admission_slot(tmp_path):
-    """Eight Recommend streams held at their first item (a client that never reads: the send of each
-    item waits on it) against 4 slots: slots count calls at work, so all are past admission, none
-    counts, and further calls are admitted."""
-
+def _fake_server(tmp_path, **options):
     models = write_fake_metadata(tmp_path / "models", movies=60)
-    server, _ = create_server("127.0.0.1:0", FakeBackend(models), models,
-                              ServerOptions(poll_seconds=0.2, max_concurrent_rpcs=4))
+    return create_server("127.0.0.1:0", FakeBackend(models), models, ServerOptions(poll_seconds=0.2, **options))
+
+
+def test_streams_whose_clients_never_read_hold_no_admission_slot_and_are_cancelled_when_stalled(tmp_path):
+    """Eight Recommend streams held at their first item against 4 slots: slots count calls at work,
+    so none counts and a ninth call is admitted; --send-stall-seconds later each held stream is
+    cancelled and counted."""
+    server, _ = _fake_server(tmp_path, max_concurrent_rpcs=4, send_stall_seconds=1.0)
     servicer = server.servicer
 
     async def hold_streams():
-        held = [servicer.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=10), _HeldContext())
-                for n in range(8)]
-        firsts = [await stream.__anext__() for stream in held]  # each computed, now "sending"
-        assert all(first.rank == 1 for first in firsts) and servicer.working == 0
-        assert servicer.observer.active_calls >= 8, "the eight streams are still open"
-        more = [item async for item in servicer.Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3),
-                                                          _HeldContext())]
-        assert len(more) == 3, "a ninth call is admitted with four slots"
-        for stream in held:
-            await stream.aclose()
+        contexts, held = [], []
+        for n in range(8):  # one after another: each is computed, then waits on its client
+            contexts.append(_HeldContext())
+            held.append(asyncio.ensure_future(
+                servicer.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=10), contexts[-1])))
+            while not contexts[-1].written:
+                await asyncio.sleep(0.01)
+        assert servicer.working == 0 and servicer.observer.active_calls == 8, "computed, now sending"
+        ninth = _HeldContext()
+        ninth.write = lambda message: asyncio.sleep(0, ninth.written.append(message))  # a client that reads
+        await servicer.Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3), ninth)
+        assert len(ninth.written) == 3, "a ninth call is admitted with four slots"
+        outcomes = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
+        assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+        assert all(len(context.written) == 1 and context.aborted is None for context in contexts)
 
     try:
         server.loop_thread.run(hold_streams())
+        assert servicer.observer.active_calls == 0
+        assert server.metrics.stalled_streams._value.get() == 8
+        assert server.metrics.requests.labels("Recommend", "CANCELLED")._value.get() == 8
     finally:
+        server.stop(0).wait(10)
+
+
+class _NonReadingConnection:
+    """A raw HTTP/2 client connection whose streams have a receive window of 0: the server can send
+    it headers and trailers (a status without messages), never a message."""
+
+    def __init__(self, port: int):
+        self.socket = socket.create_connection(("127.0.0.1", port))
+        self.connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.connection.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        self.connection.initiate_connection()
+        self.socket.sendall(self.connection.data_to_send())
+        self.statuses: dict[int, str] = {}  # stream id: grpc-status, for streams that ended with one
+        self.closed = False
+
+    def call(self, method: str, request) -> int:
+        stream_id = self.connection.get_next_available_stream_id()
+        self.connection.send_headers(stream_id, [
+            (":method", "POST"), (":scheme", "http"), (":path", f"/{app.SERVICE_NAME}/{method}"),
+            (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+        body = request.SerializeToString()
+        self.connection.send_data(stream_id, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        self.socket.sendall(self.connection.data_to_send())
+        return stream_id
+
+    def read(self, seconds: float) -> None:
+        """Take in frames (answering pings, never opening a window) for `seconds` or until closed."""
+        deadline = time.monotonic() + seconds
+        while not self.closed and (left := deadline - time.monotonic()) > 0:
+            self.socket.settimeout(left)
+            try:
+                data = self.socket.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                self.closed = not isinstance(sys.exc_info()[1], socket.timeout)
+                continue
+            self.closed = not data
+            try:
+                events = self.connection.receive_data(data)
+            except h2.exceptions.ProtocolError:  # frames after the server's GOAWAY
+                events = []
+            for event in events:
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    status = dict(event.headers).get(b"grpc-status")
+                    if status is not None:
+                        self.statuses[event.stream_id] = status.decode()
+            with contextlib.suppress(OSError):
+                self.socket.sendall(self.connection.data_to_send())
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def test_on_the_wire_a_stalled_stream_is_cancelled_and_its_connection_closed_at_its_maximum_age(tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setattr(app, "CONNECTION_AGE_GRACE_SECONDS", 1)
+    server, port = _fake_server(tmp_path, send_stall_seconds=0.5, max_connection_age_seconds=3)
+    server.start()
+    connection = _NonReadingConnection(port)
+    try:
+        wait_for(lambda: server.backend.is_ready(), 10, "the fake models")
+        connection.call("Recommend", recommender_pb2.RecommendRequest(user_id="u1", k=10))
+        connection.read(1.5)
+        assert server.metrics.stalled_streams._value.get() == 1 and server.servicer.observer.active_calls == 0
+        assert not connection.closed
+        connection.read(6)
+        assert connection.closed, "the connection went at its maximum age, and the unsent message with it"
+    finally:
+        connection.close()
+        server.stop(0).wait(10)
+
+
+def test_unread_batch_responses_are_held_against_their_connections_budget(tmp_path):
+    """Unary responses wait whole in memory for their reader: beyond its connection's budget a call
+    gets RESOURCE_EXHAUSTED (trailers need no window), other connections are served, and the
+    bytes are released when the connection goes."""
+    server, port = _fake_server(tmp_path)
+    server.servicer.unsent = UnsentBytes(per_connection=20_000, total=1_000_000)
+    server.start()
+    batch = recommender_pb2.RecommendBatchRequest(
+        requests=[recommender_pb2.RecommendRequest(user_id=f"u{n}", k=50) for n in range(4)])
+    connection = _NonReadingConnection(port)
+    try:
+        wait_for(lambda: server.backend.is_ready(), 10, "the fake models")
+        streams = [connection.call("RecommendBatch", batch) for _ in range(6)]
+        connection.read(2)
+        refused = [stream for stream in streams if connection.statuses.get(stream) == "8"]  # RESOURCE_EXHAUSTED
+        held = server.servicer.unsent.total
+        assert 1 <= len(refused) < len(streams) and 0 < held <= 20_000
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            assert len(client.recommend_batch(["u1", "u2"], k=50)) == 2, "another connection is served"
+        connection.close()
+        wait_for(lambda: server.servicer.unsent.total == 0, 10, "the closed connection's bytes released")
+    finally:
+        connection.close()
+        server.stop(0).wait(10)
+
+
+def test_connections_beyond_the_limit_are_refused(tmp_path):
+    server, port = _fake_server(tmp_path, max_connections=2)
+    server.start()
+    clients = [RecommenderClient(f"127.0.0.1:{port}", timeout=5, channel=grpc.insecure_channel(
+        f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)])) for _ in range(3)]  # a connection each
+    try:
+        wait_for(lambda: server.backend.is_ready(), 10, "the fake models")
+        assert [len(client.recommend("u1", k=2)) for client in clients[:2]] == [2, 2]
+        assert status_of(lambda: clients[2].recommend("u1", k=2))[0] == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for client in clients:
+            client.close()
         server.stop(0).wait(10)
 
 
@@ -221,3 +364,19 @@ def test_explaining_an_undecodable_request_is_bounded_work_on_the_event_loop():
         result = decode(field * size + bad)
         assert time.perf_counter() - started < 0.2
         assert (f"requests[{size}].user_id is not valid UTF-8" in result.reason) == named, result.reason
+
+
+def test_the_servers_budget_for_unread_responses_bounds_all_connections_together():
+    unsent = UnsentBytes(per_connection=100, total=150)
+    first, second = _HeldContext(), _HeldContext()
+    second.peer = lambda: "ipv4:127.0.0.1:2"
+    unsent.hold(first, 100)
+    with pytest.raises(Overloaded, match="this connection"):
+        unsent.hold(first, 1)
+    with pytest.raises(Overloaded, match="the server holds its limit"):
+        unsent.hold(second, 60)
+    unsent.hold(second, 50)
+    for callback in first.callbacks:
+        callback(first)
+    assert unsent.total == 50
+    unsent.hold(second, 50)
