@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,train,test]'
+	$(PY) -m pip install -e '.[serve,train,test]'  # shows its progress: the first install downloads TensorFlow
 	touch $@
 
 # Regenerate the committed stubs (tests check they match the .proto).
@@ -31,15 +31,22 @@ evaluate: install
 serve: install
 	$(PY) -m server --models $(MODELS) --port $(PORT)
 
-# Train (only if no export exists), serve (no interaction store), ask for user 42's recommendations
-# with their reasons and for the movies most like Toy Story, stop.
+# Train (only if no export exists), serve on a free loopback port (no interaction store), ask for
+# user 42's recommendations with their reasons and for the movies most like Toy Story, stop. The
+# clients call the port this server logs it listens on, so no other server can answer for it.
 demo: install
 	@if [ -z "$$(ls $(MODELS)/retrieval 2>/dev/null | grep -E '^[0-9]+$$')" ]; then $(PY) -m export train --out $(MODELS); fi
-	@$(PY) -m server --models $(MODELS) --port $(PORT) --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
+	@$(PY) -m server --models $(MODELS) --port 0 --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
 	server_pid=$$!; \
 	trap 'kill -TERM $$server_pid 2>/dev/null; wait $$server_pid 2>/dev/null' EXIT; \
-	$(PY) -m client recommend --target 127.0.0.1:$(PORT) --user $(USER_ID) --wait 120 -k 5 || { cat .demo-server.log; exit 1; }; \
-	$(PY) -m client similar --target 127.0.0.1:$(PORT) --item 1 -k 5 || { cat .demo-server.log; exit 1; }
+	port=; for _ in $$(seq 600); do \
+	  port=$$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\) .*/\1/p' .demo-server.log); \
+	  [ -n "$$port" ] && break; \
+	  kill -0 $$server_pid 2>/dev/null || break; sleep 0.1; \
+	done; \
+	[ -n "$$port" ] || { echo "the demo's server did not start:"; cat .demo-server.log; exit 1; }; \
+	$(PY) -m client recommend --target 127.0.0.1:$$port --user $(USER_ID) --wait 120 -k 5 || { cat .demo-server.log; exit 1; }; \
+	$(PY) -m client similar --target 127.0.0.1:$$port --item 1 -k 5 || { cat .demo-server.log; exit 1; }
 
 lint: install
 	$(PY) -m ruff check .

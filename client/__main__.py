@@ -13,14 +13,22 @@ from google.protobuf import json_format
 from client.api import DEFAULT_TIMEOUT_SECONDS, RecommenderClient
 
 
+def _clipped(text: str, width: int) -> str:
+    """`text` in `width` columns, cut with an ellipsis when longer."""
+    return f"{text if len(text) <= width else text[:width - 1] + '…':<{width}}"
+
+
 def format_items(items) -> str:
+    """A table; the rating column is blank where no rating is predicted (SimilarItems without a user,
+    popularity fallback), and reasons name the movies of the user's history they come from."""
     lines = [f"{'rank':>4}  {'title':<50} {'genres':<32} {'score':>8} {'rating':>6}"]
     for item in items:
         marker = " (fallback)" if item.fallback else ""
-        lines.append(f"{item.rank:>4}  {item.title[:50]:<50} {', '.join(item.genres)[:32]:<32} "
-                     f"{item.score:>8.3f} {item.predicted_rating:>6.2f}{marker}")
+        rating = f"{item.predicted_rating:>6.2f}" if item.predicted_rating else f"{'':>6}"
+        lines.append(f"{item.rank:>4}  {_clipped(item.title, 50)} {_clipped(', '.join(item.genres), 32)} "
+                     f"{item.score:>8.3f} {rating}{marker}".rstrip())
         if item.because_titles:
-            lines.append(f"{'':>6}because you liked {'; '.join(item.because_titles)}")
+            lines.append(f"{'':>6}because you watched {'; '.join(item.because_titles)}")
     return "\n".join(lines)
 
 
@@ -217,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{heading}, model version {items[0].model_version if items else '?'}")
         print(format_items(items))
+    unknown = getattr(items, "unknown_interactions", 0)
+    if unknown:
+        print(f"note: {unknown} of the interactions used name movies the served models do not know; they were "
+              "ignored", file=sys.stderr)
     return 0
 
 

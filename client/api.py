@@ -8,10 +8,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.retry import SERVICE_CONFIG, RetriedStream, RetryBudget
-from protos import recommender_pb2, recommender_pb2_grpc
+from protos import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 RETRY_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class RankedItems(list):
+    """A Recommend call's items, best first; `unknown_interactions`: how many of the user's
+    interactions (sent or stored) named movies the served models do not know (they were ignored)."""
+
+    unknown_interactions: int = 0
 
 
 # An interaction: (movie id, stars[, unix seconds]) or the message itself.
@@ -95,8 +102,11 @@ class RecommenderClient:
 
     def recommend(self, user_id: str, k: int = 10, exclude: Iterable[str] = (), include_rated: bool = False,
                   timeout: float | None = None,
-                  interactions: Iterable[InteractionLike] = ()) -> list[recommender_pb2.RankedItem]:
-        return list(self.stream(user_id, k, exclude, include_rated, timeout, interactions))
+                  interactions: Iterable[InteractionLike] = ()) -> RankedItems:
+        stream = self.stream(user_id, k, exclude, include_rated, timeout, interactions)
+        items = RankedItems(stream)
+        items.unknown_interactions = int(dict(stream.trailing_metadata() or ()).get(UNKNOWN_INTERACTIONS_METADATA, 0))
+        return items
 
     def recommend_batch(self, user_ids: Iterable[str], k: int = 10, exclude: Iterable[str] = (),
                         include_rated: bool = False, timeout: float | None = None,

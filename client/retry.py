@@ -119,6 +119,10 @@ class RetriedStream:
         if self._cancelled.is_set():  # cancel() ran while this attempt was starting
             self._call.cancel()
 
+    def trailing_metadata(self):
+        """The last attempt's trailing metadata (once the stream has ended)."""
+        return self._call.trailing_metadata()
+
     def cancel(self) -> bool:
         self._cancelled.set()
         return self._call.cancel()

@@ -20,6 +20,7 @@ from export.data import (
 )
 from export.presets import PRESETS, STRATEGIES
 from export.synth import FORMATS
+from server import start_tensorflow
 
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
              "$RECSYS_DATA_DIR, then ./data/<dataset>, then download <dataset>.zip from GroupLens into "
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--holdout {args.holdout} splits users, which needs the ratings in memory: add --no-stream")
     if args.command == "data-bench":
         return data_bench(args)
+    start_tensorflow()
     from export.data import load_csv, load_movielens
 
     dataset = getattr(args, "dataset", "ml-100k")

@@ -1,1 +1,7 @@
-"""Code generated from recommender.proto by grpcio-tools (see `make protos`); do not edit the *_pb2 files."""
+"""Code generated from recommender.proto by grpcio-tools (see `make protos`); do not edit the *_pb2 files.
+
+What the contract carries outside its messages, named once for the server and the client:"""
+
+# Recommend's trailing metadata: how many interactions (sent or stored) named movies the served
+# models do not know (recommender.proto, rpc Recommend).
+UNKNOWN_INTERACTIONS_METADATA = "unknown-interactions"

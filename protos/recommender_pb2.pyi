@@ -101,12 +101,14 @@ class RecommendBatchRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ...) -> None: ...
 
 class Recommendations(_message.Message):
-    __slots__ = ("user_id", "items")
+    __slots__ = ("user_id", "items", "unknown_interactions")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     items: _containers.RepeatedCompositeFieldContainer[RankedItem]
-    def __init__(self, user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ...) -> None: ...
+    unknown_interactions: int
+    def __init__(self, user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., unknown_interactions: _Optional[int] = ...) -> None: ...
 
 class RecommendBatchResponse(_message.Message):
     __slots__ = ("results",)

@@ -113,7 +113,9 @@ class RecommenderServicer:
         request's `recent_interactions`, so what a user just did changes the list at once.
         A user the models do not know gets a list personalised from the request's
         interactions alone; with none, the most popular movies, each marked `fallback`.
-        Fewer than k items only if the catalog runs out.
+        Fewer than k items only if the catalog runs out. Interactions (sent or stored) naming
+        movies the served models do not know are ignored; when there are any, the trailing
+        metadata entry `unknown-interactions` says how many.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

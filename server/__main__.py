@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from server import start_tensorflow
 from server.layout import (
     DEFAULT_SIGNATURE,
     EXPLAIN_SIGNATURE,
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         auth_jwt_key=args.auth_jwt_key.read_bytes() if args.auth_jwt_key else None,
         auth_jwt_audience=args.auth_jwt_audience,
         log_user_id_key=read_token(args.log_user_id_key_file).encode() if args.log_user_id_key_file else None)
+    start_tensorflow()  # both backends load TensorFlow (TF Serving's client its protos)
     if args.tf_serving:
         from server.tf_serving import TFServingBackend
 

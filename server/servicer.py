@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from protos import recommender_pb2, recommender_pb2_grpc
+from protos import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
 from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, NotConfigured, Overloaded
@@ -87,7 +87,8 @@ def _batch_response(queries: list[Query],
                     results: list[RankedList]) -> tuple[recommender_pb2.RecommendBatchResponse, int]:
     """The response and its size in bytes (what it holds in memory until the client reads it)."""
     response = recommender_pb2.RecommendBatchResponse(results=[
-        recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in result.items])
+        recommender_pb2.Recommendations(user_id=query.user_id, items=[to_proto(item) for item in result.items],
+                                        unknown_interactions=result.unknown_interactions)
         for query, result in zip(queries, results)])
     return response, response.ByteSize()
 
@@ -193,6 +194,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 query = _query(request)
             results = await self._recommend([query], context, record)
         _note(record, [query], results)
+        if results[0].unknown_interactions:
+            context.set_trailing_metadata(((UNKNOWN_INTERACTIONS_METADATA, str(results[0].unknown_interactions)),))
         streaming_started = time.perf_counter()
         for item in results[0].items:
             yield to_proto(item)

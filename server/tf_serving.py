@@ -6,6 +6,7 @@ when TF Serving sends them so); all candidates of one request go in one Predict 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -283,15 +284,20 @@ class TFServingBackend(Backend):
     def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
                           stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
         """Both stages with one version; if TF Serving unloaded it since the last probe (a rollout
-        moved on), probe again and run the whole pair once more with the version now served."""
+        moved on), probe again and run the whole pair once more with the version now served, within
+        what is left of `timeout` (the two attempts together never take longer)."""
         version = self._serving_version()
+        expires = None if timeout is None else time.monotonic() + timeout
         try:
             return super().retrieve_and_rank(users, include_rated, timeout, stage_seconds)
         except ModelsUnavailable:
             if not self.refresh(self._load_catalog) or self._version == version:
                 raise
+            remaining = None if expires is None else expires - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
             log.info("version %s left TF Serving mid-call; retrying with version %s", version, self._version)
-            return super().retrieve_and_rank(users, include_rated, timeout, stage_seconds)
+            return super().retrieve_and_rank(users, include_rated, remaining, stage_seconds)
 
     def close(self) -> None:
         self.channel.close()

@@ -369,3 +369,33 @@ def store_location(request, tmp_path):
     postgres = request.getfixturevalue("postgres")
     postgres.clear()
     return postgres.url
+
+
+@pytest.fixture()
+def fake_models(tmp_path):
+    """Metadata for the fake backend (tests/fake_backend.py): 60 movies, no TensorFlow."""
+    from tests.fake_backend import write_fake_metadata
+
+    return write_fake_metadata(tmp_path / "models", movies=60)
+
+
+@pytest.fixture()
+def fake_server(fake_models, tmp_path):
+    """The real gRPC server on loopback with the fake backend and an SQLite store: (client, store)."""
+    from client import RecommenderClient
+    from server.app import create_server
+    from server.options import ServerOptions
+    from server.store import open_store
+    from tests.fake_backend import FakeBackend
+
+    store = open_store(str(tmp_path / "interactions.sqlite3"))
+    recommender, port = create_server("127.0.0.1:0", FakeBackend(fake_models), fake_models,
+                                      ServerOptions(poll_seconds=0.2), store=store)
+    recommender.start()
+    client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
+    try:
+        yield client, store
+    finally:
+        client.close()
+        recommender.stop(0).wait(10)
+        store.close()

@@ -29,11 +29,6 @@ from tests.conftest import status_of, wait_for
 from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
 
 
-@pytest.fixture()
-def fake_models(tmp_path):
-    return write_fake_metadata(tmp_path / "models", movies=60)
-
-
 def test_the_pipeline_on_the_fake_backend_leaves_out_what_the_user_rated_and_follows_what_they_sent(fake_models):
     backend = FakeBackend(fake_models)
     pipeline = Pipeline(backend, CatalogStore(fake_models), reasons=False)
@@ -95,21 +90,6 @@ def test_a_frozen_postgresql_costs_recommend_its_read_budget_and_no_more(fake_mo
         assert time.monotonic() < deadline, "the store's rows never came back"
         time.sleep(0.2)
     store.close()
-
-
-@pytest.fixture()
-def fake_server(fake_models, tmp_path):
-    store = open_store(str(tmp_path / "interactions.sqlite3"))
-    backend = FakeBackend(fake_models)
-    server, port = create_server("127.0.0.1:0", backend, fake_models, ServerOptions(poll_seconds=0.2), store=store)
-    server.start()
-    client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
-    try:
-        yield client, store
-    finally:
-        client.close()
-        server.stop(0).wait(10)
-        store.close()
 
 
 @pytest.mark.parametrize("user_id, item_id, timestamp, field", [

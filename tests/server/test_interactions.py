@@ -58,6 +58,7 @@ def test_only_unknown_movies_means_the_fallback_and_they_are_counted(client, cap
     assert all(item.fallback for item in items) and _ids(items) == list(popular[:5])
     known = client.recommend("42", k=5, interactions=[("no-such-movie", 4.0), (popular[0], 5.0)])
     assert all(not item.fallback for item in known)
+    assert (items.unknown_interactions, known.unknown_interactions) == (2, 1)
     lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "recsys.requests"]
     assert [(line["interactions"], line["unknown_interactions"]) for line in lines[-2:]] == [(2, 2), (2, 1)]
 
@@ -71,6 +72,18 @@ def test_the_served_list_is_the_offline_pipelines_with_the_same_interactions(cli
     offline = two_stage_lists(Pipeline(served_backend, CatalogStore(models_dir)), users, k=20, sent=sent)
     for user in users:
         assert _ids(client.recommend(user, k=20, interactions=sent[user])) == offline[user]
+
+
+def test_interactions_naming_unknown_movies_are_counted_for_the_caller(fake_server, capsys):
+    client, _ = fake_server
+    client.wait_until_serving(10)
+    items = client.recommend("new", k=5, interactions=[("no-such-movie", 4.0), ("m3", 5.0)])
+    assert items.unknown_interactions == 1 and len(items) == 5
+    assert client.recommend("new", k=5, interactions=[("m3", 5.0)]).unknown_interactions == 0
+    (result,) = client.recommend_batch(["new"], k=5, interactions={"new": [("x", 1.0), ("y", 0.0), ("m3", 5.0)]})
+    assert result.unknown_interactions == 2
+    assert client_main(["recommend", "--target", client.target, "--user", "new", "--interaction", "nope:4"]) == 0
+    assert "1 of the interactions used name movies the served models do not know" in capsys.readouterr().err
 
 
 def test_a_batch_carries_interactions_per_request(client, popular):

@@ -115,7 +115,7 @@ def test_the_cli_shows_reasons_by_title_and_similar_movies(running_server, capsy
     target = f"127.0.0.1:{port}"
     assert client_main(["recommend", "--target", target, "--user", "42", "-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.count("because you liked") == 3
+    assert out.count("because you watched") == 3
     assert client_main(["similar", "--target", target, "--item", "1", "-k", "4", "--json"]) == 0
     similar = json.loads(capsys.readouterr().out)
     assert len(similar) == 4 and all(item["title"] == catalog.titles[item["item_id"]] for item in similar)
