@@ -6,7 +6,7 @@ MODELS ?= exported
 PORT ?= 50051
 USER_ID ?= 42
 
-.PHONY: install postgres demo test test-fast lint protos train evaluate serve clean
+.PHONY: install postgres browser demo test test-fast lint protos train evaluate serve clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed
@@ -31,12 +31,13 @@ evaluate: install
 serve: install
 	$(PY) -m server --models $(MODELS) --port $(PORT)
 
-# Train (only if no export exists), serve on a free loopback port (no interaction store), ask for
-# user 42's recommendations with their reasons and for the movies most like Toy Story, stop. The
-# clients call the port this server logs it listens on, so no other server can answer for it.
+# Train (only if no export exists), serve on free loopback ports (no interaction store), ask for
+# user 42's recommendations with their reasons and for the movies most like Toy Story. On a
+# terminal the server then stays up for its page (Ctrl-C stops it). The clients call the port this
+# server logs it listens on, so no other server can answer for it.
 demo: install
 	@if [ -z "$$(ls $(MODELS)/retrieval 2>/dev/null | grep -E '^[0-9]+$$')" ]; then $(PY) -m export train --out $(MODELS); fi
-	@$(PY) -m server --models $(MODELS) --port 0 --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
+	@$(PY) -m server --models $(MODELS) --port 0 --http-port 0 --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
 	server_pid=$$!; \
 	trap 'kill -TERM $$server_pid 2>/dev/null; wait $$server_pid 2>/dev/null' EXIT; \
 	port=; for _ in $$(seq 600); do \
@@ -46,7 +47,10 @@ demo: install
 	done; \
 	[ -n "$$port" ] || { echo "the demo's server did not start:"; cat .demo-server.log; exit 1; }; \
 	$(PY) -m client recommend --target 127.0.0.1:$$port --user $(USER_ID) --wait 120 -k 5 || { cat .demo-server.log; exit 1; }; \
-	$(PY) -m client similar --target 127.0.0.1:$$port --item 1 -k 5 || { cat .demo-server.log; exit 1; }
+	$(PY) -m client similar --target 127.0.0.1:$$port --item 1 -k 5 || { cat .demo-server.log; exit 1; }; \
+	url=$$(sed -n 's/.*HTTP and JSON on \(http:[^ ]*\) .*/\1/p' .demo-server.log); \
+	if [ -t 0 ]; then echo; echo "Try it in a browser: $$url (Ctrl-C stops the server)"; wait $$server_pid; \
+	else echo; echo "The page was at $$url (run make demo on a terminal to keep it up)"; fi
 
 lint: install
 	$(PY) -m ruff check .
@@ -58,12 +62,18 @@ postgres:
 	  echo "installing Debian's postgresql package for the store tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
+# Debian's chromium and its chromedriver, for the test that drives the HTTP face's page, where missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the page's test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 # Everything, the quality floors on the real data included (trains the default preset twice).
-test: lint postgres
+test: lint postgres browser
 	$(PY) -m pytest
 
 # Unit tests and the service contract end to end, on a synthetic data set: no data set needed.
-test-fast: lint postgres
+test-fast: lint postgres browser
 	$(PY) -m pytest -m "not slow and not real_data"
 
 clean:

@@ -124,11 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "each user id instead of the id (default: ids as sent)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics over HTTP on this port (default: off)")
+    parser.add_argument("--http-port", type=int,
+                        help="also serve the service over HTTP/1.1 and JSON on this port (0 picks one): a route "
+                             "per RPC, its OpenAPI document at /v1/openapi.json, a page to try it at / "
+                             "(default: off)")
     return parser
 
 
+def _url_host(host: str) -> str:
+    """The listening host as a URL names it: "[::]" and "0.0.0.0" (every interface) as localhost."""
+    return "localhost" if host in ("[::]", "::", "0.0.0.0", "") else host
+
+
 # What `python -m server` needs beyond the client's install (the `serve` extra).
-SERVE_MODULES = ("numpy", "prometheus_client", "grpc_reflection", "tensorflow", "tensorflow_serving")
+SERVE_MODULES = ("numpy", "prometheus_client", "grpc_reflection", "aiohttp", "tensorflow", "tensorflow_serving")
 
 
 def missing_serve_modules() -> list[str]:
@@ -217,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", options.host, recommender.serve_metrics(args.metrics_port,
                                                                                               options.host))
+        if args.http_port is not None:
+            log.info("HTTP and JSON on http://%s:%d/ (OpenAPI: /v1/openapi.json)", _url_host(options.host),
+                     recommender.serve_http(args.http_port, options.host))
     except (OSError, RuntimeError, sqlite3.Error) as error:  # e.g. the port is taken, the store's file unwritable
         log.error("could not start: %s", error)
         _stop_writers(log_writers, 5.0)

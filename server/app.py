@@ -147,13 +147,15 @@ class RecommenderServer:
 
     def __init__(self, grpc_server: grpc.aio.Server, loop_thread: EventLoopThread,
                  health_servicer: health.aio.HealthServicer, monitor: ReadinessMonitor, backend: Backend,
-                 servicer: RecommenderServicer):
+                 servicer: RecommenderServicer, max_request_bytes: int = ServerOptions.max_request_bytes):
         self.grpc_server = grpc_server
         self.loop_thread = loop_thread
         self.health = health_servicer
         self.monitor = monitor
         self.backend = backend
         self.servicer = servicer
+        self.max_request_bytes = max_request_bytes
+        self._http_runner = None  # serve_http's
         self.metrics = servicer.observer.metrics
         self._stopped = threading.Event()
         self._stopping = False
@@ -165,6 +167,14 @@ class RecommenderServer:
         http_server, _ = start_http_server(port, addr=host.strip("[]") or "::", registry=self.metrics.registry)
         self._metrics_http = http_server
         return http_server.server_port
+
+    def serve_http(self, port: int, host: str) -> int:
+        """Serve the JSON/HTTP face (server/rest.py) on `host`; returns the bound port (0 picks one)."""
+        from server.rest import build_app, start_http
+
+        app = build_app(self.servicer, self.backend.is_ready, self.max_request_bytes)
+        self._http_runner, bound = self.loop_thread.run(start_http(app, host, port))
+        return bound
 
     def start(self) -> None:
         self.loop_thread.run(self.grpc_server.start())
@@ -188,6 +198,8 @@ class RecommenderServer:
 
         def drain() -> None:
             self.loop_thread.run(self.grpc_server.stop(grace))
+            if self._http_runner is not None:  # its calls went through the servicer, drained above
+                self.loop_thread.run(self._http_runner.cleanup())
             if getattr(self, "_metrics_http", None) is not None:
                 self._metrics_http.shutdown()
             self.servicer.store_threads.shutdown(wait=False, cancel_futures=True)  # store calls are time-bounded
@@ -273,4 +285,5 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
         counted.append((lambda: store.read_timeouts, observer.metrics.store_read_timeouts))
     monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.get,
                                counted)
-    return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer), port
+    return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer,
+                             options.max_request_bytes), port

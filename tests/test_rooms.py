@@ -5,10 +5,11 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT
 
-# The gRPC edge of the server, and the TF Serving backend (a gRPC client): the only server modules
-# that may import grpc. The pipeline, catalog, batching and errors know nothing of the transport.
+# The server's edges (gRPC, and the HTTP face, which speaks gRPC's status codes) and the TF Serving
+# backend (a gRPC client): the only server modules that may import grpc. The pipeline, catalog,
+# batching and errors know nothing of the transport.
 GRPC_MODULES = {"server/app.py", "server/floor.py", "server/security.py", "server/servicer.py", "server/status.py",
-                "server/tf_serving.py", "server/wire.py"}
+                "server/tf_serving.py", "server/wire.py", "server/rest.py"}
 
 
 def _imports(path: Path) -> set[str]:
