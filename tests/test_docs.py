@@ -56,6 +56,15 @@ def test_the_readme_is_short_and_docs_tell_no_history():
         assert not found, f"{path.name} speaks of how it was made: {found[:3]}"
 
 
+def test_docs_hold_no_placeholders():
+    """Figures are measured or absent: no placeholder token (an upper-case NAME_LIKE_THIS where a number
+    belongs, TODO, TBD, FIXME, XXX) in the README or docs/."""
+    placeholder = re.compile(r"\b(TODO|TBD|FIXME|XXX|[A-Z]+_(NOISE|FIGURE|NUMBER|VALUE|RESULT)S?)\b|not yet in this document")
+    for path in [README, *(REPO_ROOT / "docs").glob("*.md")]:
+        found = [match.group(0) for match in placeholder.finditer(path.read_text())]
+        assert not found, f"{path.name} holds placeholders: {found[:3]}"
+
+
 def test_the_readme_python_snippet_runs_and_the_list_follows_what_was_sent(models_dir, tmp_path, capsys):
     """The README's Python block, run as written against a real server with a store (port swapped in):
     the list of the new user who sent three ratings is not the popularity list they had before."""

@@ -345,3 +345,22 @@ def test_recommend_goes_on_without_the_store_and_counts_it(models_dir, tmp_path,
     result = pipeline.recommend([Query("42", k=5), Query(NEW_USER, k=5, recent_interactions=(("1", 5.0),))])
     assert len(result[0].items) == 5 and not any(item.fallback for item in result[1].items)
     assert pipeline.store_reads_failed == 1 and store.failures == 1
+
+
+def test_the_store_benchmark_loads_the_rows_it_says_and_reads_them(tmp_path, capsys):
+    from server.store_bench import main as store_bench
+
+    full, empty = tmp_path / "full.sqlite3", tmp_path / "empty.sqlite3"
+    assert store_bench(["--store", str(full), "--empty-store", str(empty), "--users", "50", "--rows", "3000",
+                        "--items", "400", "--reads", "40"]) == 0
+    out = capsys.readouterr().out
+    loaded = int(out.split(" rows of ")[0].split()[-1].replace(",", ""))
+    store = open_store(str(full))
+    try:
+        assert sum(1 for _ in store.export()) == loaded
+        newest = store.recent(["user-0"], 5)["user-0"]
+        assert [entry.timestamp_seconds for entry in newest] == sorted((entry.timestamp_seconds for entry in newest),
+                                                                        reverse=True)
+    finally:
+        store.close()
+    assert out.count(" p99 ") == 4
