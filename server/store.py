@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import json
 import logging
 import queue
 import sqlite3
@@ -65,6 +66,9 @@ MIGRATIONS = (
     # Tombstones: users erased by ForgetUser (by the SHA-256 of their id: the id itself is gone), and
     # when. Later writes older than that are dropped.
     "CREATE TABLE forgotten (user_hash TEXT PRIMARY KEY, forgotten_at BIGINT NOT NULL)",
+    # Reads of the newest rows need nothing else: with the stars in the index they never visit the table.
+    "CREATE INDEX interactions_newest ON interactions (user_id, timestamp_seconds DESC, item_id, rating)",
+    "DROP INDEX interactions_by_recency",
 )
 
 
@@ -149,6 +153,8 @@ class InteractionStore(abc.ABC):
     trim_sql: str
     # Records (or moves forward) a user's tombstone (parameters: user_hash of the id, unix seconds).
     tombstone_sql: str
+    # Aggregates a user's rows into one JSON array of [movie, stars, time] (see newest_sql).
+    aggregate_sql: str
     placeholder: str
 
     # --- the interface -------------------------------------------------------------------------
@@ -187,7 +193,7 @@ class InteractionStore(abc.ABC):
             with self._transaction(connection) as cursor:
                 rows = []
                 if limit > 0:
-                    cursor.execute(newest_sql(self.placeholder, len(users)),
+                    cursor.execute(newest_sql(self.placeholder, self.aggregate_sql, len(users)),
                                    [value for user in users for value in (user, limit)])
                     rows = cursor.fetchall()
                 cursor.execute(f"SELECT user_hash FROM forgotten WHERE user_hash IN ({marks})",
@@ -195,9 +201,7 @@ class InteractionStore(abc.ABC):
                 return rows, cursor.fetchall()
 
         rows, forgotten = self._run(read)
-        found: dict[str, list[StoredInteraction]] = {}
-        for user_id, item_id, rating, timestamp in rows:
-            found.setdefault(user_id, []).append(StoredInteraction(item_id, float(rating), int(timestamp)))
+        found = {user_id: _newest_first(entries) for user_id, entries in rows if user_id is not None}
         erased = {hashed for hashed, in forgotten}
         return UserRecords(found, frozenset(user for user in users if user_hash(user) in erased))
 
@@ -388,14 +392,25 @@ def _trim_sql(placeholder: str, all_rows: str) -> str:
             f"ORDER BY timestamp_seconds DESC, item_id LIMIT {all_rows} OFFSET {placeholder})")
 
 
-def newest_sql(placeholder: str, users: int) -> str:
-    """Each of `users` users' newest rows (parameters: user id, limit, per user), one LIMITed range
-    scan of the interactions_by_recency index each: a read takes N rows of a user, however many
-    the user has (a window over all of a user's rows cost 30 times more with 25M rows stored)."""
-    arm = (f"SELECT * FROM (SELECT user_id, item_id, rating, timestamp_seconds FROM interactions "
-           f"WHERE user_id = {placeholder} ORDER BY timestamp_seconds DESC, item_id LIMIT {placeholder}) AS newest")
-    return (" UNION ALL ".join(f"{arm}{n}" for n in range(users))
-            + " ORDER BY user_id, timestamp_seconds DESC, item_id")
+def newest_sql(placeholder: str, aggregate: str, users: int) -> str:
+    """Each of `users` users' newest rows (parameters: user id, limit, per user) as one row per user:
+    (user id, a JSON array of [movie, stars, time]), NULL for a user with none.
+
+    One LIMITed range scan of the covering interactions_newest index per user: a read takes N rows
+    of a user however many the user keeps, and never visits the table. One row per user, not per
+    interaction: the driver hands Python each row with the GIL taken again, and several read
+    threads fetching thousands of rows each stalled one another (docs/performance.md, the store)."""
+    arm = (f"SELECT MAX(user_id), {aggregate} FROM (SELECT user_id, item_id, rating, timestamp_seconds "
+           f"FROM interactions WHERE user_id = {placeholder} ORDER BY timestamp_seconds DESC, item_id "
+           f"LIMIT {placeholder}) AS newest")
+    return " UNION ALL ".join(f"{arm}{n}" for n in range(users))
+
+
+def _newest_first(entries) -> list[StoredInteraction]:
+    """The JSON array's entries (a string, or what the driver parsed), newest first, ties by movie id."""
+    parsed = json.loads(entries) if isinstance(entries, str) else entries
+    parsed.sort(key=lambda entry: (-entry[2], entry[0]))
+    return [StoredInteraction(item_id, float(rating), int(timestamp)) for item_id, rating, timestamp in parsed]
 
 
 class SQLiteStore(InteractionStore):
@@ -408,6 +423,7 @@ class SQLiteStore(InteractionStore):
     trim_sql = _trim_sql("?", "-1")
     tombstone_sql = ("INSERT INTO forgotten (user_hash, forgotten_at) VALUES (?, ?) ON CONFLICT (user_hash) "
                      "DO UPDATE SET forgotten_at = MAX(forgotten.forgotten_at, excluded.forgotten_at)")
+    aggregate_sql = "json_group_array(json_array(item_id, rating, timestamp_seconds))"
 
     def __init__(self, path: str | Path, max_per_user: int = DEFAULTS.max_interactions_per_user):
         super().__init__(max_per_user)
@@ -454,6 +470,7 @@ class PostgresStore(InteractionStore):
     trim_sql = _trim_sql("%s", "ALL")
     tombstone_sql = ("INSERT INTO forgotten (user_hash, forgotten_at) VALUES (%s, %s) ON CONFLICT (user_hash) "
                      "DO UPDATE SET forgotten_at = GREATEST(forgotten.forgotten_at, excluded.forgotten_at)")
+    aggregate_sql = "json_agg(json_build_array(item_id, rating, timestamp_seconds))"
     MIGRATION_LOCK = 7_407_001  # pg_advisory_xact_lock key: one starting server migrates at a time
 
     def __init__(self, url: str, max_per_user: int = DEFAULTS.max_interactions_per_user):

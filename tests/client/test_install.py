@@ -37,10 +37,13 @@ def test_a_client_only_install_has_no_tensorflow_and_calls_the_server(tmp_path, 
                                text=True, timeout=60)
     assert no_server.returncode == 2 and "pip install 'recsys[serve]'" in no_server.stderr
     assert "Traceback" not in no_server.stderr
+    no_server_command = subprocess.run([str(venv / "bin" / "recsys-server"), "--models", str(tmp_path)], cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=60)
+    assert no_server_command.returncode == 2 and "pip install 'recsys[serve]'" in no_server_command.stderr
 
     _, port = running_server
-    called = subprocess.run([python, "-m", "client", "recommend", "--target", f"127.0.0.1:{port}", "--user", "42",
-                             "-k", "5", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    called = subprocess.run([str(venv / "bin" / "recsys"), "recommend", "--target", f"127.0.0.1:{port}", "--user",
+                             "42", "-k", "5", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert called.returncode == 0, called.stderr
     served = [item["item_id"] for item in json.loads(called.stdout)]
     assert served == [item.item_id for item in client.recommend("42", k=5)]
