@@ -20,7 +20,14 @@ import grpc
 from protos import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 from server.backend import Backend
 from server.batching import RequestBatcher, ThreadedPipeline
-from server.errors import DeadlineExceeded, InvalidRequest, ModelsUnavailable, NotConfigured, Overloaded
+from server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelsUnavailable,
+    NotConfigured,
+    Overloaded,
+    StoreUnavailable,
+)
 from server.limits import (
     DEFAULT_K,
     MAX_BATCH_INTERACTIONS,
@@ -52,6 +59,9 @@ audit = logging.getLogger("recsys.audit")
 # A Recommend with more interactions than this is validated on a worker thread, not on the event loop.
 LARGE_REQUEST_INTERACTIONS = 100
 STORE_THREADS = 4
+# Store calls (RecordInteractions, ForgetUser) waiting for those threads beyond this get UNAVAILABLE at
+# once: a hung store (a frozen host answers nothing, and nothing times out) queues nothing more.
+MAX_WAITING_STORE_CALLS = 32
 
 
 def _interactions(entries) -> list[Interaction]:
@@ -135,6 +145,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.stored_interactions = stored_interactions if store is not None else 0
         # Writes have threads of their own: a slow store never holds up the pipeline or other work.
         self.store_threads = futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
+        self.store_calls = 0  # store calls running or waiting for those threads (the event loop's own count)
         # Admission control: calls at work beyond this are refused at once. Only this service's
         # calls count; health checks and Watch streams never do.
         self.max_concurrent_rpcs = max_concurrent_rpcs
@@ -164,12 +175,24 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return self.store
 
     async def _in_store(self, context: grpc.aio.ServicerContext, work, *args):
-        """Run a store call on the store's threads, within the caller's deadline."""
-        future = asyncio.get_running_loop().run_in_executor(self.store_threads, work, *args)
+        """Run a store call on the store's threads, within the caller's deadline (a call still waiting
+        for a thread then is dropped; one running may still apply, as the proto says)."""
+        if self.store_calls >= STORE_THREADS + MAX_WAITING_STORE_CALLS:
+            raise StoreUnavailable(f"the interaction store has {self.store_calls} calls in progress and is not "
+                                   "answering them; retry later")
+        self.store_calls += 1
+        loop = asyncio.get_running_loop()
+        call = self.store_threads.submit(work, *args)
+        # Counted until the call itself ends (on a store thread), not when its caller stops waiting.
+        call.add_done_callback(lambda _: loop.call_soon_threadsafe(self._store_call_done))
         try:
-            return await asyncio.wait_for(future, context.time_remaining())
+            # On timeout the call is dropped if it has not started; one running goes on.
+            return await asyncio.wait_for(asyncio.wrap_future(call), context.time_remaining())
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline exceeded before the interaction store answered") from None
+
+    def _store_call_done(self) -> None:
+        self.store_calls -= 1
 
     async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
                          record: CallRecord) -> list[RankedList]:

@@ -17,6 +17,8 @@ import pytest
 from client import RecommenderClient
 from protos import recommender_pb2
 from server import app
+from server import servicer as servicer_module
+from server import store as store_module
 from server.app import create_server
 from server.catalog import CatalogStore
 from server.errors import InvalidRequest, ModelsUnavailable, Overloaded
@@ -360,3 +362,37 @@ def test_the_servers_budget_for_unread_responses_bounds_all_connections_together
         callback(first)
     assert unsent.total == 50
     unsent.hold(second, 50)
+
+
+def test_writes_to_a_frozen_postgresql_end_at_their_deadline_and_beyond_a_bound_fail_at_once(fake_models, postgres):
+    """A frozen PostgreSQL answers no write and times none out: writes end at their caller's deadline,
+    and once the store's threads and its queue are full, further writes get UNAVAILABLE at once
+    rather than queue (each holding its request) for as long as the freeze lasts."""
+    postgres.clear()
+    store = open_store(postgres.url)
+    server, port = create_server("127.0.0.1:0", FakeBackend(fake_models), fake_models,
+                                 ServerOptions(poll_seconds=0.2), store=store)
+    server.start()
+    frozen = postgres.freeze()
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            request = recommender_pb2.RecordInteractionsRequest(
+                user_id="u1", interactions=[recommender_pb2.Interaction(item_id="m1", rating=4.0)])
+            writes = [client.stub.RecordInteractions.future(request, timeout=1.0) for _ in range(40)]
+            codes = [status_of(write.result)[0] for write in writes]
+            assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+            assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == servicer_module.STORE_THREADS + \
+                servicer_module.MAX_WAITING_STORE_CALLS
+            refused = [message for code, message in map(status_of, [write.result for write in writes])
+                       if code == grpc.StatusCode.UNAVAILABLE]
+            assert all("not answering" in message for message in refused), refused
+            # Later, UNAVAILABLE (the bound, the store's connect timeout or its pause after failures), well
+            # before this call's own 10-s deadline.
+            started = time.monotonic()
+            assert status_of(lambda: client.stub.RecordInteractions(request, timeout=10.0))[0] == \
+                grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < store_module.CONNECT_TIMEOUT_SECONDS + 1.0
+    finally:
+        postgres.thaw(frozen)
+        server.stop(0).wait(10)
+        store.close()
