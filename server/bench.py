@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from client import bench
+from server import start_tensorflow
 from server.options import DEFAULTS
 
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     args = parser.parse_args(argv)
+    start_tensorflow()
     tally, wall = run_in_process(args.models, args.duration, args.k, args.users, args.interactions)
     summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
     print(bench.format_summary(summary))
