@@ -16,6 +16,7 @@ one map of errors to statuses (server/status.py) are the gRPC service's, unchang
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -33,6 +34,8 @@ from server.wire import SERVICE, Undecodable
 
 # HTTP has no deadline of its own: every call gets this long, as a gRPC caller's deadline.
 HTTP_TIMEOUT_SECONDS = 10.0
+# Bodies larger than this are parsed on a worker thread, not on the event loop that carries every call.
+LARGE_BODY_BYTES = 64 * 1024
 
 
 def route_of(method_name: str) -> str:
@@ -86,7 +89,7 @@ class HttpCallContext:
             self.response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                                         **{key: value for key, value in self._trailing}})
             await self.response.prepare(self._request)
-        await self.response.write(json.dumps(to_json(message), ensure_ascii=False).encode() + b"\n")
+        await self.response.write(_json_body(message) + b"\n")
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.status = (code, details)
@@ -97,16 +100,28 @@ class HttpCallContext:
             callback(self)
 
 
+def _parsed(body: str, request_class):
+    """The request message, or Undecodable (the servicer answers INVALID_ARGUMENT, naming the problem)."""
+    try:
+        return json_format.Parse(body or "{}", request_class())
+    except json_format.ParseError as error:
+        return Undecodable(f"the body is not a {request_class.DESCRIPTOR.full_name} in JSON: {error}")
+
+
+def _json_body(message) -> bytes:
+    return json.dumps(to_json(message), ensure_ascii=False).encode()
+
+
 def _handler(servicer, method) -> Callable:
     request_class = getattr(recommender_pb2, method.input_type.name)
     call = getattr(servicer, method.name)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.text()
-        try:
-            message = json_format.Parse(body or "{}", request_class())
-        except json_format.ParseError as error:
-            message = Undecodable(f"the body is not a {request_class.DESCRIPTOR.full_name} in JSON: {error}")
+        if len(body) > LARGE_BODY_BYTES:
+            message = await asyncio.to_thread(_parsed, body, request_class)
+        else:
+            message = _parsed(body, request_class)
         context = HttpCallContext(request, HTTP_TIMEOUT_SECONDS)
         try:
             response = await call(message, context)
@@ -117,8 +132,8 @@ def _handler(servicer, method) -> Callable:
             return context.response
         finally:
             context.finish()
-        if not method.server_streaming:
-            return web.json_response(to_json(response), dumps=lambda value: json.dumps(value, ensure_ascii=False))
+        if not method.server_streaming:  # up to 10,000 items (RecommendBatch): written out off the loop
+            return web.Response(body=await asyncio.to_thread(_json_body, response), content_type="application/json")
         if context.response is None:  # no items
             context.response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await context.response.prepare(request)
