@@ -18,26 +18,29 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[serve,train,test]'  # shows its progress: the first install downloads TensorFlow
 	touch $@
 
-# Regenerate the committed stubs (tests check they match the .proto).
+# Regenerate the committed stubs (tests check they match the .proto). They are generated from the
+# proto at its installed path, recsys/v1/recommender.proto, so they import recsys.v1.
 protos: install
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/recommender.proto
+	@tmp=$$(mktemp -d) && mkdir -p $$tmp/recsys/v1 && cp protos/recommender.proto $$tmp/recsys/v1/ && \
+	$(PY) -m grpc_tools.protoc -I$$tmp --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp \
+	  $$tmp/recsys/v1/recommender.proto && cp $$tmp/recsys/v1/recommender_pb2* protos/ && rm -rf $$tmp
 
 train: install
-	$(PY) -m export train --out $(MODELS)
+	$(PY) -m recsys.export train --out $(MODELS)
 
 evaluate: install
-	$(PY) -m export evaluate --models $(MODELS)
+	$(PY) -m recsys.export evaluate --models $(MODELS)
 
 serve: install
-	$(PY) -m server --models $(MODELS) --port $(PORT)
+	$(PY) -m recsys.server --models $(MODELS) --port $(PORT)
 
 # Train (only if no export exists), serve on free loopback ports (no interaction store), ask for
 # user 42's recommendations with their reasons and for the movies most like Toy Story. On a
 # terminal the server then stays up for its page (Ctrl-C stops it). The clients call the port this
 # server logs it listens on, so no other server can answer for it.
 demo: install
-	@if [ -z "$$(ls $(MODELS)/retrieval 2>/dev/null | grep -E '^[0-9]+$$')" ]; then $(PY) -m export train --out $(MODELS); fi
-	@$(PY) -m server --models $(MODELS) --port 0 --http-port 0 --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
+	@if [ -z "$$(ls $(MODELS)/retrieval 2>/dev/null | grep -E '^[0-9]+$$')" ]; then $(PY) -m recsys.export train --out $(MODELS); fi
+	@$(PY) -m recsys.server --models $(MODELS) --port 0 --http-port 0 --host 127.0.0.1 --interactions-db none > .demo-server.log 2>&1 & \
 	server_pid=$$!; \
 	trap 'kill -TERM $$server_pid 2>/dev/null; wait $$server_pid 2>/dev/null' EXIT; \
 	port=; for _ in $$(seq 600); do \
@@ -46,8 +49,8 @@ demo: install
 	  kill -0 $$server_pid 2>/dev/null || break; sleep 0.1; \
 	done; \
 	[ -n "$$port" ] || { echo "the demo's server did not start:"; cat .demo-server.log; exit 1; }; \
-	$(PY) -m client recommend --target 127.0.0.1:$$port --user $(USER_ID) --wait 120 -k 5 || { cat .demo-server.log; exit 1; }; \
-	$(PY) -m client similar --target 127.0.0.1:$$port --item 1 -k 5 || { cat .demo-server.log; exit 1; }; \
+	$(PY) -m recsys.client recommend --target 127.0.0.1:$$port --user $(USER_ID) --wait 120 -k 5 || { cat .demo-server.log; exit 1; }; \
+	$(PY) -m recsys.client similar --target 127.0.0.1:$$port --item 1 -k 5 || { cat .demo-server.log; exit 1; }; \
 	url=$$(sed -n 's/.*HTTP and JSON on \(http:[^ ]*\) .*/\1/p' .demo-server.log); \
 	if [ -t 0 ]; then echo; echo "Try it in a browser: $$url (Ctrl-C stops the server)"; wait $$server_pid; \
 	else echo; echo "The page was at $$url (run make demo on a terminal to keep it up)"; fi

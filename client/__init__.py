@@ -1,4 +1,4 @@
 """Python client for the recsys.v1.Recommender gRPC service."""
-from client.api import RecommenderClient
+from recsys.client.api import RecommenderClient
 
 __all__ = ["RecommenderClient"]

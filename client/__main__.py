@@ -1,4 +1,4 @@
-"""python -m client: call a running recommender."""
+"""python -m recsys.client: call a running recommender."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from client.api import DEFAULT_TIMEOUT_SECONDS, RecommenderClient
+from recsys.client.api import DEFAULT_TIMEOUT_SECONDS, RecommenderClient
 
 
 def _clipped(text: str, width: int) -> str:
@@ -81,7 +81,7 @@ def wait_until_serving(client: RecommenderClient, seconds: float) -> bool:
 
 
 def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from client import bench
+    from recsys.client import bench
 
     known_users = known_items = None
     if args.models:
@@ -124,7 +124,7 @@ def newest_metadata(models_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recsys.client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     recommend = commands.add_parser("recommend", help="print one user's ranked recommendations")
     recommend.add_argument("--target", default="localhost:50051", help="server HOST:PORT (default: %(default)s)")

@@ -7,8 +7,8 @@ from typing import Iterable, Mapping, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.retry import SERVICE_CONFIG, RetriedStream, RetryBudget
-from protos import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
+from recsys.client.retry import SERVICE_CONFIG, RetriedStream, RetryBudget
+from recsys.v1 import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 RETRY_BUFFER_BYTES = 4 * 1024 * 1024

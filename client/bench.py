@@ -2,7 +2,7 @@
 
 It uses grpc.aio (one event loop per process, `--processes` of them) so the generator is
 not the bottleneck, and reports its own CPU use to prove it. The summary and its format are
-shared with `python -m server.bench`, which runs the same request mix without gRPC.
+shared with `python -m recsys.server.bench`, which runs the same request mix without gRPC.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ async def _drive(target: str, concurrency: int, duration: float, k: int, user_id
                  timeout: float, interactions: list[list[tuple[str, float]]], record: bool) -> Tally:
     import grpc
 
-    from protos import recommender_pb2, recommender_pb2_grpc
+    from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
     recent = [[recommender_pb2.Interaction(item_id=item_id, rating=stars) for item_id, stars in entries]
               for entries in interactions]

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from protos import recommender_pb2
+from recsys.v1 import recommender_pb2
 
 SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"]
 UNARY_METHODS = tuple(method.name for method in SERVICE.methods if not method.server_streaming)

@@ -1,2 +1,2 @@
 """Offline half: load MovieLens, train both stages, evaluate, write TF Serving SavedModels."""
-import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import recsys.server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)

@@ -1,4 +1,4 @@
-"""python -m export {train,evaluate,report,synth,data-bench}: the offline half of the recommender."""
+"""python -m recsys.export {train,evaluate,report,synth,data-bench}: the offline half of the recommender."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-import export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from export.data import (
+import recsys.export  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+from recsys.export.data import (
     CSV_ITEMS_HEADER,
     CSV_RATINGS_HEADER,
     DATASETS,
@@ -18,9 +18,9 @@ from export.data import (
     DataFormatError,
     DataSourceError,
 )
-from export.presets import PRESETS, STRATEGIES
-from export.synth import FORMATS
-from server import start_tensorflow
+from recsys.export.presets import PRESETS, STRATEGIES
+from recsys.export.synth import FORMATS
+from recsys.server import start_tensorflow
 
 DATA_HELP = ("directory holding the data set's files (ML-100k: u.data, u.item, u.user). Default: "
              "$RECSYS_DATA_DIR, then ./data/<dataset>, then download <dataset>.zip from GroupLens into "
@@ -41,7 +41,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recsys.export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train both stages and export them as the next model version")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "synth":
-        from export.synth import synthesize
+        from recsys.export.synth import synthesize
 
         try:
             synthesize(args.users, args.items, args.ratings, args.out, args.seed, args.data_format)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "data-bench":
         return data_bench(args)
     start_tensorflow()
-    from export.data import load_csv, load_movielens
+    from recsys.export.data import load_csv, load_movielens
 
     dataset = getattr(args, "dataset", "ml-100k")
     if (dataset == "csv") != bool(getattr(args, "ratings", None) and getattr(args, "items", None)):
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.command == "train":
-        from export.stored import stored_ratings
-        from export.train import train_and_export
-        from server.errors import StoreUnavailable
+        from recsys.export.stored import stored_ratings
+        from recsys.export.train import train_and_export
+        from recsys.server.errors import StoreUnavailable
 
         if args.interactions_db == "none":
             parser.error("--interactions-db none: name the store to read (a path or a postgresql:// URL)")
@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "report":
-        from export.report import run_report
+        from recsys.export.report import run_report
 
         print(run_report(data, args.presets, args.out, args.plot))
         return 0
-    from export.evaluate import evaluate_export, format_table, write_json, write_plot
-    from server.errors import ModelsUnavailable
+    from recsys.export.evaluate import evaluate_export, format_table, write_json, write_plot
+    from recsys.server.errors import ModelsUnavailable
 
     try:
         metrics = evaluate_export(args.models, data, args.protocol)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def data_bench(args: argparse.Namespace) -> int:
-    from export import data_bench as bench
+    from recsys.export import data_bench as bench
 
     try:
         if args.measure:  # one mode, in the child process `run` starts

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sparse
 
-from export.data import MovieLens, fit_and_held_out, fold_in_and_targets
-from export.item_item import EASE_MAX_MOVIES, ease_weights
+from recsys.export.data import MovieLens, fit_and_held_out, fold_in_and_targets
+from recsys.export.item_item import EASE_MAX_MOVIES, ease_weights
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 # ALS: searched one coordinate at a time from the first value of each (alpha, then regularisation,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import DataSourceError
+from recsys.export.data import DataSourceError
 
 SYNTHETIC_MOVIES = 20_000
 MODES = ("stream", "memory")
@@ -44,8 +44,8 @@ def write_synthetic_ml25m(directory: Path, rows: int, seed: int = 0) -> Path:
 
 def measure(mode: str, data_dir: str, dataset: str, batch_size: int) -> dict:
     """Prepare the fit rows and read one epoch of batches, the way training does."""
-    from export.data import fit_and_held_out, load_movielens
-    from export.examples import from_rows, from_stream
+    from recsys.export.data import fit_and_held_out, load_movielens
+    from recsys.export.examples import from_rows, from_stream
 
     started = time.perf_counter()
     data = load_movielens(data_dir, dataset, with_ratings=mode == "memory")
@@ -64,7 +64,7 @@ def run(data_dir: str | None, dataset: str, synthetic_rows: int, batch_size: int
             data_dir, dataset = str(write_synthetic_ml25m(Path(scratch) / "ml-25m", synthetic_rows)), "ml-25m"
         results = []
         for mode in MODES:
-            command = [sys.executable, "-m", "export", "data-bench", "--measure", mode, "--dataset", dataset,
+            command = [sys.executable, "-m", "recsys.export", "data-bench", "--measure", mode, "--dataset", dataset,
                        "--batch-size", str(batch_size)] + (["--data-dir", data_dir] if data_dir else [])
             finished = subprocess.run(command, capture_output=True, text=True)
             if finished.returncode:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from export.baselines import (
+from recsys.export.baselines import (
     als_fold_in_lists,
     als_lists,
     catalog_mask,
@@ -31,7 +31,7 @@ from export.baselines import (
     ease_lists,
     interaction_matrix,
 )
-from export.data import (
+from recsys.export.data import (
     USER_HOLDOUTS,
     IdNames,
     MovieLens,
@@ -40,15 +40,15 @@ from export.data import (
     group_rows,
     popularity_order,
 )
-from export.item_item import unit_columns
-from server.backend import Backend, UserBatch
-from server.catalog import CatalogStore
-from server.errors import ModelsUnavailable
-from server.in_process import InProcessBackend
-from server.layout import metadata_path
-from server.limits import MAX_BATCH_USERS, MAX_K
-from server.pipeline import Pipeline, Recommendation
-from server.validation import Query
+from recsys.export.item_item import unit_columns
+from recsys.server.backend import Backend, UserBatch
+from recsys.server.catalog import CatalogStore
+from recsys.server.errors import ModelsUnavailable
+from recsys.server.in_process import InProcessBackend
+from recsys.server.layout import metadata_path
+from recsys.server.limits import MAX_BATCH_USERS, MAX_K
+from recsys.server.pipeline import Pipeline, Recommendation
+from recsys.server.validation import Query
 
 LIST_LENGTH = 100
 # Users scored per protocol: all of them up to this many, else a seeded sample.

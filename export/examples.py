@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from export.data import (
+from recsys.export.data import (
     DEFAULT_SHUFFLE_BUFFER,
     DataFormatError,
     IdNames,

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from export.presets import Preset
+from recsys.export.presets import Preset
 
 
 class IdDropout(tf.keras.layers.Layer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# tf.distribute strategies `python -m export train --strategy` can train with (export/train.py).
+# tf.distribute strategies `python -m recsys.export train --strategy` can train with (export/train.py).
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
 # Fields that take one of a fixed set of values (export/models.py implements each).

@@ -4,10 +4,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from export.data import MovieLens
-from export.evaluate import LABELS, evaluate_export, system_label, write_plot
-from export.presets import PRESETS
-from export.train import train_and_export
+from recsys.export.data import MovieLens
+from recsys.export.evaluate import LABELS, evaluate_export, system_label, write_plot
+from recsys.export.presets import PRESETS
+from recsys.export.train import train_and_export
 
 HEADER = ["| system | HR@10 | HR@100 | NDCG@10 | ranker RMSE | train + export |", "|---|---:|---:|---:|---:|---:|"]
 

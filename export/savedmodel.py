@@ -19,8 +19,8 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from export.serving import RankingServing, RetrievalServing
-from server.layout import (
+from recsys.export.serving import RankingServing, RetrievalServing
+from recsys.server.layout import (
     DEFAULT_SIGNATURE,
     EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,

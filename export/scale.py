@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from export.item_item import EASE_MAX_MOVIES
-from export.presets import Preset
+from recsys.export.item_item import EASE_MAX_MOVIES
+from recsys.export.presets import Preset
 
 FULL_SOFTMAX_MAX_MOVIES = 2_000
 REFERENCE_ROWS = 80_000

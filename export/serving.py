@@ -29,16 +29,16 @@ import numpy as np
 import scipy.sparse as sparse
 import tensorflow as tf
 
-from export.index import BruteForceIndex
-from export.models import ConcatTowers, HistoryUserTower, RaggedTable, embedding_table
-from server.layout import (
+from recsys.export.index import BruteForceIndex
+from recsys.export.models import ConcatTowers, HistoryUserTower, RaggedTable, embedding_table
+from recsys.server.layout import (
     INTERACTION_ITEMS_INPUT,
     INTERACTION_RATINGS_INPUT,
     ITEM_ID_INPUT,
     ITEM_IDS_INPUT,
     USER_ID_INPUT,
 )
-from server.limits import MAX_K
+from recsys.server.limits import MAX_K
 
 # Neighbours `similar_items` returns per movie (what SimilarItems may ask for), and reasons per movie.
 SIMILAR_CANDIDATES = MAX_K

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.data import IdNames, MovieLens
-from export.examples import ExtraRows
-from server.store import describe, open_store, user_hash
+from recsys.export.data import IdNames, MovieLens
+from recsys.export.examples import ExtraRows
+from recsys.server.store import describe, open_store, user_hash
 
 
 @dataclass(frozen=True)

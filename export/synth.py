@@ -1,4 +1,4 @@
-"""A synthetic ratings data set with structure a model can learn, at any size: `python -m export synth`.
+"""A synthetic ratings data set with structure a model can learn, at any size: `python -m recsys.export synth`.
 
 No larger real data set can be fetched where this project is built and tested, so training at a
 real catalog's size is measured on data made here. What is planted:
@@ -14,7 +14,7 @@ real catalog's size is measured on data made here. What is planted:
   user's taste the movie's topic holds (on a log scale, clipped) + N(0, 0.7), in half stars.
 
 It writes either the documented CSV format (`--format csv`, string ids: "user-<hex>", "sku-<hex>")
-or ML-25M's (`--format ml-25m`, integer ids from 1), which `python -m export train` reads as they are.
+or ML-25M's (`--format ml-25m`, integer ids from 1), which `python -m recsys.export train` reads as they are.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import CSV_ITEMS_HEADER, CSV_RATINGS_HEADER
+from recsys.export.data import CSV_ITEMS_HEADER, CSV_RATINGS_HEADER
 
 MIN_RATINGS_PER_USER = 20
 FORMATS = ("csv", "ml-25m")

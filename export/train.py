@@ -13,15 +13,15 @@ from typing import IO
 import numpy as np
 import tensorflow as tf
 
-from export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, popularity_order
-from export.examples import FitData, from_rows, from_stream
-from export.item_item import co_rating_factors, ease_weights, history_matrix
-from export.models import RankingModel, RetrievalModel, item_towers_by_member, make_optimizer
-from export.presets import STRATEGIES, Preset
-from export.progress import Progress
-from export.savedmodel import write_export
-from export.scale import fit_to_data
-from export.serving import (
+from recsys.export.data import DEFAULT_SHUFFLE_BUFFER, MovieLens, fit_and_held_out, popularity_order
+from recsys.export.examples import FitData, from_rows, from_stream
+from recsys.export.item_item import co_rating_factors, ease_weights, history_matrix
+from recsys.export.models import RankingModel, RetrievalModel, item_towers_by_member, make_optimizer
+from recsys.export.presets import STRATEGIES, Preset
+from recsys.export.progress import Progress
+from recsys.export.savedmodel import write_export
+from recsys.export.scale import fit_to_data
+from recsys.export.serving import (
     ItemItem,
     RankingServing,
     RetrievalServing,
@@ -30,7 +30,7 @@ from export.serving import (
     TowerParts,
     tower_table,
 )
-from export.stored import StoredRatings
+from recsys.export.stored import StoredRatings
 
 
 class EpochProgress(tf.keras.callbacks.Callback):

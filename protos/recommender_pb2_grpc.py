@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import recommender_pb2 as protos_dot_recommender__pb2
+from recsys.v1 import recommender_pb2 as recsys_dot_v1_dot_recommender__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/recommender_pb2_grpc.py depends on'
+        + ' but the generated code in recsys/v1/recommender_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -55,33 +55,33 @@ class RecommenderStub:
         """
         self.Recommend = channel.unary_stream(
                 '/recsys.v1.Recommender/Recommend',
-                request_serializer=protos_dot_recommender__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=protos_dot_recommender__pb2.RankedItem.FromString,
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.RankedItem.FromString,
                 _registered_method=True)
         self.RecommendBatch = channel.unary_unary(
                 '/recsys.v1.Recommender/RecommendBatch',
-                request_serializer=protos_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
-                response_deserializer=protos_dot_recommender__pb2.RecommendBatchResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
                 _registered_method=True)
         self.SimilarItems = channel.unary_stream(
                 '/recsys.v1.Recommender/SimilarItems',
-                request_serializer=protos_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
-                response_deserializer=protos_dot_recommender__pb2.RankedItem.FromString,
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.RankedItem.FromString,
                 _registered_method=True)
         self.RecordInteractions = channel.unary_unary(
                 '/recsys.v1.Recommender/RecordInteractions',
-                request_serializer=protos_dot_recommender__pb2.RecordInteractionsRequest.SerializeToString,
-                response_deserializer=protos_dot_recommender__pb2.RecordInteractionsResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.RecordInteractionsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.RecordInteractionsResponse.FromString,
                 _registered_method=True)
         self.ForgetUser = channel.unary_unary(
                 '/recsys.v1.Recommender/ForgetUser',
-                request_serializer=protos_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
-                response_deserializer=protos_dot_recommender__pb2.ForgetUserResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/recsys.v1.Recommender/GetModelInfo',
-                request_serializer=protos_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_recommender__pb2.ModelInfo.FromString,
+                request_serializer=recsys_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -178,33 +178,33 @@ def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Recommend': grpc.unary_stream_rpc_method_handler(
                     servicer.Recommend,
-                    request_deserializer=protos_dot_recommender__pb2.RecommendRequest.FromString,
-                    response_serializer=protos_dot_recommender__pb2.RankedItem.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.RankedItem.SerializeToString,
             ),
             'RecommendBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.RecommendBatch,
-                    request_deserializer=protos_dot_recommender__pb2.RecommendBatchRequest.FromString,
-                    response_serializer=protos_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.RecommendBatchRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
             ),
             'SimilarItems': grpc.unary_stream_rpc_method_handler(
                     servicer.SimilarItems,
-                    request_deserializer=protos_dot_recommender__pb2.SimilarItemsRequest.FromString,
-                    response_serializer=protos_dot_recommender__pb2.RankedItem.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.RankedItem.SerializeToString,
             ),
             'RecordInteractions': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordInteractions,
-                    request_deserializer=protos_dot_recommender__pb2.RecordInteractionsRequest.FromString,
-                    response_serializer=protos_dot_recommender__pb2.RecordInteractionsResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.RecordInteractionsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.RecordInteractionsResponse.SerializeToString,
             ),
             'ForgetUser': grpc.unary_unary_rpc_method_handler(
                     servicer.ForgetUser,
-                    request_deserializer=protos_dot_recommender__pb2.ForgetUserRequest.FromString,
-                    response_serializer=protos_dot_recommender__pb2.ForgetUserResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.ForgetUserRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.ForgetUserResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_recommender__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=protos_dot_recommender__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_recommender__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_recommender__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -251,8 +251,8 @@ class Recommender:
             request,
             target,
             '/recsys.v1.Recommender/Recommend',
-            protos_dot_recommender__pb2.RecommendRequest.SerializeToString,
-            protos_dot_recommender__pb2.RankedItem.FromString,
+            recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.RankedItem.FromString,
             options,
             channel_credentials,
             insecure,
@@ -278,8 +278,8 @@ class Recommender:
             request,
             target,
             '/recsys.v1.Recommender/RecommendBatch',
-            protos_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
-            protos_dot_recommender__pb2.RecommendBatchResponse.FromString,
+            recsys_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,8 +305,8 @@ class Recommender:
             request,
             target,
             '/recsys.v1.Recommender/SimilarItems',
-            protos_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
-            protos_dot_recommender__pb2.RankedItem.FromString,
+            recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.RankedItem.FromString,
             options,
             channel_credentials,
             insecure,
@@ -332,8 +332,8 @@ class Recommender:
             request,
             target,
             '/recsys.v1.Recommender/RecordInteractions',
-            protos_dot_recommender__pb2.RecordInteractionsRequest.SerializeToString,
-            protos_dot_recommender__pb2.RecordInteractionsResponse.FromString,
+            recsys_dot_v1_dot_recommender__pb2.RecordInteractionsRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.RecordInteractionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -359,8 +359,8 @@ class Recommender:
             request,
             target,
             '/recsys.v1.Recommender/ForgetUser',
-            protos_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
-            protos_dot_recommender__pb2.ForgetUserResponse.FromString,
+            recsys_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -386,8 +386,8 @@ class Recommender:
             request,
             target,
             '/recsys.v1.Recommender/GetModelInfo',
-            protos_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
-            protos_dot_recommender__pb2.ModelInfo.FromString,
+            recsys_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
+            recsys_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

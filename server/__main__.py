@@ -1,4 +1,4 @@
-"""python -m server: serve recommendations over gRPC from exported models."""
+"""python -m recsys.server: serve recommendations over gRPC from exported models."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from server import start_tensorflow
-from server.layout import (
+from recsys.server import start_tensorflow
+from recsys.server.layout import (
     DEFAULT_SIGNATURE,
     EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
@@ -21,16 +21,16 @@ from server.layout import (
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
 )
-from server.options import DEFAULTS, ServerOptions
+from recsys.server.options import DEFAULTS, ServerOptions
 
 # The process exits within --grace-seconds plus this, even when shutdown had to be forced.
 EXIT_SLACK_SECONDS = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recsys.server", description=__doc__)
     parser.add_argument("--models", required=True, type=Path,
-                        help="models directory written by 'python -m export train' (SavedModels and item metadata)")
+                        help="models directory written by 'python -m recsys.export train' (SavedModels and item metadata)")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULTS.port,
                         help="port to listen on; 0 picks a free one (default: %(default)s)")
@@ -136,7 +136,7 @@ def _url_host(host: str) -> str:
     return "localhost" if host in ("[::]", "::", "0.0.0.0", "") else host
 
 
-# What `python -m server` needs beyond the client's install (the `serve` extra).
+# What `python -m recsys.server` needs beyond the client's install (the `serve` extra).
 SERVE_MODULES = ("numpy", "prometheus_client", "grpc_reflection", "aiohttp", "tensorflow", "tensorflow_serving")
 
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = missing_serve_modules()
     if missing:
-        print(f"python -m server needs the 'serve' extra, which this environment lacks ({', '.join(missing)} "
+        print(f"python -m recsys.server needs the 'serve' extra, which this environment lacks ({', '.join(missing)} "
               "not installed): pip install 'recsys[serve]'", file=sys.stderr)
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.auth_jwt_audience and not args.auth_jwt_key:
         parser.error("--auth-jwt-audience needs --auth-jwt-key")
     if args.auth_jwt_key:
-        from server.security import Authenticator
+        from recsys.server.security import Authenticator
 
         try:
             Authenticator(jwt_key=args.auth_jwt_key.read_bytes())
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--store-read-ms must be above 0 and --max-interactions-per-user at least 1")
     if min(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) < 0:
         parser.error("--tensorflow-*-op-parallelism must be 0 (one thread per core) or more")
-    from server.observability import ThreadedLogWriter
+    from recsys.server.observability import ThreadedLogWriter
 
     logging.getLogger().setLevel(logging.INFO)
     log_writers = [ThreadedLogWriter(logging.getLogger(), "%(asctime)s %(levelname)s %(name)s %(message)s"),
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                    ThreadedLogWriter(logging.getLogger("recsys.requests"), "%(message)s")]
     logging.getLogger("recsys.requests").propagate = False
 
-    from server.app import create_server
-    from server.security import read_token
-    from server.store import describe, open_store
+    from recsys.server.app import create_server
+    from recsys.server.security import read_token
+    from recsys.server.store import describe, open_store
 
     options = ServerOptions(
         host=args.host, port=args.port, grace_seconds=args.grace_seconds,
@@ -200,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         log_user_id_key=read_token(args.log_user_id_key_file).encode() if args.log_user_id_key_file else None)
     start_tensorflow()  # both backends load TensorFlow (TF Serving's client its protos)
     if args.tf_serving:
-        from server.tf_serving import TFServingBackend
+        from recsys.server.tf_serving import TFServingBackend
 
         backend = TFServingBackend(args.tf_serving, args.models, args.retrieval_model, args.ranking_model,
                                    args.retrieval_signature, args.include_rated_signature, args.ranking_signature,
                                    args.model_version, args.similar_items_signature, args.explain_signature)
     else:
-        from server.in_process import InProcessBackend, set_tensorflow_threads
+        from recsys.server.in_process import InProcessBackend, set_tensorflow_threads
 
         intra_op, inter_op = set_tensorflow_threads(options.tensorflow_intra_op_parallelism,
                                                     options.tensorflow_inter_op_parallelism)

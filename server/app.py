@@ -15,17 +15,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, start_http_server
 
-from protos import recommender_pb2
-from server.backend import Backend
-from server.batching import RequestBatcher, ThreadedPipeline
-from server.catalog import CatalogStore
-from server.observability import Metrics, Observer
-from server.options import ServerOptions
-from server.pipeline import Pipeline
-from server.security import AuthenticationInterceptor, Authenticator
-from server.servicer import RecommenderServicer
-from server.store import InteractionStore
-from server.wire import add_recommender_to_server
+from recsys.server.backend import Backend
+from recsys.server.batching import RequestBatcher, ThreadedPipeline
+from recsys.server.catalog import CatalogStore
+from recsys.server.observability import Metrics, Observer
+from recsys.server.options import ServerOptions
+from recsys.server.pipeline import Pipeline
+from recsys.server.security import AuthenticationInterceptor, Authenticator
+from recsys.server.servicer import RecommenderServicer
+from recsys.server.store import InteractionStore
+from recsys.server.wire import add_recommender_to_server
+from recsys.v1 import recommender_pb2
 
 log = logging.getLogger("recsys.server")
 
@@ -170,7 +170,7 @@ class RecommenderServer:
 
     def serve_http(self, port: int, host: str) -> int:
         """Serve the JSON/HTTP face (server/rest.py) on `host`; returns the bound port (0 picks one)."""
-        from server.rest import build_app, start_http
+        from recsys.server.rest import build_app, start_http
 
         app = build_app(self.servicer, self.backend.is_ready, self.max_request_bytes)
         self._http_runner, bound = self.loop_thread.run(start_http(app, host, port))

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from server.catalog import Catalog
+from recsys.server.catalog import Catalog
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from server.errors import Cancelled, DeadlineExceeded, Overloaded
-from server.pipeline import Pipeline, RankedList
-from server.validation import Query
+from recsys.server.errors import Cancelled, DeadlineExceeded, Overloaded
+from recsys.server.pipeline import Pipeline, RankedList
+from recsys.server.validation import Query
 
 log = logging.getLogger("recsys.server")
 

@@ -1,8 +1,8 @@
-"""python -m server.bench: the load generator's request mix through the serving pipeline in this
+"""python -m recsys.server.bench: the load generator's request mix through the serving pipeline in this
 process, one thread, no gRPC: what the models and the pipeline cost on this machine.
 
-Compare with `python -m client bench` against the real server (what gRPC adds) and against
-`python -m server.floor` (what gRPC alone costs). The figures print in the client bench's format.
+Compare with `python -m recsys.client bench` against the real server (what gRPC adds) and against
+`python -m recsys.server.floor` (what gRPC alone costs). The figures print in the client bench's format.
 """
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import sys
 import time
 from pathlib import Path
 
-from client import bench
-from server import start_tensorflow
-from server.options import DEFAULTS
+from recsys.client import bench
+from recsys.server import start_tensorflow
+from recsys.server.options import DEFAULTS
 
 
 def run_in_process(models_dir: Path, duration: float, k: int, users: str,
                    interactions: int = 0) -> tuple[bench.Tally, float]:
     """The request mix through the pipeline, one call at a time; TensorFlow's pools sized as the server's."""
-    from server.app import settle_heap
-    from server.catalog import CatalogStore
-    from server.in_process import InProcessBackend, set_tensorflow_threads
-    from server.pipeline import Pipeline
-    from server.validation import Query
+    from recsys.server.app import settle_heap
+    from recsys.server.catalog import CatalogStore
+    from recsys.server.in_process import InProcessBackend, set_tensorflow_threads
+    from recsys.server.pipeline import Pipeline
+    from recsys.server.validation import Query
 
     set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
     backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)
@@ -52,16 +52,16 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recsys.server.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", required=True, type=Path, help="models directory written by 'python -m export train'")
+    parser.add_argument("--models", required=True, type=Path, help="models directory written by 'python -m recsys.export train'")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds to run (default: %(default)s)")
     parser.add_argument("-k", "--k", type=int, default=10, help="items per request (default: %(default)s)")
     parser.add_argument("--users", default="all",
                         help="'all' or N: draw user ids from the export's first N users; ~3%% are unknown ids "
                              "(cold start) (default: %(default)s)")
     parser.add_argument("--interactions", type=int, default=0, metavar="N",
-                        help="N recent interactions with every request, as `python -m client bench --interactions` "
+                        help="N recent interactions with every request, as `python -m recsys.client bench --interactions` "
                              "(default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     args = parser.parse_args(argv)

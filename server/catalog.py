@@ -8,8 +8,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import ModelsUnavailable
-from server.layout import metadata_path
+from recsys.server.errors import ModelsUnavailable
+from recsys.server.layout import metadata_path
 
 log = logging.getLogger("recsys.server")
 

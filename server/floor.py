@@ -1,6 +1,6 @@
-"""python -m server.floor: the Recommender contract answered from memory, no models, for benchmarks.
+"""python -m recsys.server.floor: the Recommender contract answered from memory, no models, for benchmarks.
 
-It streams k canned RankedItems per Recommend call, so `python -m client bench` against it
+It streams k canned RankedItems per Recommend call, so `python -m recsys.client bench` against it
 measures what gRPC in Python costs on this machine: the floor under the real server's
 latency and the ceiling over its throughput. `--aio` serves with grpc.aio, as the real
 server does; without it, a thread-pool server, for comparison.
@@ -15,8 +15,8 @@ from concurrent import futures
 
 import grpc
 
-from protos import recommender_pb2, recommender_pb2_grpc
-from server.limits import DEFAULT_K, MAX_K
+from recsys.server.limits import DEFAULT_K, MAX_K
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 
 CANNED = [recommender_pb2.RankedItem(rank=n + 1, item_id=str(n + 1), title=f"Canned movie {n + 1} (1995)",
                                      genres=["Drama"], score=1.0, retrieval_score=1.0, predicted_rating=4.0,
@@ -55,7 +55,7 @@ async def serve_aio(address: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.floor", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recsys.server.floor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=50052, help="port; 0 picks a free one (default: %(default)s)")

@@ -12,10 +12,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
-from server.catalog import Catalog
-from server.errors import ModelsUnavailable
-from server.layout import (
+from recsys.server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
+from recsys.server.catalog import Catalog
+from recsys.server.errors import ModelsUnavailable
+from recsys.server.layout import (
     DEFAULT_SIGNATURE,
     EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
@@ -30,7 +30,7 @@ from server.layout import (
     WARMUP_FILE,
     complete_versions,
 )
-from server.options import DEFAULTS
+from recsys.server.options import DEFAULTS
 
 log = logging.getLogger("recsys.server")
 
@@ -221,7 +221,7 @@ class InProcessBackend(Backend):
         what = "does not exist" if not self.models_dir.is_dir() else "holds no complete version"
         pinned = f" (version {self.pinned_version} pinned)" if self.pinned_version is not None else ""
         log.warning("nothing to serve: %s %s%s; a version needs retrieval/<v>, ranking/<v> and metadata/<v>.json "
-                    "(python -m export train --out %s)", self.models_dir, what, pinned, self.models_dir)
+                    "(python -m recsys.export train --out %s)", self.models_dir, what, pinned, self.models_dir)
 
     def refresh(self, load_catalog: Callable[[str], Catalog]) -> bool:
         with self._lock:

@@ -16,7 +16,7 @@ from typing import Iterable, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.security import ANYONE, Principal
+from recsys.server.security import ANYONE, Principal
 
 request_log = logging.getLogger("recsys.requests")
 
@@ -82,7 +82,7 @@ class Metrics:
                                        registry=self.registry)
         self.log_lines_dropped = Gauge("recsys_log_lines_dropped",
                                        "Log lines dropped since start, written while stderr was "
-                                       f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m server)",
+                                       f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m recsys.server)",
                                        registry=self.registry)
 
 

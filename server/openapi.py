@@ -8,7 +8,7 @@ from importlib import resources
 
 from google.protobuf import descriptor
 
-from protos import recommender_pb2
+from recsys.v1 import recommender_pb2
 
 _SCALARS = {
     descriptor.FieldDescriptor.TYPE_STRING: {"type": "string"},
@@ -25,7 +25,7 @@ _DECLARATION = re.compile(r"^\s*(?:rpc\s+(\w+)|message\s+(\w+)|(?:repeated\s+)?[
 
 def proto_comments() -> dict[str, str]:
     """"Message", "Message.field" and "rpc Method" -> the `//` comment lines just above them."""
-    text = resources.files("protos").joinpath("recommender.proto").read_text()
+    text = resources.files("recsys.v1").joinpath("recommender.proto").read_text()
     comments: dict[str, str] = {}
     pending: list[str] = []
     message = ""

@@ -1,6 +1,6 @@
 """The server's settings and their defaults, written once: the CLI's flags read them from here.
 
-Importing this module loads neither TensorFlow nor grpc, so `python -m server --help` is quick.
+Importing this module loads neither TensorFlow nor grpc, so `python -m recsys.server --help` is quick.
 """
 from __future__ import annotations
 

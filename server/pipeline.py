@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from server.backend import Backend, RankedCandidates, UserBatch
-from server.catalog import Catalog, CatalogStore
-from server.errors import Cancelled, DeadlineExceeded, ModelsUnavailable, NotFound, StoreUnavailable
-from server.options import DEFAULTS
-from server.store import NO_RECORDS, InteractionStore, StoredInteraction, UserRecords
-from server.validation import Query, SimilarQuery
+from recsys.server.backend import Backend, RankedCandidates, UserBatch
+from recsys.server.catalog import Catalog, CatalogStore
+from recsys.server.errors import Cancelled, DeadlineExceeded, ModelsUnavailable, NotFound, StoreUnavailable
+from recsys.server.options import DEFAULTS
+from recsys.server.store import NO_RECORDS, InteractionStore, StoredInteraction, UserRecords
+from recsys.server.validation import Query, SimilarQuery
 
 # The id the models see for a user they must not recognise (no trained history; row 0 of every tower).
 ANONYMOUS_USER = ""

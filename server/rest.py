@@ -27,10 +27,10 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 
-from protos import recommender_pb2
-from server.openapi import openapi_document
-from server.status import HTTP_STATUS_OF_CODE
-from server.wire import SERVICE, Undecodable
+from recsys.server.openapi import openapi_document
+from recsys.server.status import HTTP_STATUS_OF_CODE
+from recsys.server.wire import SERVICE, Undecodable
+from recsys.v1 import recommender_pb2
 
 # HTTP has no deadline of its own: every call gets this long, as a gRPC caller's deadline.
 HTTP_TIMEOUT_SECONDS = 10.0
@@ -151,7 +151,7 @@ def build_app(servicer, is_ready: Callable[[], bool], max_request_bytes: int) ->
         if method.name == "GetModelInfo":
             app.router.add_get(route_of(method.name), handle)
     document = openapi_document({method.name: route_of(method.name) for method in SERVICE.methods})
-    page = resources.files("server").joinpath("web/index.html").read_bytes()
+    page = resources.files("recsys.server").joinpath("web/index.html").read_bytes()
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(document)

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import grpc
 
-from server.errors import PermissionDenied, Unauthenticated
+from recsys.server.errors import PermissionDenied, Unauthenticated
 
 OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/",)
 RECOMMENDER_PREFIX = "/recsys.v1.Recommender/"

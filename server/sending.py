@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.errors import Overloaded
+from recsys.server.errors import Overloaded
 
 # Unary responses not yet read, per connection and in all: a client that reads nothing can hold
 # this much of the server's memory, for at most the connection's maximum age.

@@ -17,10 +17,9 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from protos import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
-from server.backend import Backend
-from server.batching import RequestBatcher, ThreadedPipeline
-from server.errors import (
+from recsys.server.backend import Backend
+from recsys.server.batching import RequestBatcher, ThreadedPipeline
+from recsys.server.errors import (
     DeadlineExceeded,
     InvalidRequest,
     ModelsUnavailable,
@@ -28,7 +27,7 @@ from server.errors import (
     Overloaded,
     StoreUnavailable,
 )
-from server.limits import (
+from recsys.server.limits import (
     DEFAULT_K,
     MAX_BATCH_INTERACTIONS,
     MAX_BATCH_USERS,
@@ -38,13 +37,13 @@ from server.limits import (
     MAX_RECENT_INTERACTIONS,
     MAX_USER_ID_LENGTH,
 )
-from server.observability import CallRecord, Observer
-from server.pipeline import RankedList, Recommendation
-from server.security import Authenticator
-from server.sending import UnsentBytes
-from server.status import map_errors
-from server.store import InteractionStore
-from server.validation import (
+from recsys.server.observability import CallRecord, Observer
+from recsys.server.pipeline import RankedList, Recommendation
+from recsys.server.security import Authenticator
+from recsys.server.sending import UnsentBytes
+from recsys.server.status import map_errors
+from recsys.server.store import InteractionStore
+from recsys.server.validation import (
     Interaction,
     Query,
     check_user_id,
@@ -52,6 +51,7 @@ from server.validation import (
     make_similar_query,
     validate_interactions,
 )
+from recsys.v1 import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 
 # One line per erasure: who asked, for whom, when (kept apart from the request log).
 audit = logging.getLogger("recsys.audit")

@@ -10,7 +10,7 @@ from typing import Callable
 
 import grpc
 
-from server.errors import (
+from recsys.server.errors import (
     BackendMisconfigured,
     Cancelled,
     DeadlineExceeded,
@@ -24,8 +24,8 @@ from server.errors import (
     StoreUnavailable,
     Unauthenticated,
 )
-from server.sending import StallTimer
-from server.wire import Undecodable
+from recsys.server.sending import StallTimer
+from recsys.server.wire import Undecodable
 
 log = logging.getLogger("recsys.server")
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from server.errors import InvalidRequest, StoreUnavailable
-from server.options import DEFAULTS
+from recsys.server.errors import InvalidRequest, StoreUnavailable
+from recsys.server.options import DEFAULTS
 
 log = logging.getLogger("recsys.server")
 

@@ -1,4 +1,4 @@
-"""python -m server.store_bench: what a Recommend's store read costs with millions of stored rows.
+"""python -m recsys.server.store_bench: what a Recommend's store read costs with millions of stored rows.
 
 Loads a store (an SQLite file or a PostgreSQL URL; it must be empty) with synthetic interactions
 quickly, then times the read Recommend makes (each user's newest N, and the erasure check) for
@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from server.options import DEFAULTS
-from server.store import READ_THREADS, InteractionStore, open_store
+from recsys.server.options import DEFAULTS
+from recsys.server.store import READ_THREADS, InteractionStore, open_store
 
 LOAD_BATCH_ROWS = 100_000
 COLUMNS = "user_id, item_id, rating, rated_at, timestamp_seconds"
@@ -105,7 +105,7 @@ def _summary(name: str, latencies: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.store_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recsys.server.store_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="an empty store: an SQLite file's path or a postgresql:// URL")
     parser.add_argument("--empty-store", required=True, help="a second empty store of the same kind (the baseline)")

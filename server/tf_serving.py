@@ -22,10 +22,10 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
-from server.catalog import Catalog
-from server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
-from server.layout import (
+from recsys.server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
+from recsys.server.catalog import Catalog
+from recsys.server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
+from recsys.server.layout import (
     DEFAULT_SIGNATURE,
     EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,

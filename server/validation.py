@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from server.errors import InvalidRequest
-from server.limits import (
+from recsys.server.errors import InvalidRequest
+from recsys.server.limits import (
     DEFAULT_K,
     MAX_EXCLUDED_ITEMS,
     MAX_FUTURE_SECONDS,

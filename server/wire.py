@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import descriptor
 from google.protobuf.message import DecodeError
 
-from protos import recommender_pb2
+from recsys.v1 import recommender_pb2
 
 SERVICE = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"]
 EXPLAINED_BYTES = 64 * 1024

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-import server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+import recsys.server  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,20 +54,20 @@ def ml100k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ml100k(ml100k_dir):
-    from export.data import load_movielens
+    from recsys.export.data import load_movielens
 
     return load_movielens(ml100k_dir)
 
 
 @pytest.fixture(scope="session")
 def ml100k_split(ml100k):
-    from export.data import fit_and_held_out
+    from recsys.export.data import fit_and_held_out
 
     return fit_and_held_out(ml100k.ratings, "test")
 
 
-# The exports on the real data, each trained by `python -m export train` then scored by
-# `python -m export evaluate --json`: the CLI a user runs. The fold-in floor's export is the default
+# The exports on the real data, each trained by `python -m recsys.export train` then scored by
+# `python -m recsys.export evaluate --json`: the CLI a user runs. The fold-in floor's export is the default
 # preset with fewer epochs (CI's time), the users held out; the README's figures are the full preset's.
 # Both run below the tests' CPU priority; the longer one above the shorter one's.
 FOLD_IN_EPOCHS = ["retrieval_epochs=3", "ranking_epochs=5"]
@@ -104,10 +104,10 @@ class RealDataJob(threading.Thread):
         running = {}
         for step, arguments in steps.items():
             with self.log_path(step).open("w") as log:
-                log.write(f"$ python -m export {' '.join(arguments)}\n")
+                log.write(f"$ python -m recsys.export {' '.join(arguments)}\n")
                 log.flush()
                 running[step] = subprocess.Popen(
-                    ["nice", "-n", str(self.job["niceness"]), sys.executable, "-m", "export", *arguments],
+                    ["nice", "-n", str(self.job["niceness"]), sys.executable, "-m", "recsys.export", *arguments],
                     cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         for step, process in running.items():
             if process.wait() != 0 and self.failure is None:
@@ -128,7 +128,7 @@ class RealDataJob(threading.Thread):
         self.join()
         if self.failure:
             lines = self.log_path(self.failure).read_text().splitlines()
-            pytest.fail(f"python -m export {self.failure} failed; its output ends:\n" + "\n".join(lines[-40:]))
+            pytest.fail(f"python -m recsys.export {self.failure} failed; its output ends:\n" + "\n".join(lines[-40:]))
         return self
 
     def metrics(self, protocol: str) -> dict:
@@ -191,14 +191,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def movielens(data_dir):
-    from export.data import load_movielens
+    from recsys.export.data import load_movielens
 
     return load_movielens(data_dir)
 
 
 @pytest.fixture(scope="session")
 def split(movielens):
-    from export.data import fit_and_held_out
+    from recsys.export.data import fit_and_held_out
 
     return fit_and_held_out(movielens.ratings, "test")
 
@@ -206,8 +206,8 @@ def split(movielens):
 @pytest.fixture(scope="session")
 def trained(movielens, tmp_path_factory):
     """The tiny preset on the synthetic data, exported as version 1."""
-    from export.presets import PRESETS
-    from export.train import train_and_export
+    from recsys.export.presets import PRESETS
+    from recsys.export.train import train_and_export
 
     models_dir = tmp_path_factory.mktemp("models")
     return models_dir, train_and_export(movielens, PRESETS["tiny"], models_dir)
@@ -230,10 +230,10 @@ def heaviest_user(split) -> str:
 @pytest.fixture(scope="session")
 def running_server(models_dir):
     """The real server on a loopback port, serving the session's export in-process."""
-    from client import RecommenderClient
-    from server.app import create_server
-    from server.in_process import InProcessBackend
-    from server.options import ServerOptions
+    from recsys.client import RecommenderClient
+    from recsys.server.app import create_server
+    from recsys.server.in_process import InProcessBackend
+    from recsys.server.options import ServerOptions
 
     backend = InProcessBackend(models_dir)
     recommender, port = create_server("127.0.0.1:0", backend, models_dir, ServerOptions(poll_seconds=0.5))
@@ -253,7 +253,7 @@ def served_backend(running_server):
 
 @pytest.fixture()
 def client(running_server):
-    from client import RecommenderClient
+    from recsys.client import RecommenderClient
 
     _, port = running_server
     with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as recommender_client:
@@ -296,14 +296,14 @@ def wait_for(predicate, seconds: float = 60.0, what: str = "condition") -> None:
 
 
 def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -> tuple[subprocess.Popen, int]:
-    """`python -m server` on a free loopback port; returns the process and the port it reported.
+    """`python -m recsys.server` on a free loopback port; returns the process and the port it reported.
 
     Its stderr is collected in `process.log_lines` (`process.log_drain` ends at its EOF), or,
     with `read_log=False`, not read past the line reporting the port: a log reader that stopped."""
     if not any(flag.startswith("--interactions-db") for flag in flags):
         flags = (*flags, "--interactions-db", "none")  # never the user's own store
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0", *flags],
+        [sys.executable, "-m", "recsys.server", "--models", str(models_dir), "--host", "127.0.0.1", "--port", "0", *flags],
         cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     process.log_lines = []
     for line in process.stderr:
@@ -382,10 +382,10 @@ def fake_models(tmp_path):
 @pytest.fixture()
 def fake_server(fake_models, tmp_path):
     """The real gRPC server on loopback with the fake backend and an SQLite store: (client, store)."""
-    from client import RecommenderClient
-    from server.app import create_server
-    from server.options import ServerOptions
-    from server.store import open_store
+    from recsys.client import RecommenderClient
+    from recsys.server.app import create_server
+    from recsys.server.options import ServerOptions
+    from recsys.server.store import open_store
     from tests.fake_backend import FakeBackend
 
     store = open_store(str(tmp_path / "interactions.sqlite3"))

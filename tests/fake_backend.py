@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
-from server.catalog import Catalog
-from server.layout import METADATA_DIR
+from recsys.server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
+from recsys.server.catalog import Catalog
+from recsys.server.layout import METADATA_DIR
 
 VERSION = "1"
 

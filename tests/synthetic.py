@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import GENRES
+from recsys.export.data import GENRES
 
 USERS = 943
 MOVIES = 400

@@ -3,7 +3,7 @@ stays short."""
 import argparse
 import re
 
-from server.__main__ import build_parser
+from recsys.server.__main__ import build_parser
 from tests.conftest import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
@@ -68,10 +68,10 @@ def test_docs_hold_no_placeholders():
 def test_the_readme_python_snippet_runs_and_the_list_follows_what_was_sent(models_dir, tmp_path, capsys):
     """The README's Python block, run as written against a real server with a store (port swapped in):
     the list of the new user who sent three ratings is not the popularity list they had before."""
-    from server.app import create_server
-    from server.in_process import InProcessBackend
-    from server.options import ServerOptions
-    from server.store import open_store
+    from recsys.server.app import create_server
+    from recsys.server.in_process import InProcessBackend
+    from recsys.server.options import ServerOptions
+    from recsys.server.store import open_store
 
     block = README.read_text().split("```python\n", 1)[1].split("```", 1)[0]
     store = open_store(str(tmp_path / "s.sqlite3"))
@@ -79,7 +79,7 @@ def test_the_readme_python_snippet_runs_and_the_list_follows_what_was_sent(model
                                  ServerOptions(poll_seconds=0.2), store=store)
     server.start()
     try:
-        from client import RecommenderClient
+        from recsys.client import RecommenderClient
 
         with RecommenderClient(f"127.0.0.1:{port}") as client:
             client.wait_until_serving(60)

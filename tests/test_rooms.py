@@ -27,9 +27,19 @@ def _sources(room: str) -> list[Path]:
     return sorted((REPO_ROOT / room).rglob("*.py"))
 
 
+def test_everything_is_imported_under_the_projects_own_name():
+    """The installed packages are recsys.client, recsys.server, recsys.export and recsys.v1 (pyproject):
+    an import of a bare `client`, `server`, `export` or `protos` would take a generic top-level name."""
+    for room in ("client", "server", "export", "protos", "tests"):
+        for path in _sources(room):
+            bare = {name for name in _imports(path) if name.split(".")[0] in ("client", "server", "export", "protos")}
+            assert not bare, f"{path.relative_to(REPO_ROOT)} imports {bare}"
+
+
 def test_the_client_imports_only_the_contract():
     for path in _sources("client"):
-        leaks = {name for name in _imports(path) if name.split(".")[0] in ("server", "export", "tensorflow", "numpy")}
+        leaks = {name for name in _imports(path)
+                 if name.startswith(("recsys.server", "recsys.export")) or name.split(".")[0] in ("tensorflow", "numpy")}
         assert not leaks, f"{path.relative_to(REPO_ROOT)} imports {leaks}: the client installs without them"
 
 

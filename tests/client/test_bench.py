@@ -10,9 +10,9 @@ import time
 import grpc
 import pytest
 
-from client.__main__ import main as client_main
-from client.bench import UNKNOWN_USER_SHARE, ServerSampler, user_mix
-from protos import recommender_pb2, recommender_pb2_grpc
+from recsys.client.__main__ import main as client_main
+from recsys.client.bench import UNKNOWN_USER_SHARE, ServerSampler, user_mix
+from recsys.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.conftest import REPO_ROOT
 
 
@@ -77,7 +77,7 @@ def test_bench_wait_gives_up_on_a_server_that_never_serves(capsys):
 
 
 def test_bench_in_process(models_dir, tmp_path, capsys):
-    from server.bench import main as server_bench_main
+    from recsys.server.bench import main as server_bench_main
 
     out = tmp_path / "bench.json"
     assert server_bench_main(["--models", str(models_dir), "--duration", "1", "--json", str(out)]) == 0
@@ -89,7 +89,7 @@ def test_bench_in_process(models_dir, tmp_path, capsys):
 @pytest.mark.parametrize("flags", [[], ["--aio"]])
 def test_bench_against_the_transport_floor(tmp_path, flags):
     """server.floor answers the real contract with canned items: the bench's gRPC-only reference."""
-    process = subprocess.Popen([sys.executable, "-m", "server.floor", "--port", "0", *flags], cwd=REPO_ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "recsys.server.floor", "--port", "0", *flags], cwd=REPO_ROOT,
                                stderr=subprocess.PIPE, text=True)
     try:
         port = next(int(found.group(1)) for line in process.stderr
@@ -110,7 +110,7 @@ def test_bench_against_the_transport_floor(tmp_path, flags):
 def test_percentiles_interpolate_as_numpy_does():
     import numpy as np
 
-    from client.bench import percentile
+    from recsys.client.bench import percentile
 
     values = sorted(np.random.default_rng(0).exponential(size=101).tolist())
     for q in (0, 50, 90, 99, 100):
@@ -119,8 +119,8 @@ def test_percentiles_interpolate_as_numpy_does():
 
 
 def test_a_bench_whose_requests_fail_says_so_and_exits_non_zero(tmp_path, capsys):
-    from server.app import create_server
-    from server.options import ServerOptions
+    from recsys.server.app import create_server
+    from recsys.server.options import ServerOptions
     from tests.fake_backend import FakeBackend, write_fake_metadata
 
     models = write_fake_metadata(tmp_path / "models")

@@ -1,9 +1,9 @@
 """The CLI: every input error is a usage message (exit code 2, the problem named), never a traceback; its tables."""
 import pytest
 
-from client.__main__ import format_items
-from client.__main__ import main as client_main
-from protos import recommender_pb2
+from recsys.client.__main__ import format_items
+from recsys.client.__main__ import main as client_main
+from recsys.v1 import recommender_pb2
 
 
 @pytest.mark.parametrize("argv, named", [

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_a_client_only_install_has_no_tensorflow_and_calls_the_server(tmp_path, 
     # Run outside the repository, so nothing is imported from the working tree.
     no_tensorflow = subprocess.run([python, "-c", "import tensorflow"], cwd=tmp_path, capture_output=True, text=True)
     assert no_tensorflow.returncode != 0 and "No module named 'tensorflow'" in no_tensorflow.stderr
-    no_server = subprocess.run([python, "-m", "server", "--models", str(tmp_path)], cwd=tmp_path, capture_output=True,
+    no_server = subprocess.run([python, "-m", "recsys.server", "--models", str(tmp_path)], cwd=tmp_path, capture_output=True,
                                text=True, timeout=60)
     assert no_server.returncode == 2 and "pip install 'recsys[serve]'" in no_server.stderr
     assert "Traceback" not in no_server.stderr
@@ -47,8 +48,18 @@ def test_a_client_only_install_has_no_tensorflow_and_calls_the_server(tmp_path, 
     assert called.returncode == 0, called.stderr
     served = [item["item_id"] for item in json.loads(called.stdout)]
     assert served == [item.item_id for item in client.recommend("42", k=5)]
-    script = ("from client import RecommenderClient\n"
+    # An application with a `client` module and a `protos` package of its own: both import beside ours.
+    application = tmp_path / "application"
+    (application / "protos").mkdir(parents=True)
+    (application / "client.py").write_text("NAME = 'the application'\n")
+    (application / "protos" / "__init__.py").write_text("NAME = 'its protos'\n")
+    script = ("import client, protos\n"
+              "from recsys.client import RecommenderClient\n"
               f"with RecommenderClient('127.0.0.1:{port}', timeout=10) as c:\n"
-              "    print(c.health(), len(c.recommend('42', k=3)))\n")
-    library = subprocess.run([python, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert library.stdout.split() == ["SERVING", "3"], library.stderr
+              "    print(c.health(), len(c.recommend('42', k=3)), client.NAME == 'the application',\n"
+              "          protos.NAME == 'its protos')\n")
+    library = subprocess.run([python, "-c", script], cwd=application, capture_output=True, text=True, timeout=60)
+    assert library.stdout.split() == ["SERVING", "3", "True", "True"], library.stderr
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert {path.name for path in Path(site).iterdir()} & {"client", "server", "export", "protos"} == set()

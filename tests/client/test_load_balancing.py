@@ -5,8 +5,8 @@ import urllib.request
 
 import pytest
 
-from client import RecommenderClient
-from client.api import channel_target
+from recsys.client import RecommenderClient
+from recsys.client.api import channel_target
 from tests.conftest import start_server_process
 
 

@@ -6,7 +6,7 @@ import time
 import grpc
 import pytest
 
-from client import RecommenderClient
+from recsys.client import RecommenderClient
 
 
 def _closed_port() -> int:

@@ -5,8 +5,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from export import data as data_module
-from export.data import (
+from recsys.export import data as data_module
+from recsys.export.data import (
     DataFormatError,
     DataSourceError,
     download_dataset,

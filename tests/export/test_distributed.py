@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.evaluate import evaluate_export
-from export.presets import PRESETS
-from export.train import train_and_export
-from server.layout import complete_versions
+from recsys.export.evaluate import evaluate_export
+from recsys.export.presets import PRESETS
+from recsys.export.train import train_and_export
+from recsys.server.layout import complete_versions
 from tests.conftest import REPO_ROOT
 from tests.export.test_savedmodel import cpp_run, numpy_inputs, user_side
 
@@ -44,7 +44,7 @@ def two_worker_export(tmp_path_factory, ml100k_dir):
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "export", "train", "--preset", "seed", *(f"--set={field}" for field in SHORTER),
+            [sys.executable, "-m", "recsys.export", "train", "--preset", "seed", *(f"--set={field}" for field in SHORTER),
              "--strategy", "multi-worker",
              "--data-dir", str(ml100k_dir), "--out", str(out)],
             cwd=REPO_ROOT, env={**os.environ, "TF_CONFIG": json.dumps(config)},

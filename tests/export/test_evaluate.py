@@ -4,9 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from export.__main__ import main as export_main
-from export.data import fit_and_held_out, fold_in_and_targets
-from export.evaluate import earliest_half, held_out_by_user, popularity_lists, ranking_metrics
+from recsys.export.__main__ import main as export_main
+from recsys.export.data import fit_and_held_out, fold_in_and_targets
+from recsys.export.evaluate import earliest_half, held_out_by_user, popularity_lists, ranking_metrics
 
 # Served fold-in HR@10 may fall this far below EASE's on the 189 held-out users (the measured figures
 # are in the README); and the least lift sending recent interactions must give.

@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from export.index import BruteForceIndex
+from recsys.export.index import BruteForceIndex
 
 
 def _index() -> tuple[BruteForceIndex, np.ndarray]:

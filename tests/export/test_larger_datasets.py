@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.__main__ import main as export_cli
-from export.data import DataFormatError, fit_and_held_out, load_movielens, split_row_numbers
-from export.examples import from_rows, from_stream
-from server.layout import complete_versions, metadata_path
+from recsys.export.__main__ import main as export_cli
+from recsys.export.data import DataFormatError, fit_and_held_out, load_movielens, split_row_numbers
+from recsys.export.examples import from_rows, from_stream
+from recsys.server.layout import complete_versions, metadata_path
 from tests.export.test_savedmodel import user_side
 
 ML1M = {

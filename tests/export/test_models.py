@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from export.models import ConcatTowers, HistoryUserTower, id_tower
+from recsys.export.models import ConcatTowers, HistoryUserTower, id_tower
 
 USERS = ["1", "2", "3"]
 ITEMS = ["10", "20", "30", "40"]
@@ -89,7 +89,7 @@ def test_id_dropout_serves_the_out_of_vocabulary_row_with_the_history_while_trai
 
 
 def test_id_dropout_in_an_id_tower_only_while_training():
-    from export.models import IdDropout
+    from recsys.export.models import IdDropout
 
     ids = tf.constant([1, 2, 3, 4], tf.int64)
     assert IdDropout(0.999999)(ids, training=True).numpy().tolist() == [0, 0, 0, 0]

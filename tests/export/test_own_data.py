@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from client import RecommenderClient
-from export.__main__ import main as export_cli
-from export.data import DataFormatError, load_csv
-from server.app import create_server
-from server.catalog import CatalogStore
-from server.in_process import InProcessBackend
-from server.layout import metadata_path
-from server.options import ServerOptions
-from server.store import open_store
+from recsys.client import RecommenderClient
+from recsys.export.__main__ import main as export_cli
+from recsys.export.data import DataFormatError, load_csv
+from recsys.server.app import create_server
+from recsys.server.catalog import CatalogStore
+from recsys.server.in_process import InProcessBackend
+from recsys.server.layout import metadata_path
+from recsys.server.options import ServerOptions
+from recsys.server.store import open_store
 from tests.conftest import wait_for
 
 

@@ -1,7 +1,7 @@
 """Preset overrides: the one way tuning runs change a hyperparameter."""
 import pytest
 
-from export.presets import PRESETS
+from recsys.export.presets import PRESETS
 
 
 def test_overrides_convert_to_each_fields_type():

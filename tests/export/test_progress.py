@@ -2,10 +2,10 @@
 import io
 import re
 
-import export.data
-from export.data import load_csv
-from export.progress import Progress
-from export.synth import generate, write
+import recsys.export.data
+from recsys.export.data import load_csv
+from recsys.export.progress import Progress
+from recsys.export.synth import generate, write
 
 
 def test_a_phase_prints_nine_lines_with_an_eta_then_closes():
@@ -21,8 +21,8 @@ def test_a_phase_prints_nine_lines_with_an_eta_then_closes():
 
 def test_reading_a_large_ratings_file_shows_its_progress(tmp_path, monkeypatch, capsys):
     files = write(generate(200, 60, 8_000, seed=2), tmp_path, "csv")
-    monkeypatch.setattr(export.data, "PROGRESS_BYTES", 1_000)
-    monkeypatch.setattr(export.data, "PROGRESS_LINES", 100)
+    monkeypatch.setattr(recsys.export.data, "PROGRESS_BYTES", 1_000)
+    monkeypatch.setattr(recsys.export.data, "PROGRESS_LINES", 100)
     load_csv(files["ratings"], files["items"])
     shown = [line for line in capsys.readouterr().out.splitlines() if "reading ratings.csv" in line]
     assert len(shown) >= 5 and "bytes" in shown[0] and "eta" in shown[-1]

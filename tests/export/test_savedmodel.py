@@ -6,10 +6,10 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from export.examples import from_rows
-from export.item_item import ease_weights, history_matrix
-from export.presets import PRESETS
-from server.layout import complete_versions
+from recsys.export.examples import from_rows
+from recsys.export.item_item import ease_weights, history_matrix
+from recsys.export.presets import PRESETS
+from recsys.server.layout import complete_versions
 from tests.tf_serving.c_api import SavedModelSession
 
 USERS = ["1", "42", "405", "943", "no-such-user"]
@@ -218,7 +218,7 @@ def test_warmup_records_are_prediction_logs_that_run(models_dir):
 
 
 def test_a_second_export_gets_the_next_version_and_keeps_the_first(tmp_path, trained):
-    from export.savedmodel import next_version
+    from recsys.export.savedmodel import next_version
 
     (tmp_path / "retrieval" / "3").mkdir(parents=True)
     (tmp_path / "metadata").mkdir()

@@ -5,13 +5,13 @@ import pytest
 import scipy.sparse as sparse
 import tensorflow as tf
 
-from export.baselines import als_model, hit_rate, interaction_matrix, top_unseen
-from export.data import DataFormatError, load_csv, load_movielens
-from export.item_item import co_rating_factors, ease_weights
-from export.models import SampledSoftmax
-from export.presets import PRESETS
-from export.scale import fit_to_data
-from export.synth import MIN_RATINGS_PER_USER, generate, write
+from recsys.export.baselines import als_model, hit_rate, interaction_matrix, top_unseen
+from recsys.export.data import DataFormatError, load_csv, load_movielens
+from recsys.export.item_item import co_rating_factors, ease_weights
+from recsys.export.models import SampledSoftmax
+from recsys.export.presets import PRESETS
+from recsys.export.scale import fit_to_data
+from recsys.export.synth import MIN_RATINGS_PER_USER, generate, write
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_randomized_svd_factors_match_the_exact_ones(monkeypatch):
     matrix = sparse.csr_matrix((rng.random((400, 150)) < taste @ rng.random((5, 150)) * 0.5).astype(np.float64))
     exact, method = co_rating_factors(matrix, 8)
     assert method == "exact"
-    monkeypatch.setattr("export.item_item.EXACT_SVD_MAX_CELLS", 0)
+    monkeypatch.setattr("recsys.export.item_item.EXACT_SVD_MAX_CELLS", 0)
     randomized, method = co_rating_factors(matrix, 8)
     assert method == "randomized"
 

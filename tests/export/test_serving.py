@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.examples import from_rows
-from export.item_item import ease_weights, history_matrix
-from export.models import ConcatTowers, HistoryUserTower
-from export.presets import PRESETS
+from recsys.export.examples import from_rows
+from recsys.export.item_item import ease_weights, history_matrix
+from recsys.export.models import ConcatTowers, HistoryUserTower
+from recsys.export.presets import PRESETS
 from tests.export.test_savedmodel import user_side
 
 KNOWN, UNKNOWN = "42", "someone-new"

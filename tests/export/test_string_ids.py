@@ -1,16 +1,16 @@
-"""A catalog of one's own with string ids, made by `python -m export synth`, through the CLI a user
+"""A catalog of one's own with string ids, made by `python -m recsys.export synth`, through the CLI a user
 runs: trained, evaluated against ALS, served over gRPC in process and through the TF Serving stand-in."""
 import json
 
 import pytest
 
-from client import RecommenderClient
-from export.__main__ import main as export_cli
-from export.data import fit_and_held_out, load_csv
-from server.app import create_server
-from server.in_process import InProcessBackend
-from server.options import ServerOptions
-from server.tf_serving import TFServingBackend
+from recsys.client import RecommenderClient
+from recsys.export.__main__ import main as export_cli
+from recsys.export.data import fit_and_held_out, load_csv
+from recsys.server.app import create_server
+from recsys.server.in_process import InProcessBackend
+from recsys.server.options import ServerOptions
+from recsys.server.tf_serving import TFServingBackend
 from tests.conftest import start_tf_serving, stop_process
 
 

@@ -12,11 +12,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import RecommenderClient
-from protos import recommender_pb2
-from server.app import create_server
-from server.options import ServerOptions
-from server.store import open_store
+from recsys.client import RecommenderClient
+from recsys.server.app import create_server
+from recsys.server.options import ServerOptions
+from recsys.server.store import open_store
+from recsys.v1 import recommender_pb2
 from tests.conftest import status_of
 from tests.fake_backend import FakeBackend, write_fake_metadata
 

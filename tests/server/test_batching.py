@@ -5,12 +5,12 @@ from concurrent import futures
 
 import pytest
 
-from server.batching import RequestBatcher
-from server.catalog import CatalogStore
-from server.errors import Cancelled, DeadlineExceeded
-from server.in_process import InProcessBackend
-from server.pipeline import Pipeline
-from server.validation import Query
+from recsys.server.batching import RequestBatcher
+from recsys.server.catalog import CatalogStore
+from recsys.server.errors import Cancelled, DeadlineExceeded
+from recsys.server.in_process import InProcessBackend
+from recsys.server.pipeline import Pipeline
+from recsys.server.validation import Query
 
 
 class CountingBackend(InProcessBackend):
@@ -88,9 +88,9 @@ class ThreadRecordingBackend(InProcessBackend):
 
 
 def test_no_model_call_runs_on_the_event_loop(models_dir):
-    from client import RecommenderClient
-    from server.app import create_server
-    from server.options import ServerOptions
+    from recsys.client import RecommenderClient
+    from recsys.server.app import create_server
+    from recsys.server.options import ServerOptions
 
     backend = ThreadRecordingBackend(models_dir)
     recommender, port = create_server("127.0.0.1:0", backend, models_dir,

@@ -1,8 +1,8 @@
 """server/deploy/ cannot run here (no Docker, no cluster): check it parses and agrees with the code."""
 import yaml
 
-from server.__main__ import EXIT_SLACK_SECONDS, build_parser
-from server.app import LIVENESS_SERVICE, SERVICE_NAME
+from recsys.server.__main__ import EXIT_SLACK_SECONDS, build_parser
+from recsys.server.app import LIVENESS_SERVICE, SERVICE_NAME
 from tests.conftest import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "server" / "deploy"
@@ -58,7 +58,7 @@ def test_compose_matches_the_server():
     # The image is built from the repository root (the Dockerfile copies pyproject.toml and the packages).
     assert (DEPLOY / build["context"]).resolve() == REPO_ROOT.resolve()
     assert (REPO_ROOT / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
-    assert (DEPLOY / "Dockerfile").read_text().count('ENTRYPOINT ["python", "-m", "server"]') == 1
+    assert (DEPLOY / "Dockerfile").read_text().count('ENTRYPOINT ["python", "-m", "recsys.server"]') == 1
 
 
 def test_the_image_installs_the_serve_extra():

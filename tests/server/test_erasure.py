@@ -3,13 +3,13 @@ the served models stop using the user's trained history at once, and the next tr
 Against a real SQLite file and a real PostgreSQL server, and the fake backend."""
 import time
 
-from export.data import fit_and_held_out, load_csv
-from export.stored import stored_ratings
-from export.synth import generate, write
-from server.catalog import CatalogStore
-from server.pipeline import Pipeline
-from server.store import StoredInteraction, open_store, user_hash
-from server.validation import Query
+from recsys.export.data import fit_and_held_out, load_csv
+from recsys.export.stored import stored_ratings
+from recsys.export.synth import generate, write
+from recsys.server.catalog import CatalogStore
+from recsys.server.pipeline import Pipeline
+from recsys.server.store import StoredInteraction, open_store, user_hash
+from recsys.server.validation import Query
 from tests.fake_backend import FakeBackend, write_fake_metadata
 
 

@@ -17,14 +17,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import server.in_process
-from client import RecommenderClient
-from protos import recommender_pb2
-from server.app import create_server
-from server.backend import UserBatch
-from server.in_process import InProcessBackend
-from server.limits import MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH
-from server.options import ServerOptions
+import recsys.server.in_process
+from recsys.client import RecommenderClient
+from recsys.server.app import create_server
+from recsys.server.backend import UserBatch
+from recsys.server.in_process import InProcessBackend
+from recsys.server.limits import MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH
+from recsys.server.options import ServerOptions
+from recsys.v1 import recommender_pb2
 from tests.conftest import REPO_ROOT, publish, start_server_process, start_tf_serving, status_of, stop_process, wait_for
 from tests.server.test_production import start
 
@@ -181,7 +181,7 @@ def test_admission_control_refuses_at_once_and_health_never_counts(models_dir):
     (lambda raw: json.dumps({**raw, "serves_interactions": "yes"}), "serves_interactions"),
 ])
 def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
-    from server.catalog import InvalidMetadata, load_catalog
+    from recsys.server.catalog import InvalidMetadata, load_catalog
 
     path = fresh_models / "metadata" / "1.json"
     path.write_text(damage(json.loads(path.read_text())))
@@ -203,7 +203,7 @@ def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
                  "missing from"),
 ])
 def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fresh_models, monkeypatch, damage, why):
-    monkeypatch.setattr(server.in_process, "RETRY_SECONDS", 0.4)
+    monkeypatch.setattr(recsys.server.in_process, "RETRY_SECONDS", 0.4)
     recommender, port = start(fresh_models)
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
@@ -255,7 +255,7 @@ def stalled_tf_serving(models_dir):
 
 @pytest.mark.slow
 def test_a_stalled_tf_serving_costs_each_call_at_most_the_cap(models_dir, stalled_tf_serving):
-    from server.tf_serving import TFServingBackend
+    from recsys.server.tf_serving import TFServingBackend
 
     process, tf_port = stalled_tf_serving
     recommender, port = create_server("127.0.0.1:0", TFServingBackend(f"127.0.0.1:{tf_port}", models_dir), models_dir,
@@ -285,9 +285,9 @@ def test_a_stalled_tf_serving_costs_each_call_at_most_the_cap(models_dir, stalle
 
 @pytest.mark.slow
 def test_a_failed_tf_serving_call_fails_that_call_only(models_dir):
-    from server.catalog import CatalogStore
-    from server.errors import ModelsUnavailable
-    from server.tf_serving import TFServingBackend
+    from recsys.server.catalog import CatalogStore
+    from recsys.server.errors import ModelsUnavailable
+    from recsys.server.tf_serving import TFServingBackend
 
     process, tf_port = start_tf_serving(models_dir / "models.config")
     try:
@@ -435,7 +435,7 @@ def test_startup_failure_exits_non_zero_and_metrics_bind_the_grpc_host(models_di
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        failed = subprocess.run([sys.executable, "-m", "server", "--models", str(models_dir), "--host", "127.0.0.1",
+        failed = subprocess.run([sys.executable, "-m", "recsys.server", "--models", str(models_dir), "--host", "127.0.0.1",
                                  "--port", str(port)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1 and "could not start" in failed.stderr
     with socket.socket() as probe:

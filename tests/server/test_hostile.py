@@ -14,19 +14,19 @@ import h2.exceptions
 import h2.settings
 import pytest
 
-from client import RecommenderClient
-from protos import recommender_pb2
-from server import app
-from server import servicer as servicer_module
-from server import store as store_module
-from server.app import create_server
-from server.catalog import CatalogStore
-from server.errors import InvalidRequest, ModelsUnavailable, Overloaded
-from server.options import ServerOptions
-from server.pipeline import Pipeline
-from server.sending import UnsentBytes
-from server.store import StoredInteraction, open_store
-from server.validation import Query
+from recsys.client import RecommenderClient
+from recsys.server import app
+from recsys.server import servicer as servicer_module
+from recsys.server import store as store_module
+from recsys.server.app import create_server
+from recsys.server.catalog import CatalogStore
+from recsys.server.errors import InvalidRequest, ModelsUnavailable, Overloaded
+from recsys.server.options import ServerOptions
+from recsys.server.pipeline import Pipeline
+from recsys.server.sending import UnsentBytes
+from recsys.server.store import StoredInteraction, open_store
+from recsys.server.validation import Query
+from recsys.v1 import recommender_pb2
 from tests.conftest import status_of, wait_for
 from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
 
@@ -335,7 +335,7 @@ def test_the_client_stamps_a_write_once_so_a_retry_keeps_the_first_time(fake_ser
 def test_explaining_an_undecodable_request_is_bounded_work_on_the_event_loop():
     """4 MB of tiny fields ending in one invalid UTF-8 string: the decoder (which runs on the event
     loop) gives up naming the field instead of walking it all; a small bad request still names it."""
-    from server.wire import tolerant_decoder
+    from recsys.server.wire import tolerant_decoder
 
     decode = tolerant_decoder(recommender_pb2.RecommendBatchRequest)
     entry = recommender_pb2.RecommendRequest(user_id="u", exclude_item_ids=["m"] * 8).SerializeToString()

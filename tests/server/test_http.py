@@ -7,13 +7,13 @@ import urllib.request
 
 import pytest
 
-from client import RecommenderClient
-from server.app import create_server
-from server.catalog import CatalogStore
-from server.options import ServerOptions
-from server.rest import route_of
-from server.store import open_store
-from server.wire import SERVICE
+from recsys.client import RecommenderClient
+from recsys.server.app import create_server
+from recsys.server.catalog import CatalogStore
+from recsys.server.options import ServerOptions
+from recsys.server.rest import route_of
+from recsys.server.store import open_store
+from recsys.server.wire import SERVICE
 from tests.conftest import wait_for
 from tests.fake_backend import FakeBackend
 

@@ -8,13 +8,13 @@ import re
 import grpc
 import pytest
 
-from client.__main__ import main as client_main
-from export.evaluate import interactions_by_user, two_stage_lists
-from protos import recommender_pb2
-from server.catalog import CatalogStore
-from server.errors import InvalidRequest
-from server.pipeline import Pipeline
-from server.validation import Interaction, Query, check_interactions
+from recsys.client.__main__ import main as client_main
+from recsys.export.evaluate import interactions_by_user, two_stage_lists
+from recsys.server.catalog import CatalogStore
+from recsys.server.errors import InvalidRequest
+from recsys.server.pipeline import Pipeline
+from recsys.server.validation import Interaction, Query, check_interactions
+from recsys.v1 import recommender_pb2
 from tests.conftest import status_of
 
 NEW_USER = "someone-new"

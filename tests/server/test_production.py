@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import RecommenderClient
-from server.app import create_server
-from server.catalog import CatalogStore
-from server.in_process import InProcessBackend
-from server.observability import ThreadedLogWriter
-from server.options import ServerOptions
+from recsys.client import RecommenderClient
+from recsys.server.app import create_server
+from recsys.server.catalog import CatalogStore
+from recsys.server.in_process import InProcessBackend
+from recsys.server.observability import ThreadedLogWriter
+from recsys.server.options import ServerOptions
 from tests.conftest import publish, start_server_process, status_of, wait_for
 
 

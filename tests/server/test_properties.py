@@ -4,8 +4,8 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protos import recommender_pb2
-from server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
+from recsys.server.limits import DEFAULT_K, MAX_EXCLUDED_ITEMS, MAX_K, MAX_USER_ID_LENGTH
+from recsys.v1 import recommender_pb2
 
 user_ids = st.one_of(st.text(max_size=MAX_USER_ID_LENGTH + 20), st.integers(-5, 2000).map(str),
                      st.sampled_from(["", " ", "\t", "42", "0", "943", "944", "\x00", "ß" * 129]))

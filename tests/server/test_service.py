@@ -7,13 +7,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from client import RecommenderClient
-from export.evaluate import two_stage_lists
-from server.app import create_server
-from server.catalog import CatalogStore
-from server.in_process import InProcessBackend
-from server.options import ServerOptions
-from server.pipeline import Pipeline
+from recsys.client import RecommenderClient
+from recsys.export.evaluate import two_stage_lists
+from recsys.server.app import create_server
+from recsys.server.catalog import CatalogStore
+from recsys.server.in_process import InProcessBackend
+from recsys.server.options import ServerOptions
+from recsys.server.pipeline import Pipeline
 from tests.conftest import status_of
 
 
@@ -149,9 +149,9 @@ def test_not_ready_until_models_load_but_live(tmp_path):
 
 
 def test_with_nothing_to_serve_the_log_says_what_the_directory_lacks(tmp_path, caplog, monkeypatch):
-    import server.in_process
+    import recsys.server.in_process
 
-    monkeypatch.setattr(server.in_process, "NOTHING_TO_SERVE_WARNING_SECONDS", 0.3)
+    monkeypatch.setattr(recsys.server.in_process, "NOTHING_TO_SERVE_WARNING_SECONDS", 0.3)
     missing = tmp_path / "no-such-export"
     backend = InProcessBackend(missing)
     with caplog.at_level("WARNING", logger="recsys.server"):

@@ -5,9 +5,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client.__main__ import main as client_main
-from export.item_item import co_rating_factors, history_matrix
-from server.catalog import CatalogStore
+from recsys.client.__main__ import main as client_main
+from recsys.export.item_item import co_rating_factors, history_matrix
+from recsys.server.catalog import CatalogStore
 from tests.conftest import status_of
 
 
@@ -29,7 +29,7 @@ def test_similar_items_are_the_nearest_by_cosine_in_the_co_rating_space(client, 
     assert all(item.retrieval_score == item.score and item.predicted_rating == 0 and not item.fallback for item in items)
     assert all(item.title == catalog.titles[item.item_id] for item in items)
     # The same neighbours, computed here from the training ratings the export saw.
-    from export.examples import from_rows
+    from recsys.export.examples import from_rows
 
     fit, movies = from_rows(split[0]), sorted(movielens.items, key=int)
     factors, _ = co_rating_factors(history_matrix(fit.user_ids, movies, fit.rated_item_ids), 64)
@@ -95,9 +95,9 @@ def test_reasons_are_the_largest_shares_of_the_score(client, models_dir):
 
 
 def test_without_reasons_the_field_is_empty(models_dir, served_backend):
-    from client import RecommenderClient
-    from server.app import create_server
-    from server.options import ServerOptions
+    from recsys.client import RecommenderClient
+    from recsys.server.app import create_server
+    from recsys.server.options import ServerOptions
 
     recommender, port = create_server("127.0.0.1:0", served_backend, models_dir,
                                       ServerOptions(poll_seconds=0.5, reasons=False))

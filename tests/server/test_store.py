@@ -12,14 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import RecommenderClient
-from protos import recommender_pb2
-from server.app import create_server
-from server.catalog import CatalogStore
-from server.errors import StoreUnavailable
-from server.in_process import InProcessBackend
-from server.options import ServerOptions
-from server.store import MIGRATIONS, StoredInteraction, open_store
+from recsys.client import RecommenderClient
+from recsys.server.app import create_server
+from recsys.server.catalog import CatalogStore
+from recsys.server.errors import StoreUnavailable
+from recsys.server.in_process import InProcessBackend
+from recsys.server.options import ServerOptions
+from recsys.server.store import MIGRATIONS, StoredInteraction, open_store
+from recsys.v1 import recommender_pb2
 from tests.conftest import start_server_process, status_of, stop_process, wait_for
 
 NEW_USER = "new-user-7"
@@ -214,7 +214,7 @@ def test_without_a_store_the_store_calls_are_a_failed_precondition(client):
 
 
 def test_the_cli_records_and_forgets(served, capsys):
-    from client.__main__ import main as client_main
+    from recsys.client.__main__ import main as client_main
 
     client, _, _ = served
     target = client.target
@@ -307,9 +307,9 @@ def _records(client) -> bool:
 
 
 def test_a_broken_store_is_paused_then_retried(tmp_path, monkeypatch):
-    import server.store
+    import recsys.server.store
 
-    monkeypatch.setattr(server.store, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(recsys.server.store, "RETRY_SECONDS", 0.2)
     path = tmp_path / "s.sqlite3"
     store = open_store(str(path))
     store.record("u", [("1", 4.0, 1)])
@@ -334,8 +334,8 @@ def _reads(store) -> bool:
 
 
 def test_recommend_goes_on_without_the_store_and_counts_it(models_dir, tmp_path, served_backend):
-    from server.pipeline import Pipeline
-    from server.validation import Query
+    from recsys.server.pipeline import Pipeline
+    from recsys.server.validation import Query
 
     path = tmp_path / "s.sqlite3"
     store = open_store(str(path))
@@ -348,7 +348,7 @@ def test_recommend_goes_on_without_the_store_and_counts_it(models_dir, tmp_path,
 
 
 def test_the_store_benchmark_loads_the_rows_it_says_and_reads_them(tmp_path, capsys):
-    from server.store_bench import main as store_bench
+    from recsys.server.store_bench import main as store_bench
 
     full, empty = tmp_path / "full.sqlite3", tmp_path / "empty.sqlite3"
     assert store_bench(["--store", str(full), "--empty-store", str(empty), "--users", "50", "--rows", "3000",

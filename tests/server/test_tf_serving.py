@@ -13,13 +13,13 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from client import RecommenderClient
-from server.app import create_server
-from server.backend import UserBatch
-from server.catalog import CatalogStore
-from server.errors import ModelsUnavailable
-from server.options import ServerOptions
-from server.tf_serving import TFServingBackend
+from recsys.client import RecommenderClient
+from recsys.server.app import create_server
+from recsys.server.backend import UserBatch
+from recsys.server.catalog import CatalogStore
+from recsys.server.errors import ModelsUnavailable
+from recsys.server.options import ServerOptions
+from recsys.server.tf_serving import TFServingBackend
 from tests.conftest import start_tf_serving, status_of, stop_process, wait_for
 
 SAMPLE_USERS = ["1", "42", "99", "276", "405", "655", "943", "cold-start-user"]

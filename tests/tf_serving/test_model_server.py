@@ -223,7 +223,7 @@ def test_a_check_failure_inside_tensorflow_kills_the_whole_server(tmp_path):
     """What TF Serving does on a CHECK-abort: the process dies, for every model and every client.
     The export's own pieces without its shape check (a string lookup, then a ragged gather of
     the rows) show it: a scalar id aborts inside RaggedGather (tensorflow/tensorflow#85242)."""
-    from export.models import RaggedTable
+    from recsys.export.models import RaggedTable
 
     module = tf.Module()
     module.lookup = tf.keras.layers.StringLookup(vocabulary=["a", "b"], mask_token=None)
