@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.command == "similar":
                 items = client.similar(args.item, k=args.k, exclude=args.exclude, user_id=args.user)
-                heading = f"like movie {args.item}" + (f", for user {args.user}" if args.user else "")
+                heading = f"like {items.item_title or 'movie ' + args.item}" + (
+                    f", for user {args.user}" if args.user else "")
             else:
                 if args.wait and not wait_until_serving(client, args.wait):
                     return 1

@@ -8,17 +8,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.client.retry import SERVICE_CONFIG, RetriedStream, RetryBudget
-from recsys.v1 import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
+from recsys.v1 import ITEM_TITLE_METADATA, UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 RETRY_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 class RankedItems(list):
-    """A Recommend call's items, best first; `unknown_interactions`: how many of the user's
-    interactions (sent or stored) named movies the served models do not know (they were ignored)."""
+    """A call's items, best first. Recommend: `unknown_interactions`, how many of the user's
+    interactions (sent or stored) named movies the served models do not know (they were ignored).
+    SimilarItems: `item_title`, the queried movie's title."""
 
     unknown_interactions: int = 0
+    item_title: str = ""
 
 
 # An interaction: (movie id, stars[, unix seconds]) or the message itself.
@@ -120,12 +122,15 @@ class RecommenderClient:
         return list(self.stub.RecommendBatch(request, timeout=self._deadline(timeout), metadata=self.metadata).results)
 
     def similar(self, item_id: str, k: int = 10, exclude: Iterable[str] = (), user_id: str = "",
-                timeout: float | None = None) -> list[recommender_pb2.RankedItem]:
+                timeout: float | None = None) -> RankedItems:
         """"More like this": the movies nearest `item_id`; with `user_id`, without their history and
         ordered for them."""
         request = recommender_pb2.SimilarItemsRequest(item_id=str(item_id), k=k, exclude_item_ids=list(exclude),
                                                       user_id=str(user_id))
-        return list(self._streamed(self.stub.SimilarItems, request, timeout))
+        stream = self._streamed(self.stub.SimilarItems, request, timeout)
+        items = RankedItems(stream)
+        items.item_title = dict(stream.trailing_metadata() or ()).get(ITEM_TITLE_METADATA, b"").decode("utf-8")
+        return items
 
     def record_interactions(self, user_id: str, interactions: Iterable[InteractionLike],
                             timeout: float | None = None) -> int:

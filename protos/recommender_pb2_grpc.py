@@ -134,7 +134,8 @@ class RecommenderServicer:
         never the movie itself, best first (`score` is the similarity). With `user_id`, the
         user's history (trained, stored) is excluded and the nearest movies are ordered for
         that user by the ranking model (`score` is then its score, `retrieval_score` the
-        similarity). NOT_FOUND for a movie the models do not know.
+        similarity). NOT_FOUND for a movie the models do not know. The trailing metadata entry
+        `item-title-bin` holds the queried movie's title (UTF-8).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

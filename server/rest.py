@@ -9,14 +9,15 @@ one map of errors to statuses (server/status.py) are the gRPC service's, unchang
 - Unary calls answer one JSON object.
 - Recommend and SimilarItems stream newline-delimited JSON (`application/x-ndjson`), one
   RankedItem per line, best first. Errors come before the first line, as a JSON error object
-  with the HTTP status grpc-gateway gives the gRPC code; Recommend's `unknown-interactions` is
-  a response header.
+  with the HTTP status grpc-gateway gives the gRPC code. Their trailing metadata are response
+  headers (Recommend's `unknown-interactions`; SimilarItems' `item-title-bin`, base64 as in gRPC).
 - `GET /v1/openapi.json` describes the routes (server/openapi.py); `GET /` is a page to try the
   service (server/web/index.html); `GET /v1/health` is readiness (200 or 503).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -86,10 +87,15 @@ class HttpCallContext:
 
     async def write(self, message) -> None:
         if self.response is None:
-            self.response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
-                                                        **{key: value for key, value in self._trailing}})
+            self.response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", **self._headers()})
             await self.response.prepare(self._request)
         await self.response.write(_json_body(message) + b"\n")
+
+    def _headers(self) -> dict[str, str]:
+        """The trailing metadata set before the first item, as headers ("-bin" values in base64, as gRPC
+        carries them)."""
+        return {key: base64.b64encode(value).decode() if isinstance(value, bytes) else value
+                for key, value in self._trailing}
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.status = (code, details)

@@ -51,7 +51,7 @@ from recsys.server.validation import (
     make_similar_query,
     validate_interactions,
 )
-from recsys.v1 import UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
+from recsys.v1 import ITEM_TITLE_METADATA, UNKNOWN_INTERACTIONS_METADATA, recommender_pb2, recommender_pb2_grpc
 
 # One line per erasure: who asked, for whom, when (kept apart from the request log).
 audit = logging.getLogger("recsys.audit")
@@ -249,6 +249,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 raise DeadlineExceeded("deadline exceeded before the similar items were found") from None
         record.item_count = len(items)
         record.model_version = items[0].model_version if items else ""
+        if items:
+            title = self.pipeline.pipeline.catalogs.get(items[0].model_version).titles.get(query.item_id, "")
+            context.set_trailing_metadata(((ITEM_TITLE_METADATA, title.encode("utf-8")),))
         for item in items:
             yield to_proto(item)
 

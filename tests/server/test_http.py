@@ -1,5 +1,6 @@
 """The JSON/HTTP face over real HTTP on loopback: the gRPC contract's routes, its statuses mapped as
 grpc-gateway maps them, credentials, the OpenAPI document, and the same items as over gRPC."""
+import base64
 import json
 import shutil
 import urllib.error
@@ -85,8 +86,9 @@ def test_recommend_streams_the_same_items_as_grpc_and_counts_unknown_interaction
 
 def test_the_other_calls_work_over_http(http_server):
     _, http_port, _ = http_server
-    status, _, text = call(http_port, "/v1/similar-items", {"itemId": "m10", "k": 3})
+    status, headers, text = call(http_port, "/v1/similar-items", {"itemId": "m10", "k": 3})
     assert status == 200 and len(lines(text)) == 3 and "m10" not in {item["itemId"] for item in lines(text)}
+    assert base64.b64decode(headers["item-title-bin"]).decode() == "Movie m10"
     body = {"userId": "someone", "interactions": [{"itemId": "m7", "rating": 4.5}]}
     assert json.loads(call(http_port, "/v1/record-interactions", body)[2]) == {"recorded": 1}
     assert json.loads(call(http_port, "/v1/forget-user", {"userId": "someone"})[2]) == {"forgotten": 1}

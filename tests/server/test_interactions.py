@@ -86,6 +86,14 @@ def test_interactions_naming_unknown_movies_are_counted_for_the_caller(fake_serv
     assert "1 of the interactions used name movies the served models do not know" in capsys.readouterr().err
 
 
+def test_similar_items_names_the_queried_movie(fake_server, capsys):
+    client, _ = fake_server
+    client.wait_until_serving(10)
+    assert client.similar("m10", k=3).item_title == "Movie m10"
+    assert client_main(["similar", "--target", client.target, "--item", "m10", "-k", "3"]) == 0
+    assert capsys.readouterr().out.startswith("like Movie m10, model version 1\n")
+
+
 def test_a_batch_carries_interactions_per_request(client, popular):
     sent = {"42": [(popular[0], 5.0), (popular[3], 2.0)], NEW_USER: [(popular[1], 4.0)]}
     results = client.recommend_batch(["42", "7", NEW_USER], k=5, interactions=sent)
