@@ -184,15 +184,19 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         loop = asyncio.get_running_loop()
         call = self.store_threads.submit(work, *args)
         # Counted until the call itself ends (on a store thread), not when its caller stops waiting.
-        call.add_done_callback(lambda _: loop.call_soon_threadsafe(self._store_call_done))
+        call.add_done_callback(lambda _: self._store_call_done(loop))
         try:
             # On timeout the call is dropped if it has not started; one running goes on.
             return await asyncio.wait_for(asyncio.wrap_future(call), context.time_remaining())
         except asyncio.TimeoutError:
             raise DeadlineExceeded("deadline exceeded before the interaction store answered") from None
 
-    def _store_call_done(self) -> None:
-        self.store_calls -= 1
+    def _store_call_done(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the thread that ran (or cancelled) the call: count it off on the event loop."""
+        def count_off() -> None:
+            self.store_calls -= 1
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+            loop.call_soon_threadsafe(count_off)
 
     async def _recommend(self, queries: Sequence[Query], context: grpc.aio.ServicerContext,
                          record: CallRecord) -> list[RankedList]:
