@@ -23,8 +23,8 @@ from recsys.server.backend import Backend, RankedCandidates, UserBatch
 from recsys.server.catalog import Catalog, CatalogStore
 from recsys.server.errors import Cancelled, DeadlineExceeded, ModelsUnavailable, NotFound, StoreUnavailable
 from recsys.server.options import DEFAULTS
-from recsys.server.store import NO_RECORDS, InteractionStore, StoredInteraction, UserRecords
-from recsys.server.validation import Query, SimilarQuery
+from recsys.server.store import NO_RECORDS, InteractionStore, UserRecords
+from recsys.server.validation import Interaction, Query, SimilarQuery
 
 # The id the models see for a user they must not recognise (no trained history; row 0 of every tower).
 ANONYMOUS_USER = ""
@@ -59,7 +59,7 @@ class RankedList:
     stored_interactions: int = 0
 
 
-def with_stored(query: Query, stored: Sequence[StoredInteraction]) -> Query:
+def with_stored(query: Query, stored: Sequence[Interaction]) -> Query:
     """The query as if its caller had also sent the user's stored interactions: the request's own
     are newer, so they win, except that a rating-less one keeps a stored rating."""
     if not stored:

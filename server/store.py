@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 from recsys.server.errors import InvalidRequest, StoreUnavailable
 from recsys.server.options import DEFAULTS
+from recsys.server.validation import Interaction
 
 log = logging.getLogger("recsys.server")
 
@@ -73,18 +74,11 @@ MIGRATIONS = (
 
 
 @dataclass(frozen=True)
-class StoredInteraction:
-    item_id: str
-    rating: float  # 0 = no rating
-    timestamp_seconds: int
-
-
-@dataclass(frozen=True)
 class UserRecords:
     """What the store holds for a batch's users: each one's newest interactions, newest first, and
     which of them were erased (ForgetUser), whom the models must then serve as unknown ids."""
 
-    recent: dict[str, list[StoredInteraction]]
+    recent: dict[str, list[Interaction]]
     forgotten: frozenset[str] = frozenset()
 
 
@@ -177,7 +171,7 @@ class InteractionStore(abc.ABC):
 
         return self._run(write)
 
-    def recent(self, user_ids: Sequence[str], limit: int) -> dict[str, list[StoredInteraction]]:
+    def recent(self, user_ids: Sequence[str], limit: int) -> dict[str, list[Interaction]]:
         """Each user's newest `limit` interactions (newest first), all users in one query."""
         return self.records(user_ids, limit).recent
 
@@ -406,11 +400,11 @@ def newest_sql(placeholder: str, aggregate: str, users: int) -> str:
     return " UNION ALL ".join(f"{arm}{n}" for n in range(users))
 
 
-def _newest_first(entries) -> list[StoredInteraction]:
+def _newest_first(entries) -> list[Interaction]:
     """The JSON array's entries (a string, or what the driver parsed), newest first, ties by movie id."""
     parsed = json.loads(entries) if isinstance(entries, str) else entries
     parsed.sort(key=lambda entry: (-entry[2], entry[0]))
-    return [StoredInteraction(item_id, float(rating), int(timestamp)) for item_id, rating, timestamp in parsed]
+    return [Interaction(item_id, float(rating), int(timestamp)) for item_id, rating, timestamp in parsed]
 
 
 class SQLiteStore(InteractionStore):

@@ -8,8 +8,8 @@ from recsys.export.stored import stored_ratings
 from recsys.export.synth import generate, write
 from recsys.server.catalog import CatalogStore
 from recsys.server.pipeline import Pipeline
-from recsys.server.store import StoredInteraction, open_store, user_hash
-from recsys.server.validation import Query
+from recsys.server.store import open_store, user_hash
+from recsys.server.validation import Interaction, Query
 from tests.fake_backend import FakeBackend, write_fake_metadata
 
 
@@ -24,7 +24,7 @@ def test_a_tombstone_drops_late_writes_and_keeps_newer_ones(store_location):
         assert store.recent(["u"], 10) == {}
         later = int(time.time()) + 5
         assert store.record("u", [("m3", 5.0, later), ("m1", 2.0, before)]) == 1, "a newer write is the user's own"
-        assert store.recent(["u"], 10) == {"u": [StoredInteraction("m3", 5.0, later)]}
+        assert store.recent(["u"], 10) == {"u": [Interaction("m3", 5.0, later)]}
         assert store.forgotten_hashes() == {user_hash("u")}
     finally:
         store.close()
@@ -42,7 +42,7 @@ def test_sqlite_keeps_no_trace_of_an_erased_id_in_its_file_or_wal(tmp_path):
     try:
         assert secret.encode() not in on_disk, "the tombstone keeps a hash, and nothing else names the user"
         assert not wal.exists() or wal.stat().st_size == 0, "the WAL was checkpointed and truncated"
-        assert store.recent(["kept-user"], 5)["kept-user"] == [StoredInteraction("movie-1", 3.0, 1_000)]
+        assert store.recent(["kept-user"], 5)["kept-user"] == [Interaction("movie-1", 3.0, 1_000)]
     finally:
         store.close()
 

@@ -24,8 +24,8 @@ from recsys.server.errors import InvalidRequest, ModelsUnavailable, Overloaded
 from recsys.server.options import ServerOptions
 from recsys.server.pipeline import Pipeline
 from recsys.server.sending import UnsentBytes
-from recsys.server.store import StoredInteraction, open_store
-from recsys.server.validation import Query
+from recsys.server.store import open_store
+from recsys.server.validation import Interaction, Query
 from recsys.v1 import recommender_pb2
 from tests.conftest import status_of, wait_for
 from tests.fake_backend import FakeBackend, movie_ids, write_fake_metadata
@@ -48,7 +48,7 @@ def test_a_user_keeps_at_most_the_newest_n_rows(store_location):
         store.record("light", [("m1", 3.0, 5)])
         kept = store.recent(["heavy", "light"], 1_000)
         assert [entry.item_id for entry in kept["heavy"]] == [f"m{n}" for n in range(99, 74, -1)]
-        assert kept["light"] == [StoredInteraction("m1", 3.0, 5)], "other users keep theirs"
+        assert kept["light"] == [Interaction("m1", 3.0, 5)], "other users keep theirs"
         assert sum(1 for row in store.export() if row[0] == "heavy") == 25
     finally:
         store.close()
@@ -62,7 +62,7 @@ def test_a_value_postgresql_cannot_hold_is_the_requests_fault_and_never_pauses_t
             store.record("nul\x00user", [("m1", 4.0, 100)])
         assert store.failures == 0
         store.record("other", [("m2", 5.0, 100)])  # at once: no pause after a data error
-        assert store.recent(["other"], 5)["other"] == [StoredInteraction("m2", 5.0, 100)]
+        assert store.recent(["other"], 5)["other"] == [Interaction("m2", 5.0, 100)]
     finally:
         store.close()
 
@@ -116,7 +116,7 @@ def test_a_timestamp_within_the_allowed_skew_is_recorded(fake_server):
     request = recommender_pb2.RecordInteractionsRequest(user_id="u2", interactions=[
         recommender_pb2.Interaction(item_id="m1", rating=4.0, timestamp_seconds=soon)])
     assert client.stub.RecordInteractions(request, timeout=10).recorded == 1
-    assert store.recent(["u2"], 5)["u2"] == [StoredInteraction("m1", 4.0, soon)]
+    assert store.recent(["u2"], 5)["u2"] == [Interaction("m1", 4.0, soon)]
 
 
 class _HeldContext:
@@ -329,7 +329,7 @@ def test_the_client_stamps_a_write_once_so_a_retry_keeps_the_first_time(fake_ser
     request = recommender_pb2.RecordInteractionsRequest(user_id="u5", interactions=[
         recommender_pb2.Interaction(item_id="m1", rating=2.0, timestamp_seconds=stamped - 50)])
     client.stub.RecordInteractions(request, timeout=10)  # an older retry of an earlier write changes nothing
-    assert store.recent(["u5"], 5)["u5"] == [StoredInteraction("m1", 4.0, stamped)]
+    assert store.recent(["u5"], 5)["u5"] == [Interaction("m1", 4.0, stamped)]
 
 
 def test_explaining_an_undecodable_request_is_bounded_work_on_the_event_loop():

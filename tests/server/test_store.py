@@ -18,7 +18,8 @@ from recsys.server.catalog import CatalogStore
 from recsys.server.errors import StoreUnavailable
 from recsys.server.in_process import InProcessBackend
 from recsys.server.options import ServerOptions
-from recsys.server.store import MIGRATIONS, StoredInteraction, open_store
+from recsys.server.store import MIGRATIONS, open_store
+from recsys.server.validation import Interaction
 from recsys.v1 import recommender_pb2
 from tests.conftest import start_server_process, status_of, stop_process, wait_for
 
@@ -35,10 +36,10 @@ def store(store_location):
 def test_one_row_per_movie_with_the_latest_rating(store):
     assert store.record("u", [("1", 4.0, 100), ("2", 0.0, 200), ("1", 2.0, 50), ("3", 5.0, 300)]) == 3
     assert store.record("u", [("2", 3.5, 150), ("3", 0.0, 400)]) == 2  # a rating for 2; a re-watch of 3
-    assert store.recent(["u"], 10) == {"u": [StoredInteraction("3", 5.0, 400), StoredInteraction("2", 3.5, 200),
-                                             StoredInteraction("1", 4.0, 100)]}
+    assert store.recent(["u"], 10) == {"u": [Interaction("3", 5.0, 400), Interaction("2", 3.5, 200),
+                                             Interaction("1", 4.0, 100)]}
     assert store.record("u", [("1", 1.0, 99)]) == 1  # older than the rating stored: kept as it was
-    assert store.recent(["u"], 10)["u"][-1] == StoredInteraction("1", 4.0, 100)
+    assert store.recent(["u"], 10)["u"][-1] == Interaction("1", 4.0, 100)
 
 
 def test_a_retried_call_records_nothing_twice(store):
@@ -63,7 +64,7 @@ def test_forget_erases_one_user(store):
     store.record("a", [("1", 4.0, 1), ("2", 5.0, 2)])
     store.record("b", [("1", 4.0, 1)])
     assert store.forget("a") == 2 and store.forget("a") == 0
-    assert store.recent(["a", "b"], 10) == {"b": [StoredInteraction("1", 4.0, 1)]}
+    assert store.recent(["a", "b"], 10) == {"b": [Interaction("1", 4.0, 1)]}
 
 
 def test_opening_again_migrates_nothing_and_keeps_the_data(store_location):
@@ -75,7 +76,7 @@ def test_opening_again_migrates_nothing_and_keeps_the_data(store_location):
     for thread in threads:
         thread.join()
     again = open_store(store_location)
-    assert again.recent(["u"], 5) == {"u": [StoredInteraction("1", 4.0, 1)]}
+    assert again.recent(["u"], 5) == {"u": [Interaction("1", 4.0, 1)]}
     assert again._run(lambda connection: _versions(connection)) == list(range(1, len(MIGRATIONS) + 1))
     first.close()
     again.close()
