@@ -203,6 +203,7 @@ class RecommenderServer:
             if getattr(self, "_metrics_http", None) is not None:
                 self._metrics_http.shutdown()
             self.servicer.store_threads.shutdown(wait=False, cancel_futures=True)  # store calls are time-bounded
+            self.servicer.similar_threads.shutdown(wait=False, cancel_futures=True)  # so are model calls
             finished = self.servicer.pipeline.close(max(0.0, deadline - time.monotonic()) + STOP_SLACK_SECONDS)
             self.monitor.join(max(0.0, deadline - time.monotonic()))
             self.forced = not finished or self.monitor.is_alive()

@@ -62,6 +62,9 @@ STORE_THREADS = 4
 # Store calls (RecordInteractions, ForgetUser) waiting for those threads beyond this get UNAVAILABLE at
 # once: a hung store (a frozen host answers nothing, and nothing times out) queues nothing more.
 MAX_WAITING_STORE_CALLS = 32
+# SimilarItems runs beside the batches on threads of its own: slow ones queue there, never in the
+# worker pool that validation, metadata and large responses use.
+SIMILAR_THREADS = 2
 
 
 def _interactions(entries) -> list[Interaction]:
@@ -146,6 +149,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         # Writes have threads of their own: a slow store never holds up the pipeline or other work.
         self.store_threads = futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
         self.store_calls = 0  # store calls running or waiting for those threads (the event loop's own count)
+        self.similar_threads = futures.ThreadPoolExecutor(SIMILAR_THREADS, thread_name_prefix="similar")
         # Admission control: calls at work beyond this are refused at once. Only this service's
         # calls count; health checks and Watch streams never do.
         self.max_concurrent_rpcs = max_concurrent_rpcs
@@ -245,10 +249,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         record.user_ids = [request.user_id[:MAX_USER_ID_LENGTH]]
         with self._working():
             query = make_similar_query(request.item_id, request.k, request.exclude_item_ids, request.user_id)
-            # A call of its own (not batched): run beside the batches, within the caller's deadline.
+            # A call of its own (not batched): run beside the batches, within the caller's deadline (one
+            # still waiting for a thread then is dropped).
             timeout = context.time_remaining()
+            similar = asyncio.get_running_loop().run_in_executor(self.similar_threads, self.similar, query, timeout)
             try:
-                items = await asyncio.wait_for(asyncio.to_thread(self.similar, query, timeout), timeout)
+                items = await asyncio.wait_for(similar, timeout)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded("deadline exceeded before the similar items were found") from None
         record.item_count = len(items)

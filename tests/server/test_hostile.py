@@ -396,3 +396,24 @@ def test_writes_to_a_frozen_postgresql_end_at_their_deadline_and_beyond_a_bound_
         postgres.thaw(frozen)
         server.stop(0).wait(10)
         store.close()
+
+
+def test_slow_similar_items_calls_queue_apart_from_everyone_elses_work(tmp_path):
+    """Eight SimilarItems calls whose model calls take 0.5 s each: they wait on their own threads, so
+    GetModelInfo (metadata read on the shared worker pool) still answers at once."""
+    models = write_fake_metadata(tmp_path / "models", movies=60)
+    server, port = create_server("127.0.0.1:0", FakeBackend(models, delay=0.5), models,
+                                 ServerOptions(poll_seconds=0.2))
+    server.start()
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=20) as client:
+            client.wait_until_serving(10)
+            request = recommender_pb2.SimilarItemsRequest(item_id="m10", k=3, user_id="u1")
+            slow = [client.stub.SimilarItems(request, timeout=20) for _ in range(8)]
+            time.sleep(0.2)  # all eight are in
+            started = time.monotonic()
+            assert client.stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=5).model_version == "1"
+            assert time.monotonic() - started < 0.3
+            assert all(len(list(call)) == 3 for call in slow)
+    finally:
+        server.stop(0).wait(10)
