@@ -380,9 +380,9 @@ def fake_models(tmp_path):
 
 
 @pytest.fixture()
-def fake_server(fake_models, tmp_path):
-    """The real gRPC server on loopback with the fake backend and an SQLite store: (client, store)."""
-    from recsys.client import RecommenderClient
+def fake_recommender(fake_models, tmp_path):
+    """The real gRPC server on loopback, started, with the fake backend and an SQLite store:
+    (server, port, store)."""
     from recsys.server.app import create_server
     from recsys.server.options import ServerOptions
     from recsys.server.store import open_store
@@ -392,10 +392,18 @@ def fake_server(fake_models, tmp_path):
     recommender, port = create_server("127.0.0.1:0", FakeBackend(fake_models), fake_models,
                                       ServerOptions(poll_seconds=0.2), store=store)
     recommender.start()
-    client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
     try:
-        yield client, store
+        yield recommender, port, store
     finally:
-        client.close()
         recommender.stop(0).wait(10)
         store.close()
+
+
+@pytest.fixture()
+def fake_server(fake_recommender):
+    """A client of `fake_recommender`, and its store: (client, store)."""
+    from recsys.client import RecommenderClient
+
+    _, port, store = fake_recommender
+    with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+        yield client, store

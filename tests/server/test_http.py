@@ -13,7 +13,6 @@ from recsys.server.app import create_server
 from recsys.server.catalog import CatalogStore
 from recsys.server.options import ServerOptions
 from recsys.server.rest import route_of
-from recsys.server.store import open_store
 from recsys.server.wire import SERVICE
 from tests.conftest import wait_for
 from tests.fake_backend import FakeBackend
@@ -39,19 +38,12 @@ def lines(text: str) -> list[dict]:
 
 
 @pytest.fixture()
-def http_server(fake_models, tmp_path):
-    """(gRPC port, HTTP port, server) with the fake backend and an SQLite store."""
-    store = open_store(str(tmp_path / "interactions.sqlite3"))
-    recommender, port = create_server("127.0.0.1:0", FakeBackend(fake_models), fake_models,
-                                      ServerOptions(poll_seconds=0.2), store=store)
-    recommender.start()
+def http_server(fake_recommender):
+    """(gRPC port, HTTP port, server): `fake_recommender` with its HTTP face."""
+    recommender, port, _ = fake_recommender
     http_port = recommender.serve_http(0, "127.0.0.1")
     wait_for(recommender.backend.is_ready, 10, "the fake models")
-    try:
-        yield port, http_port, recommender
-    finally:
-        recommender.stop(0).wait(10)
-        store.close()
+    return port, http_port, recommender
 
 
 def test_every_rpc_has_a_route_and_the_openapi_document_describes_it(http_server):
