@@ -365,7 +365,8 @@ def test_the_servers_budget_for_unread_responses_bounds_all_connections_together
 
 
 def test_writes_to_a_frozen_postgresql_end_at_their_deadline_and_beyond_a_bound_fail_at_once(fake_models, postgres):
-    """A frozen PostgreSQL answers no write and times none out: writes end at their caller's deadline,
+    """A frozen PostgreSQL answers no write and times none out: writes end at their caller's deadline (1.5 s:
+    room for all 40 to arrive before the first ends, and less than the store's 2-s connect timeout),
     and once the store's threads and its queue are full, further writes get UNAVAILABLE at once
     rather than queue (each holding its request) for as long as the freeze lasts."""
     postgres.clear()
@@ -378,7 +379,7 @@ def test_writes_to_a_frozen_postgresql_end_at_their_deadline_and_beyond_a_bound_
         with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
             request = recommender_pb2.RecordInteractionsRequest(
                 user_id="u1", interactions=[recommender_pb2.Interaction(item_id="m1", rating=4.0)])
-            writes = [client.stub.RecordInteractions.future(request, timeout=1.0) for _ in range(40)]
+            writes = [client.stub.RecordInteractions.future(request, timeout=1.5) for _ in range(40)]
             codes = [status_of(write.result)[0] for write in writes]
             assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
             assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == servicer_module.STORE_THREADS + \
