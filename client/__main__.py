@@ -86,7 +86,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     known_users = known_items = None
     if args.models:
         metadata = newest_metadata(args.models)
-        known_users = sorted(metadata["rated_item_ids"], key=lambda user: (len(user), user))
+        known_users = sorted(metadata["user_ids"], key=lambda user: (len(user), user))
         known_items = sorted(metadata["items"], key=lambda item: (len(item), item))
     user_ids = bench.user_mix(args.users, known_users)
     interactions = bench.interaction_mix(max(args.interactions, int(args.record)), known_items)

@@ -1,9 +1,10 @@
 """Write one trained pair as TF Serving SavedModels plus the metadata the server needs.
 
 Layout (one integer version names one pair):
-    DIR/retrieval/<v>/   SavedModel, signatures `serving_default`, `include_rated`, `similar_items`
+    DIR/retrieval/<v>/   SavedModel, signatures `serving_default`, `include_rated`, `similar_items`,
+                         `rated_items` (who rated what lives in the graphs only)
     DIR/ranking/<v>/     SavedModel, signatures `serving_default` (scores), `explain` (reasons)
-    DIR/metadata/<v>.json  titles, genres, popularity, known users, rated movies, preset
+    DIR/metadata/<v>.json  titles, genres, popularity, the ids of the users trained on, preset
     DIR/models.config    ModelServerConfig for `tensorflow_model_server --model_config_file`
 Each SavedModel has assets.extra/tf_serving_warmup_requests for --enable_model_warmup.
 Metadata and ranking are written before retrieval: a version is complete once retrieval/<v> exists.
@@ -30,6 +31,7 @@ from recsys.server.layout import (
     ITEM_IDS_INPUT,
     METADATA_DIR,
     RANKING_MODEL,
+    RATED_ITEMS_SIGNATURE,
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
     USER_ID_INPUT,
@@ -121,6 +123,8 @@ def write_export(out_dir: Path, retrieval: RetrievalServing, ranking: RankingSer
     retrieval_warmup += warmup_requests(RETRIEVAL_MODEL, SIMILAR_ITEMS_SIGNATURE,
                                         [{**inputs, ITEM_ID_INPUT: popular[:len(inputs[USER_ID_INPUT])]}
                                          for inputs in user_requests[-3:]])
+    retrieval_warmup += warmup_requests(RETRIEVAL_MODEL, RATED_ITEMS_SIGNATURE,
+                                        [{USER_ID_INPUT: inputs[USER_ID_INPUT]} for inputs in user_requests[-3:]])
     with_candidates = [{**inputs, ITEM_IDS_INPUT: [popular[:8]] * len(inputs[USER_ID_INPUT])} for inputs in user_requests]
     ranking_warmup = warmup_requests(RANKING_MODEL, DEFAULT_SIGNATURE, with_candidates)
     ranking_warmup += warmup_requests(RANKING_MODEL, EXPLAIN_SIGNATURE, with_candidates[-3:])
@@ -132,7 +136,7 @@ def write_export(out_dir: Path, retrieval: RetrievalServing, ranking: RankingSer
     _save(ranking, {DEFAULT_SIGNATURE: ranking.rank, EXPLAIN_SIGNATURE: ranking.explain},
           out_dir / RANKING_MODEL / str(version), ranking_warmup)
     _save(retrieval, {DEFAULT_SIGNATURE: retrieval.retrieve, INCLUDE_RATED_SIGNATURE: retrieval.retrieve_including_rated,
-                      SIMILAR_ITEMS_SIGNATURE: retrieval.similar_items},
+                      SIMILAR_ITEMS_SIGNATURE: retrieval.similar_items, RATED_ITEMS_SIGNATURE: retrieval.rated_items},
           out_dir / RETRIEVAL_MODEL / str(version), retrieval_warmup)
     write_models_config(out_dir)
     return version

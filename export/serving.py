@@ -10,7 +10,8 @@ so their results are exactly the trained model's.
 The ranker's score also sums an item-item part over the same history (EASE's weights B).
 
 Signatures: retrieval `serving_default` (candidates, the history excluded), `include_rated`,
-`similar_items` (a movie's nearest movies, also taking `item_id`); ranking `serving_default`
+`similar_items` (a movie's nearest movies, also taking `item_id`), `rated_items` (each user's
+training history, taking `user_id` alone: the popularity fill leaves it out); ranking `serving_default`
 (scores of each user's `item_ids`) and `explain` (the history movies behind each score).
 Every signature takes the same user-side inputs:
     user_id               string [users]          a user id; unknown ids get the out-of-vocabulary row
@@ -338,6 +339,13 @@ class RetrievalServing(tf.Module):
     @tf.function(input_signature=USER_INPUTS)
     def retrieve_including_rated(self, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
         return self._candidates(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), False)
+
+    @tf.function(input_signature=USER_INPUTS[:1])
+    def rated_items(self, user_id) -> dict[str, tf.Tensor]:
+        """Each user's training history: movie ids [users, longest], "" for padding; none for ids
+        the models do not know. The served graphs hold who rated what; the export's metadata does not."""
+        positions = self.history.training_positions(self.history.user_rows(tf.ensure_shape(user_id, [None])))
+        return {"item_ids": tf.gather(self.movie_ids, positions.to_tensor(0))}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=ITEM_ID_INPUT), *USER_INPUTS])
     def similar_items(self, item_id, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:

@@ -106,13 +106,14 @@ def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
 
 
 def build_metadata(data: MovieLens, fit: FitData, preset: Preset) -> dict:
-    """What the server needs beside the graphs: display data, popularity, who rated what."""
+    """What the server needs beside the graphs: display data, popularity, which users the models know.
+    No interactions: who rated what lives in the graphs alone (the retrieval model's `rated_items`)."""
     return {
         "preset": preset.to_dict(),
         "candidate_count": preset.candidate_count,
         "items": {item_id: {"title": item.title, "genres": list(item.genres)} for item_id, item in data.items.items()},
         "popular_item_ids": popularity_order(data.items, fit.rating_counts),
-        "rated_item_ids": fit.rated_item_ids,
+        "user_ids": list(fit.user_ids),
         "serves_interactions": preset.user_history,
         "data_source": str(data.source),
     }

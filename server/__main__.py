@@ -18,6 +18,7 @@ from recsys.server.layout import (
     EXPLAIN_SIGNATURE,
     INCLUDE_RATED_SIGNATURE,
     RANKING_MODEL,
+    RATED_ITEMS_SIGNATURE,
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
 )
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="retrieval signature for SimilarItems (default: %(default)s)")
     tf_serving.add_argument("--explain-signature", default=EXPLAIN_SIGNATURE,
                             help="ranking signature giving the reasons (because_item_ids) (default: %(default)s)")
+    tf_serving.add_argument("--rated-items-signature", default=RATED_ITEMS_SIGNATURE,
+                            help="retrieval signature giving each user's training history, which the popularity "
+                                 "fill leaves out (default: %(default)s)")
     threads = parser.add_argument_group("TensorFlow thread pools (in-process models)")
     threads.add_argument("--tensorflow-intra-op-parallelism", type=int, default=DEFAULTS.tensorflow_intra_op_parallelism,
                          metavar="N", help="threads one op may split over; 0 = one per core. 1 suits small models on few cores; "
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
         backend = TFServingBackend(args.tf_serving, args.models, args.retrieval_model, args.ranking_model,
                                    args.retrieval_signature, args.include_rated_signature, args.ranking_signature,
-                                   args.model_version, args.similar_items_signature, args.explain_signature)
+                                   args.model_version, args.similar_items_signature, args.explain_signature,
+                                   args.rated_items_signature)
     else:
         from recsys.server.in_process import InProcessBackend, set_tensorflow_threads
 

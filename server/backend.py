@@ -103,6 +103,12 @@ class Backend(abc.ABC):
         score the most: str [users, n, reasons], "" where fewer do (the ranking model's `explain`)."""
 
     @abc.abstractmethod
+    def rated_items(self, user_ids: Sequence[str], model_version: str,
+                    timeout: float | None = None) -> list[frozenset[str]]:
+        """Each user's training history with the retrieval model of `model_version` (its `rated_items`):
+        what the popularity fill leaves out. Asked only when a list needs the fill."""
+
+    @abc.abstractmethod
     def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
         """Each movie's nearest movies (one movie per user row; "" user ids for none), without the movie
         itself or the user's history (the retrieval model's `similar_items`)."""

@@ -31,7 +31,7 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str,
         raise SystemExit(f"no loadable model version in {models_dir}")
     pipeline = Pipeline(backend, catalogs)
     catalog = pipeline.current_catalog()
-    user_ids = bench.user_mix(users, sorted(catalog.rated_item_ids, key=lambda user: (len(user), user)))
+    user_ids = bench.user_mix(users, sorted(catalog.user_ids, key=lambda user: (len(user), user)))
     mix = [tuple(entries) for entries in bench.interaction_mix(interactions, sorted(catalog.titles))]
     queries = [Query(user_id, k=k, recent_interactions=mix[n % len(mix)]) for n, user_id in enumerate(user_ids)]
     pipeline.recommend(queries[:1])  # the first call traces; not measured

@@ -1,4 +1,4 @@
-"""Per-version metadata: titles, genres, popularity and who rated what."""
+"""Per-version metadata: titles, genres, popularity and which users the models know."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ class Catalog:
     titles: dict[str, str]
     genres: dict[str, tuple[str, ...]]
     popular_item_ids: tuple[str, ...]
-    rated_item_ids: dict[str, frozenset[str]]
+    user_ids: frozenset[str]  # the users the models were trained on (who rated what: `Backend.rated_items`)
     preset: dict
     # Movies padded into the retrieval index for benchmarks (ids "synthetic-<n>", no titles).
     synthetic_items: int = 0
@@ -30,7 +30,7 @@ class Catalog:
     serves_interactions: bool = False
 
     def is_known_user(self, user_id: str) -> bool:
-        return user_id in self.rated_item_ids
+        return user_id in self.user_ids
 
 
 class InvalidMetadata(ValueError):
@@ -49,7 +49,7 @@ def _strings(values, what: str) -> list[str]:
 
 def load_catalog(models_dir: Path, version: int) -> Catalog:
     """Parse and check `metadata/<version>.json`: every field of the right type, and every popular
-    movie and every rated movie in the catalog. Raises InvalidMetadata."""
+    movie in the catalog. Raises InvalidMetadata."""
     try:
         raw = json.loads(metadata_path(models_dir, version).read_text())
     except (OSError, ValueError) as error:
@@ -67,10 +67,9 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
     popular = _strings(raw.get("popular_item_ids"), "popular_item_ids")
     unknown = [item_id for item_id in popular if item_id not in items]
     _expect(not unknown, f"popular_item_ids has movies missing from items: {unknown[:3]}")
-    rated = raw.get("rated_item_ids")
-    _expect(isinstance(rated, dict), "rated_item_ids must be an object")
-    for user, rated_items in rated.items():
-        _strings(rated_items, f"rated_item_ids[{user!r}]")
+    _expect("rated_item_ids" not in raw, "the metadata lists who rated what: an export older than this server "
+                                         "(its retrieval model lacks `rated_items`); export it again")
+    user_ids = _strings(raw.get("user_ids"), "user_ids")
     preset = raw.get("preset", {})
     _expect(isinstance(preset, dict), "preset must be an object")
     serves_interactions = raw.get("serves_interactions", False)
@@ -81,7 +80,7 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
         titles={item_id: item["title"] for item_id, item in items.items()},
         genres={item_id: tuple(item["genres"]) for item_id, item in items.items()},
         popular_item_ids=tuple(popular),
-        rated_item_ids={user: frozenset(rated_items) for user, rated_items in rated.items()},
+        user_ids=frozenset(user_ids),
         preset=preset,
         synthetic_items=int(raw.get("synthetic_items", 0) or 0),
         serves_interactions=serves_interactions,
@@ -90,7 +89,7 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
 
 # Catalogs kept in memory: the version serving, the one before it (in-flight requests may still
 # rank with it) and one more. A server that hot-swaps a new version every day must not keep a
-# catalog (~9 MiB for ML-100k) per version it ever served.
+# catalog per version it ever served.
 KEPT_VERSIONS = 3
 
 

@@ -24,6 +24,7 @@ from recsys.server.layout import (
     ITEM_ID_INPUT,
     ITEM_IDS_INPUT,
     RANKING_MODEL,
+    RATED_ITEMS_SIGNATURE,
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
     USER_ID_INPUT,
@@ -46,6 +47,7 @@ class LoadedPair:
     rank: object
     explain: object
     similar: object
+    rated_items: object
     item_ids: frozenset[str]  # every movie the retrieval index can return
     # include_rated -> one tf.function running the signatures: a request costs one TF call.
     retrieve_and_rank: dict[bool, object]
@@ -105,6 +107,7 @@ def load_pair(models_dir: Path, version: int, explains: bool = True) -> LoadedPa
         rank=rank,
         explain=ranking.signatures[EXPLAIN_SIGNATURE],
         similar=retrieval.signatures[SIMILAR_ITEMS_SIGNATURE],
+        rated_items=retrieval.signatures[RATED_ITEMS_SIGNATURE],
         retrieve_and_rank={include_rated: fuse(function, rank, ranking.signatures[EXPLAIN_SIGNATURE] if explains else None)
                            for include_rated, function in retrieve.items()},
         explains=explains,
@@ -296,6 +299,11 @@ class InProcessBackend(Backend):
         outputs = self._pair_of(model_version).explain(**_user_inputs(users),
                                                        **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
         return _strings(outputs["because_item_ids"])
+
+    def rated_items(self, user_ids: Sequence[str], model_version: str,
+                    timeout: float | None = None) -> list[frozenset[str]]:
+        outputs = self._pair_of(model_version).rated_items(**{USER_ID_INPUT: tf.constant(list(user_ids), dtype=tf.string)})
+        return [frozenset(item for item in row if item) for row in _strings(outputs["item_ids"]).tolist()]
 
     def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
         pair = self._serving_pair()

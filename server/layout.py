@@ -17,6 +17,7 @@ INTERACTION_RATINGS_INPUT = "interaction_ratings"
 ITEM_IDS_INPUT = "item_ids"
 ITEM_ID_INPUT = "item_id"  # similar_items: the movie to find neighbours of
 SIMILAR_ITEMS_SIGNATURE = "similar_items"  # retrieval model
+RATED_ITEMS_SIGNATURE = "rated_items"  # retrieval model: each user's training history, from user_id alone
 EXPLAIN_SIGNATURE = "explain"  # ranking model: because_item_ids for given movies
 
 

@@ -188,9 +188,21 @@ class Pipeline:
                      for query, row in zip(queries, rows)]
             if self.reasons:
                 self._explain_the_rest(users, rows, lists, explained, ranked.model_version, catalog, deadline, timings)
-        return [RankedList(self._fill_with_popular(items, query, catalog),
+        rated = self._rated_for_the_fill(lists, queries, catalog, deadline)
+        return [RankedList(self._fill_with_popular(items, query, catalog, rated.get(query.user_id, frozenset())),
                            len(query.recent_interactions) - len(interactions))
                 for items, query, interactions in zip(lists, queries, known_interactions)]
+
+    def _rated_for_the_fill(self, lists: list[list[Recommendation]], queries: list[Query], catalog: Catalog,
+                            deadline: Deadline) -> dict[str, frozenset[str]]:
+        """The training history of each known user whose list the popularity fill must complete (fewer
+        model items than asked for, rated movies left out): one call of the retrieval model's
+        `rated_items`, with the version of the catalog. Lists the models filled need none."""
+        short = sorted({query.user_id for items, query in zip(lists, queries)
+                        if len(items) < query.k and not query.include_rated and catalog.is_known_user(query.user_id)})
+        if not short:
+            return {}
+        return dict(zip(short, self.backend.rated_items(short, catalog.model_version, deadline.remaining())))
 
     @staticmethod
     def _explained(ranked: RankedCandidates) -> dict[int, dict[str, tuple[str, ...]]]:
@@ -285,13 +297,15 @@ class Pipeline:
                 for position, (item_id, score, similarity, stars) in enumerate(chosen)]
 
     @staticmethod
-    def _fill_with_popular(items: list[Recommendation], query: Query, catalog: Catalog) -> list[Recommendation]:
-        """Cold start, or too few candidates left: most popular movies not seen, excluded or listed."""
+    def _fill_with_popular(items: list[Recommendation], query: Query, catalog: Catalog,
+                           rated: frozenset[str]) -> list[Recommendation]:
+        """Cold start, or too few candidates left: most popular movies not seen (`rated`: the user's
+        training history), excluded or listed."""
         if len(items) >= query.k:
             return items
         taken = {item.item_id for item in items} | query.exclude_item_ids
         if not query.include_rated:
-            taken |= catalog.rated_item_ids.get(query.user_id, frozenset())
+            taken |= rated
             taken |= {item_id for item_id, _ in query.recent_interactions}
         for item_id in catalog.popular_item_ids:
             if len(items) >= query.k:

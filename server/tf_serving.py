@@ -34,6 +34,7 @@ from recsys.server.layout import (
     ITEM_ID_INPUT,
     ITEM_IDS_INPUT,
     RANKING_MODEL,
+    RATED_ITEMS_SIGNATURE,
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
     USER_ID_INPUT,
@@ -109,7 +110,8 @@ class TFServingBackend(Backend):
                  ranking_model: str = RANKING_MODEL, retrieval_signature: str = DEFAULT_SIGNATURE,
                  include_rated_signature: str = INCLUDE_RATED_SIGNATURE,
                  ranking_signature: str = DEFAULT_SIGNATURE, model_version: int | None = None,
-                 similar_signature: str = SIMILAR_ITEMS_SIGNATURE, explain_signature: str = EXPLAIN_SIGNATURE):
+                 similar_signature: str = SIMILAR_ITEMS_SIGNATURE, explain_signature: str = EXPLAIN_SIGNATURE,
+                 rated_items_signature: str = RATED_ITEMS_SIGNATURE):
         self.target = target
         self.models_dir = Path(models_dir)
         self.retrieval_model = retrieval_model
@@ -118,6 +120,7 @@ class TFServingBackend(Backend):
         self.ranking_signature = ranking_signature
         self.similar_signature = similar_signature
         self.explain_signature = explain_signature
+        self.rated_items_signature = rated_items_signature
         self.pinned_version = model_version
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -166,7 +169,8 @@ class TFServingBackend(Backend):
         """The configured signatures exist in both models of `version` (once per version)."""
         if str(version) in self._checked_signatures:
             return
-        for model, wanted in ((self.retrieval_model, {*self.retrieval_signatures.values(), self.similar_signature}),
+        for model, wanted in ((self.retrieval_model, {*self.retrieval_signatures.values(), self.similar_signature,
+                                                      self.rated_items_signature}),
                               (self.ranking_model, {self.ranking_signature, self.explain_signature})):
             request = get_model_metadata_pb2.GetModelMetadataRequest(
                 model_spec=self._spec(model, "", version), metadata_field=["signature_def"])
@@ -269,6 +273,16 @@ class TFServingBackend(Backend):
         response = self._call(self.stub.Predict, request, timeout,
                               f"model '{self.ranking_model}' version {model_version}")
         return to_numpy(response.outputs["because_item_ids"]).astype(str)
+
+    def rated_items(self, user_ids: Sequence[str], model_version: str,
+                    timeout: float | None = None) -> list[frozenset[str]]:
+        request = predict_pb2.PredictRequest(
+            model_spec=self._spec(self.retrieval_model, self.rated_items_signature, model_version),
+            output_filter=["item_ids"])
+        request.inputs[USER_ID_INPUT].CopyFrom(string_tensor(list(user_ids)))
+        response = self._call(self.stub.Predict, request, timeout,
+                              f"model '{self.retrieval_model}' version {model_version}")
+        return [frozenset(item for item in row if item) for row in to_numpy(response.outputs["item_ids"]).astype(str).tolist()]
 
     def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
         version = self._serving_version()

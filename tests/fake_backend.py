@@ -21,6 +21,7 @@ from recsys.server.catalog import Catalog
 from recsys.server.layout import METADATA_DIR
 
 VERSION = "1"
+FAKE_HISTORY = "fake-rated-items.json"  # the fake model's training history: user -> rated movies
 
 
 def movie_ids(count: int) -> list[str]:
@@ -30,15 +31,17 @@ def movie_ids(count: int) -> list[str]:
 def write_fake_metadata(models_dir: Path, movies: int = 50, rated: dict[str, list[str]] | None = None,
                         candidate_count: int = 20) -> Path:
     """metadata/1.json for `movies` movies ("m0", "m1", ...; popularity in that order) and the trained
-    users' rated movies (default: "u1" rated m0 to m4)."""
+    users, whose rated movies (default: "u1" rated m0 to m4) the fake model keeps in a file of its
+    own, as the real ones keep them in their graphs."""
     items = movie_ids(movies)
     rated = {"u1": items[:5]} if rated is None else rated
     metadata = {"model_version": int(VERSION), "candidate_count": candidate_count,
                 "items": {item: {"title": f"Movie {item}", "genres": ["Drama"]} for item in items},
-                "popular_item_ids": items, "rated_item_ids": rated, "preset": {"name": "fake"},
+                "popular_item_ids": items, "user_ids": sorted(rated), "preset": {"name": "fake"},
                 "serves_interactions": True}
     (models_dir / METADATA_DIR).mkdir(parents=True, exist_ok=True)
     (models_dir / METADATA_DIR / f"{VERSION}.json").write_text(json.dumps(metadata))
+    (models_dir / FAKE_HISTORY).write_text(json.dumps(rated))
     return models_dir
 
 
@@ -61,7 +64,7 @@ class FakeBackend(Backend):
         metadata = json.loads((Path(models_dir) / METADATA_DIR / f"{VERSION}.json").read_text())
         self.movies = list(metadata["popular_item_ids"])
         self.position = {item: n for n, item in enumerate(self.movies)}
-        self.rated = {user: set(items) for user, items in metadata["rated_item_ids"].items()}
+        self.rated = {user: set(items) for user, items in json.loads((Path(models_dir) / FAKE_HISTORY).read_text()).items()}
         self.candidate_count = metadata["candidate_count"]
         self.delay, self.fail_with = delay, fail_with
         self.calls = 0
@@ -126,6 +129,11 @@ class FakeBackend(Backend):
             sent = sorted(self._sent(users, row))[:3]
             reasons[row, :, :len(sent)] = sent
         return reasons.astype(str)
+
+    def rated_items(self, user_ids: Sequence[str], model_version: str,
+                    timeout: float | None = None) -> list[frozenset[str]]:
+        self._call(UserBatch.of(user_ids))
+        return [frozenset(self.rated.get(user, ())) for user in user_ids]
 
     def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
         self._call(users)

@@ -69,7 +69,7 @@ def test_the_chief_export_serves_like_any_export(two_worker_export, ml100k_split
     users, counts = np.unique(ml100k_split[0][:, 0], return_counts=True)
     heaviest_user = str(users[np.argmax(counts)])
     retrieval = tf.saved_model.load(str(out / "retrieval" / "1"))
-    assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items"}
+    assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items", "rated_items"}
     result = cpp_run(out / "retrieval" / "1", numpy_inputs(user_side([heaviest_user])), ["item_ids", "scores"])
     rated = {str(item) for user, item in ml100k_split[0][:, :2] if str(user) == heaviest_user}
     assert not set(result["item_ids"][0].astype(str)) & rated

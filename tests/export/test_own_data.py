@@ -42,7 +42,8 @@ def test_a_csv_catalog_trains_evaluates_and_serves_like_movielens(movielens, tmp
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["systems"]["two_stage"]["hr@10"] > metrics["systems"]["popularity"]["hr@10"]
     assert json.loads(metadata_path(models, 1).read_text())["dataset"] == "csv"
-    recommender, port = create_server("127.0.0.1:0", InProcessBackend(models), models, ServerOptions(poll_seconds=0.3))
+    backend = InProcessBackend(models)
+    recommender, port = create_server("127.0.0.1:0", backend, models, ServerOptions(poll_seconds=0.3))
     recommender.start()
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
@@ -90,7 +91,8 @@ def test_a_new_user_records_ratings_then_the_next_version_knows_them(data_dir, m
         (models / name).mkdir(parents=True)
     location = str(tmp_path / "interactions.sqlite3")
     store = open_store(location)
-    recommender, port = create_server("127.0.0.1:0", InProcessBackend(models), models,
+    backend = InProcessBackend(models)
+    recommender, port = create_server("127.0.0.1:0", backend, models,
                                       ServerOptions(poll_seconds=0.3), store)
     recommender.start()
     try:
@@ -112,7 +114,7 @@ def test_a_new_user_records_ratings_then_the_next_version_knows_them(data_dir, m
             wait_for(lambda: client.model_info().model_version == "2", 60, "version 2")
             catalog = CatalogStore(models).get("2")
             assert catalog.is_known_user("new-user")
-            assert sorted(catalog.rated_item_ids["new-user"]) == sorted(item for item, _ in ratings)
+            assert sorted(backend.rated_items(["new-user"], "2")[0]) == sorted(item for item, _ in ratings)
             items = client.recommend("new-user")
             assert not {item for item, _ in ratings} & {item.item_id for item in items}
             assert client.forget_user("new-user") == 12

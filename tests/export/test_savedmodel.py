@@ -43,7 +43,7 @@ def _inputs(signature) -> dict[str, tuple[list, tf.DType]]:
 
 def test_retrieval_signatures_are_pinned(loaded, trained):
     retrieval, _ = loaded
-    assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items"}
+    assert set(retrieval.signatures) == {"serving_default", "include_rated", "similar_items", "rated_items"}
     candidate_count = trained[1].retrieval.candidate_count
     for name in ("serving_default", "include_rated"):
         signature = retrieval.signatures[name]
@@ -51,6 +51,22 @@ def test_retrieval_signatures_are_pinned(loaded, trained):
         outputs = signature.structured_outputs
         assert outputs["item_ids"].dtype == tf.string and outputs["scores"].dtype == tf.float32
         assert outputs["item_ids"].shape.as_list() == [None, candidate_count]
+
+
+def test_rated_items_is_pinned_and_is_the_training_history(loaded, models_dir, split):
+    """Who rated what is in the graph, not in the metadata: the popularity fill asks `rated_items`."""
+    retrieval, _ = loaded
+    signature = retrieval.signatures["rated_items"]
+    assert _inputs(signature) == {"user_id": ([None], tf.string)}
+    assert {name: (t.dtype, t.shape.as_list()) for name, t in signature.structured_outputs.items()} == {
+        "item_ids": (tf.string, [None, None])}
+    fit = from_rows(split[0])
+    rows = signature(user_id=tf.constant(USERS))["item_ids"].numpy().astype(str).tolist()
+    for user, row in zip(USERS, rows):
+        assert sorted(item for item in row if item) == sorted(fit.rated_item_ids.get(user, [])), user
+    assert not any(rows[-1]), "an unknown id has no history"
+    metadata = (models_dir / "metadata" / "1.json").read_text()
+    assert "rated_item_ids" not in metadata and '"user_ids"' in metadata
 
 
 def test_ranking_signature_is_pinned(loaded):
@@ -204,17 +220,22 @@ def test_warmup_records_are_prediction_logs_that_run(models_dir):
             request = log.predict_log.request
             assert request.model_spec.name == model
             feeds = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
-            with_interactions += feeds["interaction_item_ids"].shape[1] > 0
             signature = request.model_spec.signature_name or "serving_default"
             signatures.add(signature)
             outputs = {"retrieval": ["item_ids", "scores"], "ranking": ["predicted_rating", "score"]}[model]
             if signature == "explain":
                 outputs = ["because_item_ids", "because_scores"]
+            if signature == "rated_items":
+                assert set(feeds) == {"user_id"}
+                outputs = ["item_ids"]
+            else:
+                with_interactions += feeds["interaction_item_ids"].shape[1] > 0
             result = cpp_run(models_dir / model / "1", feeds, outputs, signature, session)
             assert len(result[outputs[0]]) == len(feeds["user_id"])
         session.close()
         assert with_interactions >= 2, "warmup exercises the interaction path too"
-    assert signatures == {"serving_default", "include_rated", "similar_items", "explain"}, "every signature is warmed"
+    assert signatures == {"serving_default", "include_rated", "similar_items", "rated_items", "explain"}, \
+        "every signature is warmed"
 
 
 def test_a_second_export_gets_the_next_version_and_keeps_the_first(tmp_path, trained):

@@ -41,6 +41,18 @@ def test_rated_and_excluded_movies_are_never_returned(client, heaviest_user, spl
     assert {item.item_id for item in with_rated} & rated, "include_rated lets rated movies through"
 
 
+def test_a_known_users_popular_fill_leaves_their_training_history_out(client, models_dir, heaviest_user, split):
+    """The metadata holds no interactions: the fill asks the retrieval model (`rated_items`)."""
+    rated = {str(item) for user, item in split[0][:, :2] if str(user) == heaviest_user}
+    catalog = CatalogStore(models_dir).get("1")
+    allowed = [item for item in catalog.popular_item_ids if item not in rated][-5:]
+    excluded = [item for item in catalog.popular_item_ids if item not in rated and item not in allowed]
+    items = client.recommend(heaviest_user, k=10, exclude=excluded)
+    assert sorted(item.item_id for item in items) == sorted(allowed), "five movies left; none of the history"
+    with_rated = client.recommend(heaviest_user, k=10, exclude=excluded, include_rated=True)
+    assert len(with_rated) == 10 and {item.item_id for item in with_rated} & rated
+
+
 def test_unknown_user_gets_popular_fallback(client, models_dir):
     popular = CatalogStore(models_dir).get("1").popular_item_ids
     items = client.recommend("a-user-nobody-knows", k=5, exclude=[popular[1]])

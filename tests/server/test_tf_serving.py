@@ -49,10 +49,13 @@ def served(models_dir, tf_serving):
     recommender.stop(0).wait()
 
 
-def test_same_items_same_order_as_in_process(served, client):
+def test_same_items_same_order_as_in_process(served, client, models_dir):
     via_tf_serving, _ = served
+    # All but the 15 least popular movies excluded: lists the popularity fill completes without the history.
+    all_but_15 = list(CatalogStore(models_dir).get("1").popular_item_ids[:-15])
     for user in SAMPLE_USERS:
         for options in ({"k": 20}, {"k": 10, "exclude": ["50", "100", "181"]}, {"k": 10, "include_rated": True},
+                        {"k": 20, "exclude": all_but_15},
                         {"k": 20, "interactions": [("50", 5.0), ("181", 0.0), ("2", 1.0), ("no-such-movie", 3.0)]},
                         {"k": 10, "include_rated": True, "interactions": [("1", 4.5)]}):
             remote = via_tf_serving.recommend(user, **options)
@@ -96,8 +99,12 @@ def test_one_predict_call_per_stage_each_pinned_to_the_served_version(served, mo
         return predict(request, **kwargs)
 
     monkeypatch.setattr(backend.stub, "Predict", counting)
-    via_tf_serving.recommend("42", k=50)
-    assert sent == [("retrieval", "serving_default", 1), ("ranking", "serving_default", 1), ("ranking", "explain", 1)]
+    via_tf_serving.recommend("42", k=20)
+    stages = [("retrieval", "serving_default", 1), ("ranking", "serving_default", 1), ("ranking", "explain", 1)]
+    assert sent == stages
+    sent.clear()
+    assert len(via_tf_serving.recommend("42", k=50)) == 50, "more than the 40 candidates: the fill completes it"
+    assert sent == stages + [("retrieval", "rated_items", 1)], "the history the fill leaves out, asked only then"
 
 
 def test_warmup_records_run_against_tf_serving(models_dir, tf_serving):
