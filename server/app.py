@@ -147,7 +147,9 @@ class RecommenderServer:
 
     def __init__(self, grpc_server: grpc.aio.Server, loop_thread: EventLoopThread,
                  health_servicer: health.aio.HealthServicer, monitor: ReadinessMonitor, backend: Backend,
-                 servicer: RecommenderServicer, max_request_bytes: int = ServerOptions.max_request_bytes):
+                 servicer: RecommenderServicer, max_request_bytes: int = ServerOptions.max_request_bytes,
+                 tls: tuple[bytes, bytes] | None = None):
+        """`tls`: (certificate chain, private key) PEM, served by the gRPC port and the HTTP face alike."""
         self.grpc_server = grpc_server
         self.loop_thread = loop_thread
         self.health = health_servicer
@@ -156,6 +158,7 @@ class RecommenderServer:
         self.servicer = servicer
         self.max_request_bytes = max_request_bytes
         self._http_runner = None  # serve_http's
+        self.tls = tls
         self.metrics = servicer.observer.metrics
         self._stopped = threading.Event()
         self._stopping = False
@@ -169,11 +172,13 @@ class RecommenderServer:
         return http_server.server_port
 
     def serve_http(self, port: int, host: str) -> int:
-        """Serve the JSON/HTTP face (server/rest.py) on `host`; returns the bound port (0 picks one)."""
-        from recsys.server.rest import build_app, start_http
+        """Serve the JSON/HTTP face (server/rest.py) on `host`, over TLS when the gRPC port is; returns the
+        bound port (0 picks one)."""
+        from recsys.server.rest import build_app, start_http, tls_context
 
         app = build_app(self.servicer, self.backend.is_ready, self.max_request_bytes)
-        self._http_runner, bound = self.loop_thread.run(start_http(app, host, port))
+        context = tls_context(*self.tls) if self.tls else None
+        self._http_runner, bound = self.loop_thread.run(start_http(app, host, port, context))
         return bound
 
     def start(self) -> None:
@@ -286,5 +291,6 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
         counted.append((lambda: store.read_timeouts, observer.metrics.store_read_timeouts))
     monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.get,
                                counted)
+    tls = (options.tls_cert, options.tls_key) if options.tls_cert and options.tls_key else None
     return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer,
-                             options.max_request_bytes), port
+                             options.max_request_bytes, tls), port

@@ -12,7 +12,9 @@ one map of errors to statuses (server/status.py) are the gRPC service's, unchang
   with the HTTP status grpc-gateway gives the gRPC code. Their trailing metadata are response
   headers (Recommend's `unknown-interactions`; SimilarItems' `item-title-bin`, base64 as in gRPC).
 - `GET /v1/openapi.json` describes the routes (server/openapi.py); `GET /` is a page to try the
-  service (server/web/index.html); `GET /v1/health` is readiness (200 or 503).
+  service (server/web/index.html); `GET /v1/health` is readiness (200 or 503), `GET
+  /v1/health/live` liveness, as gRPC health's two names.
+- With the server's TLS pair (`--tls-cert`, `--tls-key`) the face serves HTTPS only, like the gRPC port.
 """
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ import asyncio
 import base64
 import json
 import re
+import ssl
+import tempfile
 import time
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -166,19 +171,38 @@ def build_app(servicer, is_ready: Callable[[], bool], max_request_bytes: int) ->
         ready = is_ready()
         return web.json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
 
+    async def live(_: web.Request) -> web.Response:  # gRPC health's "" service: the process answers
+        return web.json_response({"status": "SERVING"})
+
     async def index(_: web.Request) -> web.Response:
         return web.Response(body=page, content_type="text/html", charset="utf-8")
 
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/health/live", live)
     app.router.add_get("/", index)
     return app
 
 
-async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve `app` on the running loop; returns the runner (to clean up) and the bound port."""
+def tls_context(certificate_chain: bytes, private_key: bytes) -> ssl.SSLContext:
+    """A server context for the PEM pair the gRPC port serves. `ssl` loads keys from files only: the
+    pair passes through a private temporary directory, removed at once."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory(prefix="recsys-tls-") as directory:
+        chain, key = Path(directory) / "chain.pem", Path(directory) / "key.pem"
+        chain.write_bytes(certificate_chain)
+        key.touch(0o600)
+        key.write_bytes(private_key)
+        context.load_cert_chain(chain, key)
+    return context
+
+
+async def start_http(app: web.Application, host: str, port: int,
+                     tls: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serve `app` on the running loop (HTTPS with `tls`); returns the runner (to clean up) and the
+    bound port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]") or "::", port)
+    site = web.TCPSite(runner, host.strip("[]") or "::", port, ssl_context=tls)
     await site.start()
     return runner, runner.addresses[0][1]

@@ -2,7 +2,6 @@
 import yaml
 
 from recsys.server.__main__ import EXIT_SLACK_SECONDS, build_parser
-from recsys.server.app import LIVENESS_SERVICE, SERVICE_NAME
 from tests.conftest import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "server" / "deploy"
@@ -19,8 +18,15 @@ def test_kubernetes_manifest_matches_the_server():
     args = build_parser().parse_args(container["args"])
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert args.port == ports["grpc"] and args.metrics_port == ports["metrics"]
-    assert container["readinessProbe"]["grpc"] == {"port": args.port, "service": SERVICE_NAME}
-    assert container["livenessProbe"]["grpc"] == {"port": args.port, "service": LIVENESS_SERVICE}
+    assert args.tls_cert and args.tls_key, "TLS on both ports"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v1/health", "port": args.http_port, "scheme": "HTTPS"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v1/health/live", "port": args.http_port,
+                                                     "scheme": "HTTPS"}, "the kubelet's grpc probes cannot speak TLS"
+    assert ports["https"] == args.http_port
+    tls_mount = next(mount for mount in container["volumeMounts"] if str(args.tls_cert).startswith(mount["mountPath"]))
+    assert str(args.tls_key).startswith(tls_mount["mountPath"]) and {args.tls_cert.name, args.tls_key.name} == {
+        "tls.crt", "tls.key"}, "the keys of a kubernetes.io/tls Secret"
+    assert next(volume for volume in recommender["volumes"] if volume["name"] == tls_mount["name"])["secret"]
     assert recommender["terminationGracePeriodSeconds"] >= args.grace_seconds + EXIT_SLACK_SECONDS
     assert container["imagePullPolicy"] == "IfNotPresent", "a local recsys:latest is never pulled"
     claim = objects[("PersistentVolumeClaim", "recsys-models")]["spec"]

@@ -118,6 +118,25 @@ def test_credentials_are_the_grpc_services(fake_models):
         recommender.stop(0).wait(10)
 
 
+class UnreadyBackend(FakeBackend):
+    def is_ready(self) -> bool:
+        return False
+
+
+def test_health_is_readiness_and_live_is_liveness(fake_models):
+    recommender, _ = create_server("127.0.0.1:0", UnreadyBackend(fake_models), fake_models,
+                                   ServerOptions(poll_seconds=0.2))
+    recommender.start()
+    http_port = recommender.serve_http(0, "127.0.0.1")
+    try:
+        status, _, text = call(http_port, "/v1/health", method="GET")
+        assert (status, json.loads(text)) == (503, {"status": "NOT_SERVING"})
+        status, _, text = call(http_port, "/v1/health/live", method="GET")
+        assert (status, json.loads(text)) == (200, {"status": "SERVING"}), "not ready is not dead"
+    finally:
+        recommender.stop(0).wait(10)
+
+
 def test_the_same_request_gives_the_same_items_over_http_and_grpc_with_the_real_models(running_server, models_dir):
     recommender, port = running_server
     popular = CatalogStore(models_dir).get("1").popular_item_ids

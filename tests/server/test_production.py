@@ -1,14 +1,17 @@
 """Operator promises: hot reload, drain, limits, TLS, auth, logs and metrics, over real channels."""
 import datetime
 import gc
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent import futures
 
@@ -348,9 +351,25 @@ def test_tls_and_bearer_token(models_dir, caplog):
             assert status_of(lambda: impostor.recommend("42"))[0] == grpc.StatusCode.UNAUTHENTICATED
         with RecommenderClient(target, token=token) as plaintext:
             assert status_of(lambda: plaintext.recommend("42", timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
+        _the_http_face_serves_https_only(recommender, cert, token)
         assert token not in caplog.text
     finally:
         recommender.stop(0).wait()
+
+
+def _the_http_face_serves_https_only(recommender, cert: bytes, token: str) -> None:
+    """The same pair on the HTTP face: probes (open) and calls (with the token) over HTTPS only."""
+    port = recommender.serve_http(0, "127.0.0.1")
+    verified = ssl.create_default_context(cadata=cert.decode())
+    for path in ("/v1/health", "/v1/health/live"):
+        answer = urllib.request.urlopen(f"https://localhost:{port}{path}", timeout=5, context=verified)
+        assert answer.status == 200 and json.load(answer) == {"status": "SERVING"}
+    call = urllib.request.Request(f"https://localhost:{port}/v1/recommend", data=b'{"userId": "42", "k": 3}',
+                                  headers={"Authorization": f"Bearer {token}"})
+    lines = urllib.request.urlopen(call, timeout=10, context=verified).read().decode().splitlines()
+    assert [json.loads(line)["rank"] for line in lines] == [1, 2, 3]
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://localhost:{port}/v1/health", timeout=5)
 
 
 def test_one_structured_log_line_per_request(client, caplog):
