@@ -6,13 +6,68 @@ run (and are tested, against a fake backend) without a model. The hosts are `ser
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from recsys.server.catalog import Catalog
+from recsys.server.errors import Cancelled, DeadlineExceeded
+
+
+class Deadline:
+    """One request's budget, handed down every layer (servicer, batcher, pipeline, backend) in place
+    of timeouts: when it expires, whether its caller went away, and where its time went.
+
+    `remaining()` is what a network call may take (None: no deadline); it raises DeadlineExceeded
+    once the time is up and Cancelled once `is_cancelled` says the caller is gone, so work stops
+    between stages. `timings` collects seconds per stage (`stage`), for the request log and metrics.
+    """
+
+    def __init__(self, seconds: float | None = None, is_cancelled: Callable[[], bool] | None = None,
+                 timings: dict[str, float] | None = None):
+        self.expires = None if seconds is None else time.monotonic() + seconds
+        self.is_cancelled = is_cancelled
+        self.timings = timings if timings is not None else {}
+
+    @classmethod
+    def until(cls, expires: float | None, is_cancelled: Callable[[], bool] | None = None,
+              timings: dict[str, float] | None = None) -> "Deadline":
+        """A deadline at `expires` (time.monotonic()), e.g. the latest of a batch's callers'."""
+        deadline = cls(None, is_cancelled, timings)
+        deadline.expires = expires
+        return deadline
+
+    def capped(self, seconds: float) -> "Deadline":
+        """The same request, never longer than `seconds` from now (a backend call's cap)."""
+        cap = time.monotonic() + seconds
+        return Deadline.until(cap if self.expires is None else min(self.expires, cap), self.is_cancelled, self.timings)
+
+    def remaining(self) -> float | None:
+        if self.is_cancelled is not None and self.is_cancelled():
+            raise Cancelled("the caller cancelled the request")
+        if self.expires is None:
+            return None
+        left = self.expires - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded before the recommendation was complete")
+        return left
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Adds the block's wall time to `timings[name]`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+
+def remaining(deadline: Deadline | None) -> float | None:
+    """Seconds a call may take under `deadline` (None: no limit)."""
+    return None if deadline is None else deadline.remaining()
 
 
 @dataclass(frozen=True)
@@ -77,7 +132,8 @@ class RankedCandidates:
 
 
 class Backend(abc.ABC):
-    """Where the SavedModels run. `timeout` is the seconds left of the caller's deadline."""
+    """Where the SavedModels run. `deadline`: the request's (None: none); a backend that waits on the
+    network gives each call what is left of it."""
 
     name: str
     # True when a model call is computation in this process (no network waits): batches then
@@ -87,47 +143,43 @@ class Backend(abc.ABC):
     load_failures: int = 0
 
     @abc.abstractmethod
-    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None) -> Candidates:
         ...
 
     @abc.abstractmethod
     def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-             timeout: float | None = None) -> Scores:
+             deadline: Deadline | None = None) -> Scores:
         """Score each user's movies (`item_ids`: [users, candidates]) with the ranking model of
         `model_version` (the one that retrieved them)."""
 
     @abc.abstractmethod
     def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-                timeout: float | None = None) -> np.ndarray:
+                deadline: Deadline | None = None) -> np.ndarray:
         """For each user's movies (`item_ids`: [users, n]), the movies of their history that raise the
         score the most: str [users, n, reasons], "" where fewer do (the ranking model's `explain`)."""
 
     @abc.abstractmethod
     def rated_items(self, user_ids: Sequence[str], model_version: str,
-                    timeout: float | None = None) -> list[frozenset[str]]:
+                    deadline: Deadline | None = None) -> list[frozenset[str]]:
         """Each user's training history with the retrieval model of `model_version` (its `rated_items`):
         what the popularity fill leaves out. Asked only when a list needs the fill."""
 
     @abc.abstractmethod
-    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+    def similar(self, users: UserBatch, item_ids: Sequence[str], deadline: Deadline | None = None) -> Candidates:
         """Each movie's nearest movies (one movie per user row; "" user ids for none), without the movie
         itself or the user's history (the retrieval model's `similar_items`)."""
 
-    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None,
+                          explain_top: int = 0) -> RankedCandidates:
         """Both stages for every candidate of every user: retrieve, then rank all candidates in one call
-        with the same model version. `stage_seconds` accumulates "retrieval" and "ranking" time.
+        with the same model version, timed as the deadline's "retrieval" and "ranking" stages.
         `explain_top`: a backend that can explain each user's best movies in the same call does so
         (`fuse`); others leave that to `explain`."""
-        timings = stage_seconds if stage_seconds is not None else {}
-        started = time.perf_counter()
-        expires = None if timeout is None else time.monotonic() + timeout
-        candidates = self.retrieve(users, include_rated, timeout)
-        timings["retrieval"] = timings.get("retrieval", 0.0) + time.perf_counter() - started
-        started = time.perf_counter()
-        remaining = None if expires is None else max(0.0, expires - time.monotonic())
-        ranked = self.rank(users, candidates.item_ids, candidates.model_version, remaining)
-        timings["ranking"] = timings.get("ranking", 0.0) + time.perf_counter() - started
+        deadline = deadline or Deadline()
+        with deadline.stage("retrieval"):
+            candidates = self.retrieve(users, include_rated, deadline)
+        with deadline.stage("ranking"):
+            ranked = self.rank(users, candidates.item_ids, candidates.model_version, deadline)
         return RankedCandidates(candidates.item_ids, candidates.scores, ranked.score, ranked.predicted_rating,
                                 candidates.model_version)
 

@@ -24,6 +24,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from recsys.server.backend import Deadline, remaining
 from recsys.server.errors import Cancelled, DeadlineExceeded, Overloaded
 from recsys.server.pipeline import Pipeline, RankedList
 from recsys.server.validation import Query
@@ -34,14 +35,12 @@ log = logging.getLogger("recsys.server")
 @dataclass
 class _Pending:
     queries: Sequence[Query]
-    expires: float | None  # time.monotonic() of the caller's deadline
+    deadline: Deadline  # the caller's: its expiry, whether it went away, its timings
     future: futures.Future = field(default_factory=futures.Future)
-    stage_seconds: dict[str, float] | None = None
-    is_cancelled: Callable[[], bool] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
 
     def gone(self) -> bool:
-        return self.is_cancelled is not None and self.is_cancelled()
+        return self.deadline.is_cancelled is not None and self.deadline.is_cancelled()
 
 
 class _CostQueue:
@@ -87,16 +86,13 @@ class _CostQueue:
             return self._next()
 
 
-def _capped(timeout: float | None, cap: float) -> float:
-    return cap if timeout is None else min(timeout, cap)
-
-
-def _batch_timeout(batch: list[_Pending], cap: float) -> float:
-    """The longest remaining deadline in the batch, at most `cap`: a backend call never outlives
-    every caller, nor runs longer than the cap for callers that set no deadline."""
-    if any(pending.expires is None for pending in batch):
-        return cap
-    return _capped(max(0.0, max(pending.expires for pending in batch) - time.monotonic()), cap)
+def _batch_deadline(batch: list[_Pending], cap: float) -> Deadline:
+    """The latest of the batch's deadlines, at most `cap` from now: a backend call never outlives
+    every caller, nor runs longer than the cap for callers that set no deadline. The batch is
+    cancelled once every caller is gone; its timings are copied to each caller's."""
+    expiries = [pending.deadline.expires for pending in batch]
+    latest = None if None in expiries else max(expiries)
+    return Deadline.until(latest, lambda: all(pending.gone() for pending in batch)).capped(cap)
 
 
 class RequestBatcher:
@@ -120,25 +116,20 @@ class RequestBatcher:
     def current_catalog(self):
         return self.pipeline.current_catalog()
 
-    def submit(self, queries: Sequence[Query], timeout: float | None = None,
-               stage_seconds: dict[str, float] | None = None,
-               is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
+    def submit(self, queries: Sequence[Query], deadline: Deadline | None = None) -> futures.Future:
         """Queue the queries for the next batch; cancelling the future before it runs drops them."""
         with self._lock:
             if self._queued_queries + len(queries) > self.max_queued_queries:
                 raise Overloaded(f"{self._queued_queries} queries are waiting for the models; retry later")
             self._queued_queries += len(queries)
-        expires = None if timeout is None else time.monotonic() + timeout
-        pending = _Pending(queries, expires, stage_seconds=stage_seconds, is_cancelled=is_cancelled)
+        pending = _Pending(queries, deadline or Deadline())
         self._queue.put(pending)
         return pending.future
 
-    def recommend(self, queries: Sequence[Query], timeout: float | None = None,
-                  stage_seconds: dict[str, float] | None = None,
-                  is_cancelled: Callable[[], bool] | None = None) -> list[RankedList]:
-        future = self.submit(queries, timeout, stage_seconds, is_cancelled)
+    def recommend(self, queries: Sequence[Query], deadline: Deadline | None = None) -> list[RankedList]:
+        future = self.submit(queries, deadline)
         try:
-            return future.result(timeout)
+            return future.result(remaining(deadline))
         except futures.TimeoutError:
             future.cancel()
             raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
@@ -189,20 +180,16 @@ class RequestBatcher:
             queries = [query for pending in batch for query in pending.queries]
             if self.observe_batch is not None:
                 self.observe_batch(len(queries))
-            timings: dict[str, float] = {}
+            deadline = _batch_deadline(batch, self.backend_timeout)
             try:
-                results = self.pipeline.recommend(queries,
-                                                  timeout=_batch_timeout(batch, self.backend_timeout),
-                                                  stage_seconds=timings,
-                                                  is_cancelled=lambda batch=batch: all(pending.gone() for pending in batch))
+                results = self.pipeline.recommend(queries, deadline)
             except Exception as error:  # noqa: BLE001 - handed to every caller, mapped there
                 for pending in batch:
                     pending.future.set_exception(error)
                 continue
             offset = 0
             for pending in batch:
-                if pending.stage_seconds is not None:
-                    pending.stage_seconds.update(timings, queue=started - pending.queued_at)
+                pending.deadline.timings.update(deadline.timings, queue=started - pending.queued_at)
                 pending.future.set_result(results[offset:offset + len(pending.queries)])
                 offset += len(pending.queries)
 
@@ -223,9 +210,8 @@ class ThreadedPipeline:
     def current_catalog(self):
         return self.pipeline.current_catalog()
 
-    def submit(self, queries: Sequence[Query], timeout: float | None = None,
-               stage_seconds: dict[str, float] | None = None,
-               is_cancelled: Callable[[], bool] | None = None) -> futures.Future:
+    def submit(self, queries: Sequence[Query], deadline: Deadline | None = None) -> futures.Future:
+        deadline = deadline or Deadline()
         with self._lock:
             if self._queued_queries + len(queries) > self.max_queued_queries:
                 raise Overloaded(f"{self._queued_queries} queries are waiting for the models; retry later")
@@ -237,10 +223,8 @@ class ThreadedPipeline:
                 self._queued_queries -= len(queries)
                 self._running += 1
             try:
-                if stage_seconds is not None:
-                    stage_seconds["queue"] = time.perf_counter() - queued_at
-                return self.pipeline.recommend(queries, _capped(timeout, self.backend_timeout), stage_seconds,
-                                               is_cancelled)
+                deadline.timings["queue"] = time.perf_counter() - queued_at
+                return self.pipeline.recommend(queries, deadline.capped(self.backend_timeout))
             finally:
                 with self._idle:
                     self._running -= 1

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from recsys.server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
+from recsys.server.backend import Backend, Candidates, Deadline, RankedCandidates, Scores, UserBatch
 from recsys.server.catalog import Catalog
 from recsys.server.errors import ModelsUnavailable
 from recsys.server.layout import (
@@ -264,18 +264,16 @@ class InProcessBackend(Backend):
             raise ModelsUnavailable(self.not_ready_reason())
         return pair
 
-    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None) -> Candidates:
         pair = self._serving_pair()
         outputs = pair.retrieve[include_rated](**_user_inputs(users))
         return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)
 
-    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None,
+                          explain_top: int = 0) -> RankedCandidates:
         pair = self._serving_pair()
-        started = time.perf_counter()
-        outputs = pair.retrieve_and_rank[include_rated](*_user_inputs(users).values(), tf.constant(explain_top))
-        if stage_seconds is not None:  # one graph: the stages cannot be timed apart
-            stage_seconds["models"] = stage_seconds.get("models", 0.0) + time.perf_counter() - started
+        with (deadline or Deadline()).stage("models"):  # one graph: the stages cannot be timed apart
+            outputs = pair.retrieve_and_rank[include_rated](*_user_inputs(users).values(), tf.constant(explain_top))
         explained = pair.explains and explain_top > 0
         return RankedCandidates(_strings(outputs["item_ids"]), outputs["retrieval_scores"].numpy(),
                                 outputs["score"].numpy(), outputs["predicted_rating"].numpy(), pair.model_version,
@@ -289,23 +287,23 @@ class InProcessBackend(Backend):
         return pair
 
     def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-             timeout: float | None = None) -> Scores:
+             deadline: Deadline | None = None) -> Scores:
         outputs = self._pair_of(model_version).rank(**_user_inputs(users),
                                                     **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
         return Scores(outputs["predicted_rating"].numpy(), outputs["score"].numpy(), model_version)
 
     def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-                timeout: float | None = None) -> np.ndarray:
+                deadline: Deadline | None = None) -> np.ndarray:
         outputs = self._pair_of(model_version).explain(**_user_inputs(users),
                                                        **{ITEM_IDS_INPUT: tf.constant(item_ids, dtype=tf.string)})
         return _strings(outputs["because_item_ids"])
 
     def rated_items(self, user_ids: Sequence[str], model_version: str,
-                    timeout: float | None = None) -> list[frozenset[str]]:
+                    deadline: Deadline | None = None) -> list[frozenset[str]]:
         outputs = self._pair_of(model_version).rated_items(**{USER_ID_INPUT: tf.constant(list(user_ids), dtype=tf.string)})
         return [frozenset(item for item in row if item) for row in _strings(outputs["item_ids"]).tolist()]
 
-    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+    def similar(self, users: UserBatch, item_ids: Sequence[str], deadline: Deadline | None = None) -> Candidates:
         pair = self._serving_pair()
         outputs = pair.similar(**_user_inputs(users), **{ITEM_ID_INPUT: tf.constant(list(item_ids), dtype=tf.string)})
         return Candidates(_strings(outputs["item_ids"]), outputs["scores"].numpy(), pair.model_version)

@@ -13,15 +13,14 @@ calls this same code, so its numbers are what the service returns.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from recsys.server.backend import Backend, RankedCandidates, UserBatch
+from recsys.server.backend import Backend, Deadline, RankedCandidates, UserBatch, remaining
 from recsys.server.catalog import Catalog, CatalogStore
-from recsys.server.errors import Cancelled, DeadlineExceeded, ModelsUnavailable, NotFound, StoreUnavailable
+from recsys.server.errors import ModelsUnavailable, NotFound, StoreUnavailable
 from recsys.server.options import DEFAULTS
 from recsys.server.store import NO_RECORDS, InteractionStore, UserRecords
 from recsys.server.validation import Interaction, Query, SimilarQuery
@@ -82,25 +81,6 @@ def as_served(query: Query, records: UserRecords) -> Query:
     return merged
 
 
-class Deadline:
-    """Seconds left of the caller's deadline, checked between stages; also stops work for
-    callers that went away (`is_cancelled`)."""
-
-    def __init__(self, seconds: float | None, is_cancelled: Callable[[], bool] | None = None):
-        self.expires = None if seconds is None else time.monotonic() + seconds
-        self.is_cancelled = is_cancelled
-
-    def remaining(self) -> float | None:
-        if self.is_cancelled is not None and self.is_cancelled():
-            raise Cancelled("the caller cancelled the request")
-        if self.expires is None:
-            return None
-        left = self.expires - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("deadline exceeded before the recommendation was complete")
-        return left
-
-
 class Pipeline:
     """`store`: recorded interactions, each user's newest `stored_interactions` merged into every
     query (`with_stored`), read within `store_read_seconds`; when the store fails or runs out of
@@ -118,21 +98,19 @@ class Pipeline:
         self.store_read_seconds = store_read_seconds
         self.store_reads_failed = 0  # Recommend calls served without their stored interactions
 
-    def _stored(self, queries: Sequence[Query], timings: dict[str, float]) -> UserRecords:
+    def _stored(self, queries: Sequence[Query], deadline: Deadline) -> UserRecords:
         """The batch's users' stored interactions and erasures, in one transaction within the read
         budget; nothing if the store fails or is slower than that. Erasures are read even when no
         stored interactions are merged (`stored_interactions` 0)."""
         if self.store is None:
             return NO_RECORDS
-        started = time.perf_counter()
-        try:
-            return self.store.records_within([query.user_id for query in queries], max(self.stored_interactions, 0),
-                                             self.store_read_seconds)
-        except StoreUnavailable:
-            self.store_reads_failed += 1
-            return NO_RECORDS
-        finally:
-            timings["store"] = timings.get("store", 0.0) + time.perf_counter() - started
+        with deadline.stage("store"):
+            try:
+                return self.store.records_within([query.user_id for query in queries],
+                                                 max(self.stored_interactions, 0), self.store_read_seconds)
+            except StoreUnavailable:
+                self.store_reads_failed += 1
+                return NO_RECORDS
 
     def current_catalog(self) -> Catalog:
         version = self.backend.current_version()
@@ -140,32 +118,28 @@ class Pipeline:
             raise ModelsUnavailable("no model version is being served yet")
         return self.catalogs.get(version)
 
-    def recommend(self, queries: Sequence[Query], timeout: float | None = None,
-                  stage_seconds: dict[str, float] | None = None,
-                  is_cancelled: Callable[[], bool] | None = None) -> list[RankedList]:
+    def recommend(self, queries: Sequence[Query], deadline: Deadline | None = None) -> list[RankedList]:
         """Recommendations for each query, best first, in the order of `queries`.
 
-        `stage_seconds`, if given, accumulates the time spent in the models, per stage where the
-        backend can tell them apart ("retrieval", "ranking"), else as "models".
+        The deadline's timings get the time spent in the store, the models (per stage where the
+        backend can tell them apart, "retrieval" and "ranking", else "models") and the reasons.
         """
         if not queries:
             return []
-        deadline = Deadline(timeout, is_cancelled)
-        timings = stage_seconds if stage_seconds is not None else {}
-        records = self._stored(queries, timings)
+        deadline = deadline or Deadline()
+        records = self._stored(queries, deadline)
         stored_counts = [len(records.recent.get(query.user_id, ())) for query in queries]
         queries = [as_served(query, records) for query in queries]
         results: list[RankedList | None] = [None] * len(queries)
         for include_rated in (False, True):
             group = [i for i, query in enumerate(queries) if query.include_rated == include_rated]
             if group:
-                group_results = self._recommend_group([queries[i] for i in group], include_rated, deadline, timings)
+                group_results = self._recommend_group([queries[i] for i in group], include_rated, deadline)
                 for i, result in zip(group, group_results):
                     results[i] = dataclasses.replace(result, stored_interactions=stored_counts[i])
         return results  # type: ignore[return-value]
 
-    def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline,
-                         timings: dict[str, float]) -> list[RankedList]:
+    def _recommend_group(self, queries: list[Query], include_rated: bool, deadline: Deadline) -> list[RankedList]:
         catalog = self.current_catalog()
         # One model row per distinct (user, known interactions). Users the models know nothing of
         # (no id, no known movie sent) need no model call: they get the popularity fallback.
@@ -181,13 +155,14 @@ class Pipeline:
             users = UserBatch.of([user for user, _ in row_of], [interactions for _, interactions in row_of])
             # k plus the exclusions covers every list's items: explained in the same model call where possible.
             explain_top = max(query.k + len(query.exclude_item_ids) for query in queries) if self.reasons else 0
-            ranked = self.backend.retrieve_and_rank(users, include_rated, deadline.remaining(), timings, explain_top)
+            remaining(deadline)  # nothing more for a caller gone or out of time
+            ranked = self.backend.retrieve_and_rank(users, include_rated, deadline, explain_top)
             catalog = self.catalogs.get(ranked.model_version)
             explained = self._explained(ranked)
             lists = [[] if row is None else self._ranked_items(query, ranked, row, catalog, explained.get(row, {}))
                      for query, row in zip(queries, rows)]
             if self.reasons:
-                self._explain_the_rest(users, rows, lists, explained, ranked.model_version, catalog, deadline, timings)
+                self._explain_the_rest(users, rows, lists, explained, ranked.model_version, catalog, deadline)
         rated = self._rated_for_the_fill(lists, queries, catalog, deadline)
         return [RankedList(self._fill_with_popular(items, query, catalog, rated.get(query.user_id, frozenset())),
                            len(query.recent_interactions) - len(interactions))
@@ -202,7 +177,8 @@ class Pipeline:
                         if len(items) < query.k and not query.include_rated and catalog.is_known_user(query.user_id)})
         if not short:
             return {}
-        return dict(zip(short, self.backend.rated_items(short, catalog.model_version, deadline.remaining())))
+        remaining(deadline)
+        return dict(zip(short, self.backend.rated_items(short, catalog.model_version, deadline)))
 
     @staticmethod
     def _explained(ranked: RankedCandidates) -> dict[int, dict[str, tuple[str, ...]]]:
@@ -237,7 +213,7 @@ class Pipeline:
 
     def _explain_the_rest(self, users: UserBatch, rows: list[int | None], lists: list[list[Recommendation]],
                           explained: dict[int, dict[str, tuple[str, ...]]], model_version: str, catalog: Catalog,
-                          deadline: Deadline, timings: dict[str, float]) -> None:
+                          deadline: Deadline) -> None:
         """Fill the reasons of model items the ranked call did not explain (a backend that cannot, or more
         items than asked for): one call of the ranking model's `explain` for all of them."""
         missing: dict[int, list[str]] = {}
@@ -251,9 +227,9 @@ class Pipeline:
         item_ids = np.full((len(users), width), "", dtype=object)
         for row, items in missing.items():
             item_ids[row, :len(items)] = items
-        started = time.perf_counter()
-        because = self.backend.explain(users, item_ids, model_version, deadline.remaining())
-        timings["reasons"] = timings.get("reasons", 0.0) + time.perf_counter() - started
+        remaining(deadline)
+        with deadline.stage("reasons"):
+            because = self.backend.explain(users, item_ids, model_version, deadline)
         for row, items in zip(rows, lists):
             if row not in missing:
                 continue
@@ -264,21 +240,22 @@ class Pipeline:
                     items[position] = dataclasses.replace(
                         item, because_item_ids=reasons, because_titles=tuple(catalog.titles.get(r, "") for r in reasons))
 
-    def similar(self, query: SimilarQuery, timeout: float | None = None) -> list[Recommendation]:
+    def similar(self, query: SimilarQuery, deadline: Deadline | None = None) -> list[Recommendation]:
         """SimilarItems: the movie's nearest movies; with a user, their history left out and the nearest
         `max(3k, SIMILAR_POOL)` ordered for them by the ranking model."""
-        deadline = Deadline(timeout)
+        deadline = deadline or Deadline()
         catalog = self.current_catalog()
         if query.item_id not in catalog.titles:
             raise NotFound(f"item_id {query.item_id!r} is not a movie the models know")
         interactions: tuple[tuple[str, float], ...] = ()
         model_user = query.user_id
         if query.user_id:
-            user = as_served(Query(query.user_id), self._stored([Query(query.user_id)], {}))
+            user = as_served(Query(query.user_id), self._stored([Query(query.user_id)], deadline))
             model_user = user.user_id
             interactions = tuple(pair for pair in user.recent_interactions if pair[0] in catalog.titles)
         users = UserBatch.of([model_user], [interactions])
-        nearest = self.backend.similar(users, [query.item_id], deadline.remaining())
+        remaining(deadline)
+        nearest = self.backend.similar(users, [query.item_id], deadline)
         catalog = self.catalogs.get(nearest.model_version)
         pairs = [(item_id, float(similarity)) for item_id, similarity in zip(nearest.item_ids[0], nearest.scores[0])
                  if similarity != -np.inf and item_id not in query.exclude_item_ids]
@@ -286,8 +263,9 @@ class Pipeline:
             chosen = [(item_id, similarity, similarity, 0.0) for item_id, similarity in pairs[:query.k]]
         else:
             pool = pairs[:max(3 * query.k, SIMILAR_POOL)]
+            remaining(deadline)
             scores = self.backend.rank(users, np.array([[item_id for item_id, _ in pool]], dtype=object),
-                                       nearest.model_version, deadline.remaining())
+                                       nearest.model_version, deadline)
             order = np.argsort(-scores.score[0], kind="stable")[:query.k]
             chosen = [(pool[i][0], float(scores.score[0, i]), pool[i][1], float(scores.predicted_rating[0, i]))
                       for i in order]

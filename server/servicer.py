@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from recsys.server.backend import Backend
+from recsys.server.backend import Backend, Deadline
 from recsys.server.batching import RequestBatcher, ThreadedPipeline
 from recsys.server.errors import (
     DeadlineExceeded,
@@ -208,7 +208,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         gone = threading.Event()
         context.add_done_callback(lambda _: gone.set())
         timeout = context.time_remaining()
-        future = self.pipeline.submit(queries, timeout, record.stage_seconds, gone.is_set)
+        future = self.pipeline.submit(queries, Deadline(timeout, gone.is_set, record.stage_seconds))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.TimeoutError:
@@ -251,8 +251,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             query = make_similar_query(request.item_id, request.k, request.exclude_item_ids, request.user_id)
             # A call of its own (not batched): run beside the batches, within the caller's deadline (one
             # still waiting for a thread then is dropped).
+            gone = threading.Event()
+            context.add_done_callback(lambda _: gone.set())
             timeout = context.time_remaining()
-            similar = asyncio.get_running_loop().run_in_executor(self.similar_threads, self.similar, query, timeout)
+            similar = asyncio.get_running_loop().run_in_executor(
+                self.similar_threads, self.similar, query, Deadline(timeout, gone.is_set, record.stage_seconds))
             try:
                 items = await asyncio.wait_for(similar, timeout)
             except asyncio.TimeoutError:

@@ -6,7 +6,6 @@ when TF Serving sends them so); all candidates of one request go in one Predict 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +21,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from recsys.server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
+from recsys.server.backend import Backend, Candidates, Deadline, RankedCandidates, Scores, UserBatch, remaining
 from recsys.server.catalog import Catalog
 from recsys.server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
 from recsys.server.layout import (
@@ -240,78 +239,77 @@ class TFServingBackend(Backend):
             raise ModelsUnavailable(self._last_error)
         return self._version
 
-    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None) -> Candidates:
         version = self._serving_version()
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.retrieval_model, self.retrieval_signatures[include_rated], version),
             output_filter=["item_ids", "scores"])
         user_inputs(request, users)
-        response = self._call(self.stub.Predict, request, timeout, f"model '{self.retrieval_model}' version {version}")
+        response = self._call(self.stub.Predict, request, remaining(deadline),
+                              f"model '{self.retrieval_model}' version {version}")
         return Candidates(to_numpy(response.outputs["item_ids"]).astype(str),
                           to_numpy(response.outputs["scores"]).astype(np.float32), str(response.model_spec.version.value))
 
     def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-             timeout: float | None = None) -> Scores:
+             deadline: Deadline | None = None) -> Scores:
         # Pinned to the version that retrieved: the pair is never mixed.
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.ranking_model, self.ranking_signature, model_version),
             output_filter=["predicted_rating", "score"])
         user_inputs(request, users)
         request.inputs[ITEM_IDS_INPUT].CopyFrom(string_tensor(item_ids))
-        response = self._call(self.stub.Predict, request, timeout,
+        response = self._call(self.stub.Predict, request, remaining(deadline),
                               f"model '{self.ranking_model}' version {model_version}")
         return Scores(to_numpy(response.outputs["predicted_rating"]).astype(np.float32),
                       to_numpy(response.outputs["score"]).astype(np.float32), str(response.model_spec.version.value))
 
     def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-                timeout: float | None = None) -> np.ndarray:
+                deadline: Deadline | None = None) -> np.ndarray:
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.ranking_model, self.explain_signature, model_version),
             output_filter=["because_item_ids"])
         user_inputs(request, users)
         request.inputs[ITEM_IDS_INPUT].CopyFrom(string_tensor(item_ids))
-        response = self._call(self.stub.Predict, request, timeout,
+        response = self._call(self.stub.Predict, request, remaining(deadline),
                               f"model '{self.ranking_model}' version {model_version}")
         return to_numpy(response.outputs["because_item_ids"]).astype(str)
 
     def rated_items(self, user_ids: Sequence[str], model_version: str,
-                    timeout: float | None = None) -> list[frozenset[str]]:
+                    deadline: Deadline | None = None) -> list[frozenset[str]]:
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.retrieval_model, self.rated_items_signature, model_version),
             output_filter=["item_ids"])
         request.inputs[USER_ID_INPUT].CopyFrom(string_tensor(list(user_ids)))
-        response = self._call(self.stub.Predict, request, timeout,
+        response = self._call(self.stub.Predict, request, remaining(deadline),
                               f"model '{self.retrieval_model}' version {model_version}")
         return [frozenset(item for item in row if item) for row in to_numpy(response.outputs["item_ids"]).astype(str).tolist()]
 
-    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+    def similar(self, users: UserBatch, item_ids: Sequence[str], deadline: Deadline | None = None) -> Candidates:
         version = self._serving_version()
         request = predict_pb2.PredictRequest(
             model_spec=self._spec(self.retrieval_model, self.similar_signature, version),
             output_filter=["item_ids", "scores"])
         user_inputs(request, users)
         request.inputs[ITEM_ID_INPUT].CopyFrom(string_tensor(list(item_ids)))
-        response = self._call(self.stub.Predict, request, timeout, f"model '{self.retrieval_model}' version {version}")
+        response = self._call(self.stub.Predict, request, remaining(deadline),
+                              f"model '{self.retrieval_model}' version {version}")
         return Candidates(to_numpy(response.outputs["item_ids"]).astype(str),
                           to_numpy(response.outputs["scores"]).astype(np.float32), str(response.model_spec.version.value))
 
-    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None,
+                          explain_top: int = 0) -> RankedCandidates:
         """Both stages with one version; if TF Serving unloaded it since the last probe (a rollout
         moved on), probe again and run the whole pair once more with the version now served, within
-        what is left of `timeout` (the two attempts together never take longer)."""
+        the same deadline (the two attempts together never take longer)."""
         version = self._serving_version()
-        expires = None if timeout is None else time.monotonic() + timeout
         try:
-            return super().retrieve_and_rank(users, include_rated, timeout, stage_seconds)
+            return super().retrieve_and_rank(users, include_rated, deadline)
         except ModelsUnavailable:
             if not self.refresh(self._load_catalog) or self._version == version:
                 raise
-            remaining = None if expires is None else expires - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("deadline exceeded before the recommendation was complete") from None
+            remaining(deadline)  # raises once the time is up
             log.info("version %s left TF Serving mid-call; retrying with version %s", version, self._version)
-            return super().retrieve_and_rank(users, include_rated, remaining, stage_seconds)
+            return super().retrieve_and_rank(users, include_rated, deadline)
 
     def close(self) -> None:
         self.channel.close()

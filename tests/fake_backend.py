@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from recsys.server.backend import Backend, Candidates, RankedCandidates, Scores, UserBatch
+from recsys.server.backend import Backend, Candidates, Deadline, RankedCandidates, Scores, UserBatch
 from recsys.server.catalog import Catalog
 from recsys.server.layout import METADATA_DIR
 
@@ -96,7 +96,7 @@ class FakeBackend(Backend):
         near = self._near(users, row)
         return [affinity(users.user_ids[row], item) + (1.0 if item in near else 0.0) for item in item_ids]
 
-    def retrieve(self, users: UserBatch, include_rated: bool, timeout: float | None = None) -> Candidates:
+    def retrieve(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None) -> Candidates:
         self._call(users)
         item_ids, scores = [], []
         for row, user in enumerate(users.user_ids):
@@ -109,20 +109,20 @@ class FakeBackend(Backend):
         return Candidates(np.array(item_ids, dtype=object).astype(str), np.array(scores, np.float32), VERSION)
 
     def rank(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-             timeout: float | None = None) -> Scores:
+             deadline: Deadline | None = None) -> Scores:
         self._call(users)
         score = np.array([self._scores(users, row, item_ids[row]) for row in range(len(users))], np.float32)
         return Scores(3.0 + score, score, model_version)
 
-    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, timeout: float | None = None,
-                          stage_seconds: dict[str, float] | None = None, explain_top: int = 0) -> RankedCandidates:
-        candidates = self.retrieve(users, include_rated, timeout)
-        scores = self.rank(users, candidates.item_ids, candidates.model_version, timeout)
+    def retrieve_and_rank(self, users: UserBatch, include_rated: bool, deadline: Deadline | None = None,
+                          explain_top: int = 0) -> RankedCandidates:
+        candidates = self.retrieve(users, include_rated, deadline)
+        scores = self.rank(users, candidates.item_ids, candidates.model_version, deadline)
         return RankedCandidates(candidates.item_ids, candidates.scores, scores.score, scores.predicted_rating,
                                 VERSION)
 
     def explain(self, users: UserBatch, item_ids: np.ndarray, model_version: str,
-                timeout: float | None = None) -> np.ndarray:
+                deadline: Deadline | None = None) -> np.ndarray:
         self._call(users)
         reasons = np.full((*item_ids.shape, 3), "", dtype=object)
         for row in range(len(users)):
@@ -131,11 +131,11 @@ class FakeBackend(Backend):
         return reasons.astype(str)
 
     def rated_items(self, user_ids: Sequence[str], model_version: str,
-                    timeout: float | None = None) -> list[frozenset[str]]:
+                    deadline: Deadline | None = None) -> list[frozenset[str]]:
         self._call(UserBatch.of(user_ids))
         return [frozenset(self.rated.get(user, ())) for user in user_ids]
 
-    def similar(self, users: UserBatch, item_ids: Sequence[str], timeout: float | None = None) -> Candidates:
+    def similar(self, users: UserBatch, item_ids: Sequence[str], deadline: Deadline | None = None) -> Candidates:
         self._call(users)
         rows = [[item for item in self.movies if item != query][:self.candidate_count] for query in item_ids]
         return Candidates(np.array(rows, dtype=object).astype(str),

@@ -1,10 +1,12 @@
 """Request batching: concurrent requests share model calls and get exactly their own answers."""
 import itertools
 import threading
+import time
 from concurrent import futures
 
 import pytest
 
+from recsys.server.backend import Deadline
 from recsys.server.batching import RequestBatcher
 from recsys.server.catalog import CatalogStore
 from recsys.server.errors import Cancelled, DeadlineExceeded
@@ -43,7 +45,7 @@ def test_concurrent_requests_are_merged_and_answered_individually(gated):
     backend, pipeline, batcher = gated
     users = [str(n) for n in range(1, 17)] + ["nobody"]
     with futures.ThreadPoolExecutor(len(users)) as pool:
-        pending = [pool.submit(batcher.recommend, [Query(user, k=5)], 30) for user in users]
+        pending = [pool.submit(batcher.recommend, [Query(user, k=5)], Deadline(30)) for user in users]
         backend.gate.set()
         batched = [future.result()[0].items for future in pending]
     assert backend.model_calls < len(users)
@@ -58,16 +60,16 @@ def test_concurrent_requests_are_merged_and_answered_individually(gated):
 def test_a_caller_past_its_deadline_gets_deadline_exceeded(gated):
     backend, _, batcher = gated
     with pytest.raises(DeadlineExceeded):
-        batcher.recommend([Query("42")], timeout=0.05)  # the gate holds retrieval longer than that
+        batcher.recommend([Query("42")], Deadline(0.05))  # the gate holds retrieval longer than that
     backend.gate.set()
-    assert len(batcher.recommend([Query("42")], timeout=10)[0].items) == 10
+    assert len(batcher.recommend([Query("42")], Deadline(10))[0].items) == 10
 
 
 def test_a_caller_that_went_away_costs_no_model_call(gated):
     backend, _, batcher = gated
     with futures.ThreadPoolExecutor(2) as pool:
-        blocker = pool.submit(batcher.recommend, [Query("1")], 30)  # holds the batcher at the gate
-        gone = pool.submit(batcher.recommend, [Query("42")], 30, None, lambda: True)
+        blocker = pool.submit(batcher.recommend, [Query("1")], Deadline(30))  # holds the batcher at the gate
+        gone = pool.submit(batcher.recommend, [Query("42")], Deadline(30, lambda: True))
         backend.gate.set()
         assert len(blocker.result()[0].items) == 10
         with pytest.raises(Cancelled):
@@ -139,3 +141,19 @@ def test_a_lone_recommend_is_not_queued_behind_large_batches(tmp_path):
         assert first_call <= 2, f"the lone request's first model call was call {first_call} of {len(calls)}"
     finally:
         batcher.close()
+
+
+def test_one_deadline_carries_expiry_cancellation_and_timings():
+    """What every layer is handed: a cap keeps the request's cancellation and timings."""
+    went_away = threading.Event()
+    deadline = Deadline(5, went_away.is_set)
+    capped = deadline.capped(0.01)
+    with capped.stage("models"):
+        time.sleep(0.02)
+    assert deadline.timings["models"] >= 0.02, "the capped call's time is the request's"
+    with pytest.raises(DeadlineExceeded):
+        capped.remaining()
+    assert 4 < deadline.remaining() <= 5 and Deadline().remaining() is None
+    went_away.set()
+    with pytest.raises(Cancelled):
+        deadline.remaining()

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import recsys.server.in_process
 from recsys.client import RecommenderClient
 from recsys.server.app import create_server
-from recsys.server.backend import UserBatch
+from recsys.server.backend import Deadline, UserBatch
 from recsys.server.in_process import InProcessBackend
 from recsys.server.limits import MAX_EXCLUDED_ITEMS, MAX_ITEM_ID_LENGTH
 from recsys.server.options import ServerOptions
@@ -309,10 +309,10 @@ def test_a_failed_tf_serving_call_fails_that_call_only(models_dir):
         with grpc.insecure_channel(f"127.0.0.1:{dead}") as channel:  # a real connection refused
             backend.stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             with pytest.raises(ModelsUnavailable, match="retry"):
-                backend.retrieve(UserBatch.of(["42"]), include_rated=False, timeout=2)
+                backend.retrieve(UserBatch.of(["42"]), include_rated=False, deadline=Deadline(2))
         backend.stub = real_stub
         assert backend.is_ready(), "one failed call does not mark the replica down"
-        assert backend.retrieve(UserBatch.of(["42"]), include_rated=False, timeout=5).item_ids.shape[0] == 1
+        assert backend.retrieve(UserBatch.of(["42"]), include_rated=False, deadline=Deadline(5)).item_ids.shape[0] == 1
         backend.close()
     finally:
         stop_process(process)

@@ -15,7 +15,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from recsys.client import RecommenderClient
 from recsys.server.app import create_server
-from recsys.server.backend import UserBatch
+from recsys.server.backend import Deadline, UserBatch
 from recsys.server.catalog import CatalogStore
 from recsys.server.errors import ModelsUnavailable
 from recsys.server.options import ServerOptions
@@ -159,7 +159,7 @@ def test_a_version_gone_between_stages_is_unavailable_not_a_precondition(models_
     backend = TFServingBackend(f"127.0.0.1:{tf_serving}", models_dir)
     assert backend.refresh(CatalogStore(models_dir).get)
     with pytest.raises(ModelsUnavailable, match=r"does not have model 'ranking' version 7 now; retry$"):
-        backend.rank(UserBatch.of(["42"]), np.array([["1"]], dtype=object), model_version="7", timeout=5)
+        backend.rank(UserBatch.of(["42"]), np.array([["1"]], dtype=object), model_version="7", deadline=Deadline(5))
 
 
 @pytest.mark.slow
