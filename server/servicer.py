@@ -124,11 +124,10 @@ def _note(record: CallRecord, queries: Sequence[Query], results: list[RankedList
     record.stored_interaction_count = sum(result.stored_interactions for result in results)
 
 
-def _recorded(request: recommender_pb2.RecordInteractionsRequest) -> tuple[str, list[tuple[str, float, int]]]:
+def _recorded(request: recommender_pb2.RecordInteractionsRequest) -> tuple[str, list[Interaction]]:
     interactions = _interactions(request.interactions)
     validate_interactions(interactions, "interactions")
-    return check_user_id(request.user_id), [(entry.item_id, entry.rating, entry.timestamp_seconds)
-                                            for entry in interactions]
+    return check_user_id(request.user_id), interactions
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):

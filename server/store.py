@@ -101,12 +101,12 @@ def _upsert(greatest: str, placeholder: str) -> str:
             f"timestamp_seconds = {greatest}(interactions.timestamp_seconds, excluded.timestamp_seconds)")
 
 
-def _rows(user_id: str, interactions: Sequence[tuple[str, float, int]], now: int) -> list[tuple]:
+def _rows(user_id: str, interactions: Sequence[Interaction], now: int) -> list[tuple]:
     """One row per interaction, in order (the upsert keeps the latest); an unknown time is now."""
     rows = []
-    for item_id, rating, timestamp in interactions:
-        timestamp = timestamp or now
-        rows.append((user_id, item_id, float(rating), timestamp if rating else 0, timestamp))
+    for entry in interactions:
+        timestamp = entry.timestamp_seconds or now
+        rows.append((user_id, entry.item_id, float(entry.rating), timestamp if entry.rating else 0, timestamp))
     return rows
 
 
@@ -152,8 +152,8 @@ class InteractionStore(abc.ABC):
     placeholder: str
 
     # --- the interface -------------------------------------------------------------------------
-    def record(self, user_id: str, interactions: Sequence[tuple[str, float, int]]) -> int:
-        """Store (movie, stars, unix seconds) interactions, committed before returning; returns how
+    def record(self, user_id: str, interactions: Sequence[Interaction]) -> int:
+        """Store interactions (stars 0: none; unix seconds), committed before returning; returns how
         many movies were recorded. Timestamp 0 means now. For an erased user, interactions older than
         the erasure (a late or retried write) are dropped; newer ones are recorded."""
         rows = _rows(user_id, interactions, int(time.time()))

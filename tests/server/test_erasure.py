@@ -17,13 +17,14 @@ def test_a_tombstone_drops_late_writes_and_keeps_newer_ones(store_location):
     store = open_store(store_location)
     try:
         before = int(time.time()) - 100
-        store.record("u", [("m1", 4.0, before), ("m2", 3.0, before)])
+        store.record("u", [Interaction("m1", 4.0, before), Interaction("m2", 3.0, before)])
         assert store.forget("u") == 2
         assert store.records(["u", "v"], 10).forgotten == {"u"}
-        assert store.record("u", [("m1", 4.0, before)]) == 0, "a retry of the erased write re-creates nothing"
+        assert store.record("u", [Interaction("m1", 4.0, before)]) == 0, "a retry of the erased write re-creates nothing"
         assert store.recent(["u"], 10) == {}
         later = int(time.time()) + 5
-        assert store.record("u", [("m3", 5.0, later), ("m1", 2.0, before)]) == 1, "a newer write is the user's own"
+        assert store.record("u", [Interaction("m3", 5.0, later), Interaction("m1", 2.0, before)]) == 1, \
+            "a newer write is the user's own"
         assert store.recent(["u"], 10) == {"u": [Interaction("m3", 5.0, later)]}
         assert store.forgotten_hashes() == {user_hash("u")}
     finally:
@@ -34,8 +35,8 @@ def test_sqlite_keeps_no_trace_of_an_erased_id_in_its_file_or_wal(tmp_path):
     path = tmp_path / "interactions.sqlite3"
     store = open_store(str(path))
     secret = "erase-me-7f3a9c"
-    store.record(secret, [(f"movie-{n}", 4.0, 1_000 + n) for n in range(200)])
-    store.record("kept-user", [("movie-1", 3.0, 1_000)])
+    store.record(secret, [Interaction(f"movie-{n}", 4.0, 1_000 + n) for n in range(200)])
+    store.record("kept-user", [Interaction("movie-1", 3.0, 1_000)])
     store.forget(secret)
     wal = path.with_name(path.name + "-wal")
     on_disk = path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
@@ -59,7 +60,7 @@ def test_an_erased_trained_user_is_served_as_an_unknown_id_at_once(tmp_path):
     cold = pipeline.recommend([Query("u1", k=5)])[0]
     assert not backend.user_ids_seen and all(item.fallback for item in cold.items), "nothing known: popularity"
     assert [item.item_id for item in cold.items] == [f"m{n}" for n in range(5)], "trained history not excluded"
-    store.record("u1", [("m30", 5.0, 0)])
+    store.record("u1", [Interaction("m30", 5.0, 0)])
     fresh = pipeline.recommend([Query("u1", k=5)])[0]
     assert backend.user_ids_seen and set(backend.user_ids_seen) == {""}, "served from what they recorded since"
     assert fresh.stored_interactions == 1 and {item.item_id for item in fresh.items[:2]} == {"m29", "m31"}
@@ -72,8 +73,8 @@ def test_the_next_training_leaves_erased_users_out(tmp_path):
     erased = data.names.users[0]
     store_path = str(tmp_path / "s.sqlite3")
     store = open_store(store_path)
-    store.record(str(erased), [(data.item_ids[0], 4.0, 0)])
-    store.record("new-user", [(data.item_ids[1], 5.0, 0)])
+    store.record(str(erased), [Interaction(data.item_ids[0], 4.0, 0)])
+    store.record("new-user", [Interaction(data.item_ids[1], 5.0, 0)])
     store.forget(str(erased))
     store.close()
     stored = stored_ratings(store_path, data)

@@ -44,8 +44,8 @@ def test_a_user_keeps_at_most_the_newest_n_rows(store_location):
     store = open_store(store_location, max_per_user=25)
     try:
         for start in range(0, 100, 10):  # oldest first, ten a call
-            store.record("heavy", [(f"m{n}", 4.0, 1_000 + n) for n in range(start, start + 10)])
-        store.record("light", [("m1", 3.0, 5)])
+            store.record("heavy", [Interaction(f"m{n}", 4.0, 1_000 + n) for n in range(start, start + 10)])
+        store.record("light", [Interaction("m1", 3.0, 5)])
         kept = store.recent(["heavy", "light"], 1_000)
         assert [entry.item_id for entry in kept["heavy"]] == [f"m{n}" for n in range(99, 74, -1)]
         assert kept["light"] == [Interaction("m1", 3.0, 5)], "other users keep theirs"
@@ -59,9 +59,9 @@ def test_a_value_postgresql_cannot_hold_is_the_requests_fault_and_never_pauses_t
     store = open_store(postgres.url)
     try:
         with pytest.raises(InvalidRequest, match="cannot hold"):
-            store.record("nul\x00user", [("m1", 4.0, 100)])
+            store.record("nul\x00user", [Interaction("m1", 4.0, 100)])
         assert store.failures == 0
-        store.record("other", [("m2", 5.0, 100)])  # at once: no pause after a data error
+        store.record("other", [Interaction("m2", 5.0, 100)])  # at once: no pause after a data error
         assert store.recent(["other"], 5)["other"] == [Interaction("m2", 5.0, 100)]
     finally:
         store.close()
@@ -72,7 +72,7 @@ def test_a_frozen_postgresql_costs_recommend_its_read_budget_and_no_more(fake_mo
     Recommend still answers within the read budget, with lists, and the store's rows come back after."""
     postgres.clear()
     store = open_store(postgres.url)
-    store.record("u1", [("m40", 5.0, 100)])
+    store.record("u1", [Interaction("m40", 5.0, 100)])
     pipeline = Pipeline(FakeBackend(fake_models), CatalogStore(fake_models), store, reasons=False,
                         store_read_seconds=0.2)
     assert pipeline.recommend([Query("u1", k=5)])[0].stored_interactions == 1

@@ -34,16 +34,17 @@ def store(store_location):
 
 
 def test_one_row_per_movie_with_the_latest_rating(store):
-    assert store.record("u", [("1", 4.0, 100), ("2", 0.0, 200), ("1", 2.0, 50), ("3", 5.0, 300)]) == 3
-    assert store.record("u", [("2", 3.5, 150), ("3", 0.0, 400)]) == 2  # a rating for 2; a re-watch of 3
+    assert store.record("u", [Interaction("1", 4.0, 100), Interaction("2", 0.0, 200), Interaction("1", 2.0, 50),
+                              Interaction("3", 5.0, 300)]) == 3
+    assert store.record("u", [Interaction("2", 3.5, 150), Interaction("3", 0.0, 400)]) == 2  # a rating for 2; a re-watch of 3
     assert store.recent(["u"], 10) == {"u": [Interaction("3", 5.0, 400), Interaction("2", 3.5, 200),
                                              Interaction("1", 4.0, 100)]}
-    assert store.record("u", [("1", 1.0, 99)]) == 1  # older than the rating stored: kept as it was
+    assert store.record("u", [Interaction("1", 1.0, 99)]) == 1  # older than the rating stored: kept as it was
     assert store.recent(["u"], 10)["u"][-1] == Interaction("1", 4.0, 100)
 
 
 def test_a_retried_call_records_nothing_twice(store):
-    call = [("1", 4.0, 0), ("2", 0.0, 0), ("5", 3.0, 1_000)]
+    call = [Interaction("1", 4.0, 0), Interaction("2", 0.0, 0), Interaction("5", 3.0, 1_000)]
     for _ in range(3):
         assert store.record("u", call) == 3
     assert len(store.recent(["u"], 100)["u"]) == 3
@@ -53,7 +54,7 @@ def test_a_retried_call_records_nothing_twice(store):
 
 def test_newest_first_for_many_users_in_one_query(store):
     for user in ("a", "b", "c"):
-        store.record(user, [(str(movie), 3.0, 1_000 + movie) for movie in range(1, 8)])
+        store.record(user, [Interaction(str(movie), 3.0, 1_000 + movie) for movie in range(1, 8)])
     recent = store.recent(["a", "c", "nobody", "a"], 3)
     assert set(recent) == {"a", "c"}
     assert [entry.item_id for entry in recent["a"]] == ["7", "6", "5"]
@@ -61,15 +62,15 @@ def test_newest_first_for_many_users_in_one_query(store):
 
 
 def test_forget_erases_one_user(store):
-    store.record("a", [("1", 4.0, 1), ("2", 5.0, 2)])
-    store.record("b", [("1", 4.0, 1)])
+    store.record("a", [Interaction("1", 4.0, 1), Interaction("2", 5.0, 2)])
+    store.record("b", [Interaction("1", 4.0, 1)])
     assert store.forget("a") == 2 and store.forget("a") == 0
     assert store.recent(["a", "b"], 10) == {"b": [Interaction("1", 4.0, 1)]}
 
 
 def test_opening_again_migrates_nothing_and_keeps_the_data(store_location):
     first = open_store(store_location)
-    first.record("u", [("1", 4.0, 1)])
+    first.record("u", [Interaction("1", 4.0, 1)])
     threads = [threading.Thread(target=lambda: open_store(store_location).close()) for _ in range(4)]
     for thread in threads:  # servers starting side by side
         thread.start()
@@ -93,7 +94,7 @@ def _versions(connection) -> list[int]:
 
 def test_sqlite_is_in_wal_mode_with_full_sync(tmp_path):
     store = open_store(str(tmp_path / "s.sqlite3"))
-    store.record("u", [("1", 4.0, 1)])
+    store.record("u", [Interaction("1", 4.0, 1)])
     mode = store._run(lambda connection: connection.execute("PRAGMA journal_mode").fetchone()[0])
     sync = store._run(lambda connection: connection.execute("PRAGMA synchronous").fetchone()[0])
     assert (mode, sync) == ("wal", 2)
@@ -313,7 +314,7 @@ def test_a_broken_store_is_paused_then_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(recsys.server.store, "RETRY_SECONDS", 0.2)
     path = tmp_path / "s.sqlite3"
     store = open_store(str(path))
-    store.record("u", [("1", 4.0, 1)])
+    store.record("u", [Interaction("1", 4.0, 1)])
     store.close()
     break_sqlite(path)
     with pytest.raises(StoreUnavailable):
