@@ -75,9 +75,10 @@ browser:
 test: lint postgres browser
 	$(PY) -m pytest
 
-# Unit tests and the service contract end to end, on a synthetic data set: no data set needed.
+# Unit tests and the service contract end to end, on a synthetic data set: no data set needed; two
+# pytest workers (pytest-xdist), as nothing trains beside them.
 test-fast: lint postgres browser
-	$(PY) -m pytest -m "not slow and not real_data"
+	$(PY) -m pytest -m "not slow and not real_data" -n 2
 
 clean:
 	rm -rf $(VENV) .demo-server.log

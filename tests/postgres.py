@@ -5,6 +5,7 @@ directory is a temporary one, its socket too, and it listens on 127.0.0.1 only, 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -88,5 +89,8 @@ class PostgresServer:
 
     @staticmethod
     def thaw(frozen: list[int]) -> None:
+        """SIGCONT each; one gone meanwhile was a child that had exited (a zombie takes SIGSTOP), which
+        the postmaster, continued first, has reaped."""
         for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
