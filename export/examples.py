@@ -67,23 +67,34 @@ def _summarise(users: np.ndarray, items: np.ndarray, stars: np.ndarray, names: I
 @dataclass(frozen=True)
 class ExtraRows:
     """Ratings from outside the data set's files (the interaction store), trained on with the fit rows:
-    user ids may be any string; movies are the data set's movie codes."""
+    user ids may be any string; movies are the data set's movie codes. Each distinct user id is held
+    once (`users`), each row points at its own (`user_index`): millions of rows cost no string each."""
 
-    user_ids: np.ndarray  # str
-    item_codes: np.ndarray  # int64
-    stars: np.ndarray  # float32
+    users: np.ndarray  # str [distinct users]
+    user_index: np.ndarray  # int64 [rows]: the row's user in `users`
+    item_codes: np.ndarray  # int64 [rows]
+    stars: np.ndarray  # float32 [rows]
+
+    def __len__(self) -> int:
+        return len(self.user_index)
+
+    @property
+    def user_ids(self) -> list[str]:
+        """Each row's user id."""
+        return self.users[self.user_index].tolist()
 
 
 def _with_extra(users: np.ndarray, items: np.ndarray, stars: np.ndarray, names: IdNames, extra: ExtraRows | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, IdNames]:
     """The columns with `extra`'s rows after them; users new to the data set get codes after its own."""
-    if extra is None or not len(extra.user_ids):
+    if extra is None or not len(extra):
         return users, items, stars, names
     code = {name: position for position, name in enumerate(names.users.tolist())}
-    new = sorted(set(extra.user_ids.tolist()) - code.keys(), key=id_sort_key)
+    new = sorted(set(extra.users.tolist()) - code.keys(), key=id_sort_key)
     code.update((name, len(names.users) + n) for n, name in enumerate(new))
     names = IdNames(np.concatenate([names.users, np.array(new, dtype=str)]).astype(str), names.items)
-    return (np.concatenate([users, [code[user] for user in extra.user_ids.tolist()]]).astype(np.int64),
+    codes = np.array([code[user] for user in extra.users.tolist()], dtype=np.int64)
+    return (np.concatenate([users.astype(np.int64), codes[extra.user_index]]),
             np.concatenate([items, extra.item_codes]), np.concatenate([stars, extra.stars.astype(np.float32)]), names)
 
 

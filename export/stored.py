@@ -9,6 +9,7 @@ rows in the data set too, so the next version no longer knows them.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ class StoredRatings:
     forgotten: frozenset[str] = frozenset()  # erased users: none of their rows is trained on
 
     def summary(self) -> str:
-        return (f"{len(self.rows.user_ids)} stored ratings added ({self.new_users} users new to the data set); "
+        return (f"{len(self.rows)} stored ratings added ({self.new_users} users new to the data set); "
                 f"skipped: {self.unknown_movies} of movies outside the catalog, {self.unrated} without a rating, "
                 f"{self.in_data_set} already in the data set; {len(self.forgotten)} erased users left out")
 
@@ -41,33 +42,53 @@ class StoredRatings:
 
 
 def stored_ratings(location: str, data: MovieLens) -> StoredRatings:
-    """What the store at `location` (an SQLite path or a postgresql:// URL) adds to training on `data`."""
+    """What the store at `location` (an SQLite path or a postgresql:// URL) adds to training on `data`.
+
+    The store is read as a stream of pages (`InteractionStore.export`): what this holds is the rows
+    kept for training, and the data set's (user, movie) pairs as one int64 each."""
     store = open_store(location)
     try:
-        rows = list(store.export())
         erased = store.forgotten_hashes()
+        forgotten = {user for user in data.names.users.tolist() if user_hash(user) in erased}
+        user_code = {user_id: code for code, user_id in enumerate(data.names.users.tolist())}
+        item_code = {item_id: code for code, item_id in enumerate(data.names.items.tolist())}
+        in_data = np.unique(data.ratings[:, 0].astype(np.int64) * len(item_code) + data.ratings[:, 1])
+        kept_users: dict[str, int] = {}  # each user id once, numbered in order of appearance
+        kept_user_index, kept_items, kept_stars = array("q"), array("q"), array("f")
+        stored = unknown = unrated = duplicate = 0
+        new_users_erased: dict[str, bool] = {}  # users only the store knows: erased or not, hashed once
+        for user_id, item_id, rating, _ in store.export():
+            stored += 1
+            if user_id not in user_code and user_id not in new_users_erased:
+                new_users_erased[user_id] = user_hash(user_id) in erased
+                if new_users_erased[user_id]:
+                    forgotten.add(user_id)
+            if user_id in forgotten:
+                continue  # an erased user is left out of training, what they recorded since too
+            if item_id not in data.items:
+                unknown += 1
+            elif not rating:
+                unrated += 1
+            elif _holds(in_data, user_code.get(user_id), item_code[item_id], len(item_code)):
+                duplicate += 1
+            else:
+                kept_user_index.append(kept_users.setdefault(user_id, len(kept_users)))
+                kept_items.append(item_code[item_id])
+                kept_stars.append(rating)
     finally:
         store.close()
-    in_data = set(zip(data.names.user_ids(data.ratings[:, 0]), data.names.item_ids(data.ratings[:, 1])))
-    known_users = set(data.names.user_ids(np.unique(data.ratings[:, 0])))
-    item_code = {item_id: code for code, item_id in enumerate(data.names.items.tolist())}
-    kept, unknown, unrated, duplicate = [], 0, 0, 0
-    forgotten = frozenset(user for user in data.names.users.tolist() + [row[0] for row in rows]
-                          if user_hash(user) in erased)
-    for user_id, item_id, rating, _ in rows:
-        if user_id in forgotten:
-            continue  # an erased user is left out of training, what they recorded since too
-        if item_id not in data.items:
-            unknown += 1
-        elif not rating:
-            unrated += 1
-        elif (user_id, item_id) in in_data:
-            duplicate += 1
-        else:
-            kept.append((user_id, item_code[item_id], rating))
-    extra = ExtraRows(np.array([user for user, _, _ in kept], dtype=str),
-                      np.array([item for _, item, _ in kept], dtype=np.int64),
-                      np.array([stars for _, _, stars in kept], dtype=np.float32))
-    print(f"interaction store {describe(location)}: {len(rows)} stored interactions", flush=True)
-    return StoredRatings(extra, len({user for user, _, _ in kept} - known_users), unknown, unrated, duplicate,
-                         forgotten)
+    extra = ExtraRows(np.array(list(kept_users), dtype=str), np.frombuffer(kept_user_index, dtype=np.int64).copy(),
+                      np.frombuffer(kept_items, dtype=np.int64).copy(), np.frombuffer(kept_stars, dtype=np.float32).copy())
+    print(f"interaction store {describe(location)}: {stored} stored interactions", flush=True)
+    return StoredRatings(extra, len(kept_users.keys() - user_code.keys()), unknown, unrated, duplicate,
+                         frozenset(forgotten))
+
+
+def _holds(pairs: np.ndarray, user: int | None, item: int, items: int) -> bool:
+    """Whether the sorted (user code x items + movie code) keys hold the pair; users outside the data
+    set hold none."""
+    if user is None:
+        return False
+    key = user * items + item
+    position = int(np.searchsorted(pairs, key))
+    return position < len(pairs) and int(pairs[position]) == key

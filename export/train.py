@@ -180,7 +180,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     metadata["dataset"] = data.dataset
     metadata["streamed"] = data.ratings is None
     if stored is not None:
-        metadata["stored_ratings"] = {"added": len(stored.rows.user_ids), "new_users": stored.new_users,
+        metadata["stored_ratings"] = {"added": len(stored.rows), "new_users": stored.new_users,
                                       "skipped_unknown_movies": stored.unknown_movies, "skipped_unrated": stored.unrated,
                                       "skipped_in_data_set": stored.in_data_set, "erased_users_left_out": len(stored.forgotten)}
     started = time.perf_counter()

@@ -50,6 +50,9 @@ STATEMENT_TIMEOUT_MS = 2000
 READ_THREADS = 4
 # Reads waiting for those threads beyond this are refused at once (a hung store queues nothing more).
 MAX_WAITING_READS = 64
+# Rows per page of `export` (training's read): each page is a statement of its own, well within
+# STATEMENT_TIMEOUT_MS, and a page at a time is what the reader holds.
+EXPORT_PAGE_ROWS = 50_000
 
 # Each migration runs once, in order, inside the transaction that records its number.
 MIGRATIONS = (
@@ -256,17 +259,25 @@ class InteractionStore(abc.ABC):
 
         return {hashed for hashed, in self._run(read)}
 
-    def export(self) -> Iterator[tuple[str, str, float, int]]:
-        """Every stored (user, movie, stars, unix seconds), for training."""
+    def export(self, page_rows: int = EXPORT_PAGE_ROWS) -> Iterator[tuple[str, str, float, int]]:
+        """Every stored (user, movie, stars, unix seconds), for training, in (user, movie) order: keyset
+        pages of `page_rows` rows, each read in a short transaction of its own, so neither the store
+        nor this process holds the whole table at once (rows written meanwhile may or may not appear)."""
+        after: tuple[str, str] | None = None
+        while True:
+            def read(connection, after=after) -> list[tuple]:
+                with self._transaction(connection) as cursor:
+                    where = f"WHERE (user_id, item_id) > ({self.placeholder}, {self.placeholder}) " if after else ""
+                    cursor.execute("SELECT user_id, item_id, rating, timestamp_seconds FROM interactions "
+                                   f"{where}ORDER BY user_id, item_id LIMIT {int(page_rows)}", after or ())
+                    return cursor.fetchall()
 
-        def read(connection) -> list[tuple]:
-            with self._transaction(connection) as cursor:
-                cursor.execute("SELECT user_id, item_id, rating, timestamp_seconds FROM interactions "
-                               "ORDER BY user_id, item_id")
-                return cursor.fetchall()
-
-        for user_id, item_id, rating, timestamp in self._run(read):
-            yield user_id, item_id, float(rating), int(timestamp)
+            page = self._run(read)
+            for user_id, item_id, rating, timestamp in page:
+                yield user_id, item_id, float(rating), int(timestamp)
+            if len(page) < page_rows:
+                return
+            after = (page[-1][0], page[-1][1])
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)

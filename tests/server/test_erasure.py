@@ -79,7 +79,7 @@ def test_the_next_training_leaves_erased_users_out(tmp_path):
     store.close()
     stored = stored_ratings(store_path, data)
     assert stored.forgotten == {erased}
-    assert stored.rows.user_ids.tolist() == ["new-user"]
+    assert stored.rows.user_ids == ["new-user"]
     fit = fit_and_held_out(data.ratings, "test")[0]
     kept = stored.without_forgotten(fit, data.names)
     assert (fit[:, 0] == 0).any() and not (kept[:, 0] == 0).any()

@@ -43,6 +43,17 @@ def test_one_row_per_movie_with_the_latest_rating(store):
     assert store.recent(["u"], 10)["u"][-1] == Interaction("1", 4.0, 100)
 
 
+def test_training_reads_the_store_in_keyset_pages(store):
+    """`export` in pages of 2 rows: every row once, in (user, movie) order, across page boundaries that
+    fall inside one user's rows and between users."""
+    store.record("b", [Interaction(movie, 4.0, 1) for movie in ("3", "1", "2")])
+    store.record("a", [Interaction("9", 5.0, 1)])
+    store.record("c", [Interaction("1", 3.0, 1), Interaction("5", 0.0, 2)])
+    rows = [(user, movie) for user, movie, _, _ in store.export(page_rows=2)]
+    assert rows == [("a", "9"), ("b", "1"), ("b", "2"), ("b", "3"), ("c", "1"), ("c", "5")]
+    assert [row[:2] for row in store.export()] == rows
+
+
 def test_a_retried_call_records_nothing_twice(store):
     call = [Interaction("1", 4.0, 0), Interaction("2", 0.0, 0), Interaction("5", 3.0, 1_000)]
     for _ in range(3):
