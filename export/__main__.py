@@ -1,4 +1,4 @@
-"""python -m recsys.export {train,evaluate,report,synth,data-bench}: the offline half of the recommender."""
+"""python -m recsys.export {train,evaluate,report,synth,sizes,data-bench}: the offline half of the recommender."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                             "--data-dir OUT) (default: %(default)s)")
     synth.add_argument("--out", type=Path, required=True, help="directory to write into")
 
+    sizes = commands.add_parser("sizes", help="what an export's tables cost in memory (the server holds them, twice "
+                                              "during a hot swap): per user, per movie, per rating, per model")
+    sizes.add_argument("--models", type=Path, required=True, help="the export's directory")
+    sizes.add_argument("--model-version", type=int, help="default: the newest complete version")
+
     bench = commands.add_parser("data-bench", help="measure reading the ratings for training, streamed (--stream) "
                                                    "and in memory: prepare time, one epoch, peak RSS, each mode in "
                                                    "its own process")
@@ -139,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "data-bench":
         return data_bench(args)
     start_tensorflow()
+    if args.command == "sizes":
+        from recsys.export.sizes import format_sizes, model_sizes
+
+        print(format_sizes(model_sizes(args.models, args.model_version)))
+        return 0
     from recsys.export.data import load_csv, load_movielens
 
     dataset = getattr(args, "dataset", "ml-100k")
