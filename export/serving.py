@@ -141,8 +141,9 @@ class ServedHistory(tf.keras.layers.Layer):
         self.item_lookup = tf.keras.layers.StringLookup(vocabulary=item_ids, mask_token=None)
         self.movie_count = len(item_ids)
         position = {item_id: index + 1 for index, item_id in enumerate(item_ids)}
+        # Held as int32 (4 bytes a rating, not 8; served graphs read them as int64).
         self.positions = RaggedTable([[position[item] for item in rated_item_ids.get(user, [])] for user in user_ids],
-                                     np.int64, name="positions")
+                                     np.int32, name="positions")
         self.stars = RaggedTable([np.asarray(rated_stars.get(user, []), np.float32) for user in user_ids], np.float32,
                                  name="stars")
 
@@ -152,7 +153,8 @@ class ServedHistory(tf.keras.layers.Layer):
     def training_positions(self, user_rows: tf.Tensor) -> tf.RaggedTensor:
         """Each user's training history as movie lookup rows. The row splits were checked when the
         table was built: checking them per request would add an Assert to the graph."""
-        return self.positions.rows(user_rows, validate=False)
+        rows = self.positions.rows(user_rows, validate=False)
+        return rows.with_values(tf.cast(rows.values, tf.int64))
 
     def request_positions(self, interaction_item_ids: tf.Tensor) -> tf.Tensor:
         return self.item_lookup(interaction_item_ids)

@@ -248,8 +248,8 @@ def test_a_second_export_gets_the_next_version_and_keeps_the_first(tmp_path, tra
 
 
 def test_sizes_accounts_for_every_table_by_what_it_grows_with(models_dir, split, capsys):
-    """`python -m recsys.export sizes`: every variable counted once; the history costs 12 bytes a
-    rating in each model (int64 movie row + float32 stars); users and movies as the export has them."""
+    """`python -m recsys.export sizes`: every variable counted once; the history costs 8 bytes a
+    rating in each model (int32 movie row + float32 stars); users and movies as the export has them."""
     from recsys.export.__main__ import main as export_cli
     from recsys.export.sizes import model_sizes
 
@@ -263,7 +263,7 @@ def test_sizes_accounts_for_every_table_by_what_it_grows_with(models_dir, split,
         assert sum(entry.bytes_by_kind.values()) == total, model
         assert entry.units["per user"] == len(fit.user_ids)
         assert entry.units["per rating"] == sum(map(len, fit.rated_item_ids.values()))
-        assert entry.per_unit("per rating") == 12.0
+        assert entry.per_unit("per rating") == 8.0
         assert entry.bytes_by_kind["per user"] > 0 and entry.bytes_by_kind["per movie"] > 0
     assert export_cli(["sizes", "--models", str(models_dir)]) == 0
     printed = capsys.readouterr().out.splitlines()
