@@ -22,6 +22,7 @@ from recsys.server.layout import (
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
 )
+from recsys.server.observability import REQUEST_LOG_CHOICES
 from recsys.server.options import DEFAULTS, ServerOptions
 
 # The process exits within --grace-seconds plus this, even when shutdown had to be forced.
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-user-id-key-file", type=Path, metavar="F",
                         help="file holding a secret key: request and audit logs show a keyed hash (HMAC-SHA256) of "
                              "each user id instead of the id (default: ids as sent)")
+    parser.add_argument("--request-log", choices=REQUEST_LOG_CHOICES, default=DEFAULTS.request_log,
+                        help="which calls get a JSON line on stderr: all, errors (status not OK) or none; the "
+                             "metrics count every call either way (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics over HTTP on this port (default: off)")
     parser.add_argument("--http-port", type=int,
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         auth_token=read_token(args.auth_token_file) if args.auth_token_file else None,
         auth_jwt_key=args.auth_jwt_key.read_bytes() if args.auth_jwt_key else None,
         auth_jwt_audience=args.auth_jwt_audience,
-        log_user_id_key=read_token(args.log_user_id_key_file).encode() if args.log_user_id_key_file else None)
+        log_user_id_key=read_token(args.log_user_id_key_file).encode() if args.log_user_id_key_file else None,
+        request_log=args.request_log)
     start_tensorflow()  # both backends load TensorFlow (TF Serving's client its protos)
     if args.tf_serving:
         from recsys.server.tf_serving import TFServingBackend

@@ -231,7 +231,7 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
     `store`: where RecordInteractions writes and Recommend reads (`options.interactions_db` is for
     the CLI, which opens it)."""
     loop_thread = EventLoopThread()
-    observer = Observer(user_id_key=options.log_user_id_key)
+    observer = Observer(user_id_key=options.log_user_id_key, request_log=options.request_log)
     pipeline = Pipeline(backend, CatalogStore(models_dir), store, options.stored_interactions, options.reasons,
                         options.store_read_seconds)
     if options.max_batch_size > 1:

@@ -86,12 +86,19 @@ class Metrics:
                                        registry=self.registry)
 
 
+REQUEST_LOG_CHOICES = ("all", "errors", "none")
+
+
 class Observer:
-    def __init__(self, metrics: Metrics | None = None, user_id_key: bytes | None = None):
+    def __init__(self, metrics: Metrics | None = None, user_id_key: bytes | None = None, request_log: str = "all"):
         """`user_id_key`: log a keyed hash (HMAC-SHA256, 16 hex digits) of each user id instead of the
-        id: lines of one user still group together, and nobody without the key can tell whose they are."""
+        id: lines of one user still group together, and nobody without the key can tell whose they are.
+        `request_log`: which calls get a line (REQUEST_LOG_CHOICES); the metrics always count every call."""
+        if request_log not in REQUEST_LOG_CHOICES:
+            raise ValueError(f"request_log must be one of {REQUEST_LOG_CHOICES}, not {request_log!r}")
         self.metrics = metrics or Metrics()
         self.user_id_key = user_id_key
+        self.request_log = request_log
         self._active = 0
         self.last_call_started = 0.0  # time.monotonic()
         self._lock = threading.Lock()
@@ -128,6 +135,8 @@ class Observer:
             metrics.latency.labels(stage).observe(seconds)
         if record.fallback_count:
             metrics.fallback_items.inc(record.fallback_count)
+        if self.request_log == "none" or self.request_log == "errors" and code == "OK":
+            return
         user_ids = [self.logged_user_id(user_id) for user_id in record.user_ids[:5]]
         request_log.info(json.dumps({
             "request_id": record.request_id,

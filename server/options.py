@@ -67,6 +67,8 @@ class ServerOptions:
     auth_jwt_audience: str | None = None
     # A secret key: logs (requests, erasures) show a keyed hash of each user id instead of the id.
     log_user_id_key: bytes | None = None
+    # Which calls get a request log line: "all", "errors" (status not OK) or "none"; metrics count every call.
+    request_log: str = "all"
 
 
 DEFAULTS = ServerOptions()

@@ -391,6 +391,29 @@ def test_one_structured_log_line_per_request(client, caplog):
     assert lines[0]["model_version"] == "1"
 
 
+@pytest.mark.parametrize("request_log, logged", [("errors", ["INVALID_ARGUMENT"]), ("none", [])])
+def test_the_request_log_can_keep_errors_only_or_nothing_and_metrics_count_all(fake_models, caplog, request_log,
+                                                                                logged):
+    from tests.fake_backend import FakeBackend
+
+    recommender, port = create_server("127.0.0.1:0", FakeBackend(fake_models), fake_models,
+                                      ServerOptions(poll_seconds=0.2, request_log=request_log))
+    recommender.start()
+    caplog.set_level(logging.INFO, logger="recsys.requests")
+    try:
+        with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
+            client.wait_until_serving(10)
+            assert len(client.recommend("u1", k=3)) == 3
+            assert status_of(lambda: client.recommend("u1", k=1000))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "recsys.requests"]
+        assert [line["status"] for line in lines] == logged
+        counted = recommender.metrics.registry.get_sample_value
+        assert counted("recsys_requests_total", {"method": "Recommend", "code": "OK"}) == 1
+        assert counted("recsys_requests_total", {"method": "Recommend", "code": "INVALID_ARGUMENT"}) == 1
+    finally:
+        recommender.stop(0).wait(10)
+
+
 def test_prometheus_metrics(running_server, client):
     recommender, _ = running_server
     metrics_port = recommender.serve_metrics(0, host="127.0.0.1")
