@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sizes":
         from recsys.export.sizes import format_sizes, model_sizes
 
-        print(format_sizes(model_sizes(args.models, args.model_version)))
+        try:
+            print(format_sizes(model_sizes(args.models, args.model_version)))
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     from recsys.export.data import load_csv, load_movielens
 

@@ -51,7 +51,10 @@ def _counts(shapes: dict[str, list[int]]) -> tuple[int, int]:
 
 def model_sizes(models_dir: Path, version: int | None = None) -> list[ModelSizes]:
     """Both models' variables of `version` (default: the newest complete one), summed by kind."""
-    version = version or complete_versions(models_dir)[-1]
+    versions = complete_versions(models_dir)
+    if not versions or version is not None and version not in versions:
+        raise FileNotFoundError(f"{models_dir} holds no complete version {version or ''}".rstrip())
+    version = version or versions[-1]
     readers = {model: tf.train.load_checkpoint(str(models_dir / model / str(version) / "variables" / "variables"))
                for model in (RETRIEVAL_MODEL, RANKING_MODEL)}
     users, movies = _counts(readers[RETRIEVAL_MODEL].get_variable_to_shape_map())

@@ -265,6 +265,8 @@ def test_sizes_accounts_for_every_table_by_what_it_grows_with(models_dir, split,
         assert entry.units["per rating"] == sum(map(len, fit.rated_item_ids.values()))
         assert entry.per_unit("per rating") == 8.0
         assert entry.bytes_by_kind["per user"] > 0 and entry.bytes_by_kind["per movie"] > 0
+    assert export_cli(["sizes", "--models", str(models_dir), "--model-version", "9"]) == 2
+    assert "holds no complete version 9" in capsys.readouterr().err
     assert export_cli(["sizes", "--models", str(models_dir)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in printed if line.split()[1:2] == ["total"]] == [["retrieval", "total"],
