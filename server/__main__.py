@@ -22,8 +22,7 @@ from recsys.server.layout import (
     RETRIEVAL_MODEL,
     SIMILAR_ITEMS_SIGNATURE,
 )
-from recsys.server.observability import REQUEST_LOG_CHOICES
-from recsys.server.options import DEFAULTS, ServerOptions
+from recsys.server.options import DEFAULTS, REQUEST_LOG_CHOICES, ServerOptions
 
 # The process exits within --grace-seconds plus this, even when shutdown had to be forced.
 EXIT_SLACK_SECONDS = 1.0

@@ -16,6 +16,7 @@ from typing import Iterable, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from recsys.server.options import REQUEST_LOG_CHOICES
 from recsys.server.security import ANYONE, Principal
 
 request_log = logging.getLogger("recsys.requests")
@@ -84,9 +85,6 @@ class Metrics:
                                        "Log lines dropped since start, written while stderr was "
                                        f"{MAX_QUEUED_LOG_LINES:,} lines behind (python -m recsys.server)",
                                        registry=self.registry)
-
-
-REQUEST_LOG_CHOICES = ("all", "errors", "none")
 
 
 class Observer:

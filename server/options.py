@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Which calls get a request log line (`--request-log`): every one, those not ending OK, or none.
+REQUEST_LOG_CHOICES = ("all", "errors", "none")
+
 # The embedded interaction store's file, in the user's state directory (XDG_STATE_HOME).
 DEFAULT_INTERACTIONS_DB = str(Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
                               / "recsys" / "interactions.sqlite3")
