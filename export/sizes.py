@@ -7,6 +7,7 @@ per rating (the values of the users' history tables), or other (the layers' weig
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,7 @@ def model_sizes(models_dir: Path, version: int | None = None) -> list[ModelSizes
             if not name.endswith(".ATTRIBUTES/VARIABLE_VALUE"):
                 continue  # the object graph, not a table
             kind = _kind(name.split("/.ATTRIBUTES")[0], shape, users, movies)
-            size = dtypes[name].size
-            for dimension in shape:
-                size *= dimension
+            size = dtypes[name].size * math.prod(shape)
             by_kind[kind] += size
             if kind == "per rating":
                 ratings = max(ratings, shape[0])

@@ -49,8 +49,8 @@ def stored_ratings(location: str, data: MovieLens) -> StoredRatings:
     store = open_store(location)
     try:
         erased = store.forgotten_hashes()
-        forgotten = {user for user in data.names.users.tolist() if user_hash(user) in erased}
         user_code = {user_id: code for code, user_id in enumerate(data.names.users.tolist())}
+        forgotten = {user for user in user_code if user_hash(user) in erased}
         item_code = {item_id: code for code, item_id in enumerate(data.names.items.tolist())}
         in_data = np.unique(data.ratings[:, 0].astype(np.int64) * len(item_code) + data.ratings[:, 1])
         kept_users: dict[str, int] = {}  # each user id once, numbered in order of appearance

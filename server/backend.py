@@ -45,8 +45,12 @@ class Deadline:
         cap = time.monotonic() + seconds
         return Deadline.until(cap if self.expires is None else min(self.expires, cap), self.is_cancelled, self.timings)
 
+    def gone(self) -> bool:
+        """Whether the caller went away."""
+        return self.is_cancelled is not None and self.is_cancelled()
+
     def remaining(self) -> float | None:
-        if self.is_cancelled is not None and self.is_cancelled():
+        if self.gone():
             raise Cancelled("the caller cancelled the request")
         if self.expires is None:
             return None
@@ -68,6 +72,11 @@ class Deadline:
 def remaining(deadline: Deadline | None) -> float | None:
     """Seconds a call may take under `deadline` (None: no limit)."""
     return None if deadline is None else deadline.remaining()
+
+
+def histories(item_ids: np.ndarray) -> list[frozenset[str]]:
+    """`rated_items`' output (str [users, longest], "" padding) as one set of movies per user."""
+    return [frozenset(item for item in row if item) for row in item_ids.tolist()]
 
 
 @dataclass(frozen=True)

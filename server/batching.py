@@ -39,9 +39,6 @@ class _Pending:
     future: futures.Future = field(default_factory=futures.Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
-    def gone(self) -> bool:
-        return self.deadline.is_cancelled is not None and self.deadline.is_cancelled()
-
 
 class _CostQueue:
     """Two FIFO queues in one: requests of one query (Recommend) are taken before larger ones
@@ -92,7 +89,7 @@ def _batch_deadline(batch: list[_Pending], cap: float) -> Deadline:
     cancelled once every caller is gone; its timings are copied to each caller's."""
     expiries = [pending.deadline.expires for pending in batch]
     latest = None if None in expiries else max(expiries)
-    return Deadline.until(latest, lambda: all(pending.gone() for pending in batch)).capped(cap)
+    return Deadline.until(latest, lambda: all(pending.deadline.gone() for pending in batch)).capped(cap)
 
 
 class RequestBatcher:
@@ -162,7 +159,7 @@ class RequestBatcher:
         for pending in batch:
             if not pending.future.set_running_or_notify_cancel():
                 continue  # the caller's deadline passed and it stopped waiting
-            if pending.gone():
+            if pending.deadline.gone():
                 pending.future.set_exception(Cancelled("the caller cancelled the request"))
             else:
                 runnable.append(pending)

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from recsys.server.backend import Backend, Candidates, Deadline, RankedCandidates, Scores, UserBatch
+from recsys.server.backend import Backend, Candidates, Deadline, RankedCandidates, Scores, UserBatch, histories
 from recsys.server.catalog import Catalog
 from recsys.server.errors import ModelsUnavailable
 from recsys.server.layout import (
@@ -301,7 +301,7 @@ class InProcessBackend(Backend):
     def rated_items(self, user_ids: Sequence[str], model_version: str,
                     deadline: Deadline | None = None) -> list[frozenset[str]]:
         outputs = self._pair_of(model_version).rated_items(**{USER_ID_INPUT: tf.constant(list(user_ids), dtype=tf.string)})
-        return [frozenset(item for item in row if item) for row in _strings(outputs["item_ids"]).tolist()]
+        return histories(_strings(outputs["item_ids"]))
 
     def similar(self, users: UserBatch, item_ids: Sequence[str], deadline: Deadline | None = None) -> Candidates:
         pair = self._serving_pair()

@@ -21,7 +21,16 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from recsys.server.backend import Backend, Candidates, Deadline, RankedCandidates, Scores, UserBatch, remaining
+from recsys.server.backend import (
+    Backend,
+    Candidates,
+    Deadline,
+    RankedCandidates,
+    Scores,
+    UserBatch,
+    histories,
+    remaining,
+)
 from recsys.server.catalog import Catalog
 from recsys.server.errors import BackendMisconfigured, DeadlineExceeded, ModelsUnavailable, Overloaded, RecsysError
 from recsys.server.layout import (
@@ -282,7 +291,7 @@ class TFServingBackend(Backend):
         request.inputs[USER_ID_INPUT].CopyFrom(string_tensor(list(user_ids)))
         response = self._call(self.stub.Predict, request, remaining(deadline),
                               f"model '{self.retrieval_model}' version {model_version}")
-        return [frozenset(item for item in row if item) for row in to_numpy(response.outputs["item_ids"]).astype(str).tolist()]
+        return histories(to_numpy(response.outputs["item_ids"]).astype(str))
 
     def similar(self, users: UserBatch, item_ids: Sequence[str], deadline: Deadline | None = None) -> Candidates:
         version = self._serving_version()
