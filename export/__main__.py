@@ -1,4 +1,4 @@
-"""python -m recsys.export {train,evaluate,report,synth,sizes,data-bench}: the offline half of the recommender."""
+"""python -m recsys.export {train,evaluate,report,synth,sizes,index-bench,data-bench}: the offline half of the recommender."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes.add_argument("--models", type=Path, required=True, help="the export's directory")
     sizes.add_argument("--model-version", type=int, help="default: the newest complete version")
 
+    index_bench = commands.add_parser("index-bench", help="brute force against the partitioned retrieval index by "
+                                                          "catalog size, on synthetic embeddings: latency and recall")
+    index_bench.add_argument("--movies", default="20000,50000,100000,300000,1000000", metavar="N,N,...",
+                             help="catalog sizes to measure (default: %(default)s)")
+
     bench = commands.add_parser("data-bench", help="measure reading the ratings for training, streamed (--stream) "
                                                    "and in memory: prepare time, one epoch, peak RSS, each mode in "
                                                    "its own process")
@@ -144,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "data-bench":
         return data_bench(args)
     start_tensorflow()
+    if args.command == "index-bench":
+        from recsys.export import index_bench
+
+        try:
+            sizes = [int(size) for size in args.movies.split(",")]
+        except ValueError:
+            print(f"error: --movies takes comma-separated counts; got {args.movies!r}", file=sys.stderr)
+            return 2
+        print(index_bench.format_results(index_bench.run(sizes)))
+        return 0
     if args.command == "sizes":
         from recsys.export.sizes import format_sizes, model_sizes
 

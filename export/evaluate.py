@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from recsys.export.baselines import (
     als_fold_in_lists,
@@ -40,6 +41,7 @@ from recsys.export.data import (
     group_rows,
     popularity_order,
 )
+from recsys.export.index import RECALL_K
 from recsys.export.item_item import unit_columns
 from recsys.server.backend import Backend, UserBatch
 from recsys.server.catalog import CatalogStore
@@ -192,6 +194,21 @@ def retrieval_lists(backend: Backend, users: list[str], sent: Interactions | Non
         for user, row, scores in zip(batch, candidates.item_ids, candidates.scores):
             lists[user] = [item for item, score in zip(row.tolist(), scores.tolist()) if score != -np.inf][:LIST_LENGTH]
     return lists, model_version
+
+
+def index_recall(backend: InProcessBackend, users: list[str], k: int = RECALL_K) -> dict:
+    """The served retrieval index's recall@k against brute force, on `users`' trained towers (what it
+    is asked for a known user who sends nothing); 1 for a brute-force index, by construction."""
+    retrieval = backend.current.saved_models[0]
+    shares = []
+    for start in range(0, len(users), MAX_BATCH_USERS):
+        batch = users[start:start + MAX_BATCH_USERS]
+        served = backend.retrieve(UserBatch.of(batch), include_rated=True)
+        exact = retrieval.exhaustive_candidates(tf.constant(batch))["item_ids"].numpy().astype(str)
+        for row, scores, reference in zip(served.item_ids, served.scores, exact):
+            found = {item for item, score in zip(row[:k].tolist(), scores[:k].tolist()) if score != -np.inf}
+            shares.append(len(found & set(reference[:k].tolist())) / min(k, len(reference)))
+    return {"recall_at": min(k, len(reference)), "recall": float(np.mean(shares)), "users": len(shares)}
 
 
 def rating_rmse(backend: Backend, model_version: str, targets: np.ndarray, stars: np.ndarray, names: IdNames,
@@ -368,6 +385,7 @@ def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, h
         result["systems"]["ease"]["lambda"] = ease[1]
     result["systems"]["als"].update(als[1])
     result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test), names)}
+    result["retrieval_index"] = {**catalogs.get(model_version).retrieval_index, "test_users": index_recall(backend, users)}
     if item_to_item:
         result["similar_items"] = evaluate_similar_items(backend, data, train, test, codes)
         result["reasons"] = evaluate_reasons(answers, rows_of(train, codes), data)
@@ -485,6 +503,11 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{system_label(system, row):<28} {cells}")
     if "ranking" in metrics:
         lines.append(f"ranker RMSE {metrics['ranking']['rmse']:.4f}")
+    if "retrieval_index" in metrics:
+        index, measured = metrics["retrieval_index"], metrics["retrieval_index"]["test_users"]
+        cells = f" ({index['probes']} of {index['cells']} cells probed)" if index["kind"] == "partitioned" else ""
+        lines.append(f"retrieval index: {index['kind']}{cells}, recall@{measured['recall_at']} against brute force "
+                     f"{measured['recall']:.4f} on {measured['users']} test users")
     if "similar_items" in metrics:
         similar = metrics["similar_items"]
         lines.append(f"SimilarItems: item-to-item HR@10 {similar['served']['hr@10']:.4f} ± "

@@ -14,6 +14,7 @@ CHOICES = {
     "retrieval_optimizer": ("adagrad", "adam"),
     "ranking_optimizer": ("adagrad", "adam"),
     "similar_space": ("co_rating", "item_towers"),
+    "retrieval_index": ("auto", "brute_force", "partitioned"),
 }
 
 
@@ -88,6 +89,12 @@ class Preset:
     similar_dim: int = 64
     # The watch head's softmax, as retrieval_loss (without "in_batch").
     watch_loss: str = "auto"
+    # The retrieval and SimilarItems indexes (export/index.py): "brute_force" scores every movie,
+    # "partitioned" only the movies of the `index_probes` best of `index_cells` k-means cells;
+    # "auto" picks by the index's size (export/scale.py choose_index). 0 cells or probes: by size too.
+    retrieval_index: str = "auto"
+    index_cells: int = 0
+    index_probes: int = 0
     # Let export/scale.py fit epochs and ensemble size to the data's size (fields set with --set stay).
     scale_to_data: bool = True
     seed: int = 0
@@ -102,6 +109,8 @@ class Preset:
             raise ValueError(f"id_dropout must be in [0, 1); got {self.id_dropout}")
         if min(self.ease_weight, self.ease_weight_new_users) < 0 or self.ease_lambda <= 0:
             raise ValueError("ease_weight and ease_weight_new_users must be 0 or more, ease_lambda above 0")
+        if self.index_cells < 0 or self.index_probes < 0:
+            raise ValueError("index_cells and index_probes must be 0 (chosen by the catalog's size) or more")
         if self.history_sample < 0:
             raise ValueError(f"history_sample must be 0 (whole histories) or more; got {self.history_sample}")
         if not 0.0 < self.history_keep <= 1.0:

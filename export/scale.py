@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from recsys.export.index import RECALL_K, IndexSpec
 from recsys.export.item_item import EASE_MAX_MOVIES
 from recsys.export.presets import Preset
 
@@ -69,3 +70,34 @@ def fit_to_data(preset: Preset, users: int, movies: int, rows: int, fixed: froze
             choose("history_sample", HISTORY_SAMPLE, f"{rows:,} fit rows: each step sums at most {HISTORY_SAMPLE} "
                                                      f"entries of a history (over {LARGE_DATA_ROWS:,})")
     return dataclasses.replace(preset, **{field: choice["value"] for field, choice in choices.items()}), choices
+
+
+# Below this many movies an index scores them all: brute force is then as fast as probing cells
+# (docs/performance.md "Catalog scale" measures where the two cross).
+PARTITIONED_MIN_MOVIES = 50_000
+# A partitioned index has about sqrt(movies) cells (a power of two). Its probes start from the fewest
+# whose movies hold twice the k asked for (at least MIN_PROBES), and export doubles them until
+# recall@100 on a sample of its queries (trained users; movies for SimilarItems) reaches
+# RECALL_TARGET (export/index.py IndexSpec.build).
+MIN_PROBES = 4
+RECALL_TARGET = 0.95
+# Chosen by size ("auto"), a partitioned index that needs more than this share of the catalog
+# probed is dropped for brute force, which reads the catalog once per batch of users: at 16
+# queries a call, the partitioned index costs about 10 times its probed share of brute force's
+# time (docs/performance.md "Catalog scale").
+BRUTE_FORCE_ABOVE_SHARE = 1 / 10
+
+
+def choose_index(preset: Preset, movies: int, k: int) -> IndexSpec:
+    """How to index `movies` movies a query asks the best `k` of: the preset's `retrieval_index`,
+    `index_cells` and `index_probes`, with "auto" and 0 decided by the catalog's size."""
+    if preset.retrieval_index == "brute_force" or (preset.retrieval_index == "auto" and movies < PARTITIONED_MIN_MOVIES):
+        reason = ("retrieval_index=brute_force" if preset.retrieval_index == "brute_force" else
+                  f"{movies:,} movies: every one scored (below {PARTITIONED_MIN_MOVIES:,})")
+        return IndexSpec("brute_force", reason=reason)
+    cells = preset.index_cells or min(movies, 2 ** max(0, round(math.log2(math.sqrt(movies)))))
+    probes = preset.index_probes or min(cells, max(MIN_PROBES, math.ceil(2 * k * cells / movies)))
+    reason = (f"{movies:,} movies: {cells} k-means cells, " + (f"{probes} probed" if preset.index_probes else
+              f"probes doubled from {probes} until recall@{RECALL_K} on a sample of its queries reaches {RECALL_TARGET}"))
+    return IndexSpec("partitioned", cells, probes, reason, tune_to=0.0 if preset.index_probes else RECALL_TARGET,
+                     brute_force_above=BRUTE_FORCE_ABOVE_SHARE if preset.retrieval_index == "auto" else 0.0)

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sparse
 import tensorflow as tf
 
-from recsys.export.index import BruteForceIndex
+from recsys.export.index import RECALL_K, IndexSpec
 from recsys.export.models import ConcatTowers, HistoryUserTower, RaggedTable, embedding_table
 from recsys.server.layout import (
     INTERACTION_ITEMS_INPUT,
@@ -44,6 +44,9 @@ from recsys.server.limits import MAX_K
 # Neighbours `similar_items` returns per movie (what SimilarItems may ask for), and reasons per movie.
 SIMILAR_CANDIDATES = MAX_K
 REASONS = 3
+
+# A partitioned index's recall is measured (and its probes tuned) on this many queries at export.
+TUNING_QUERIES = 500
 
 OUT_OF_VOCABULARY_PROBE = "\x00out-of-vocabulary"
 TABLE_CHUNK = 4096
@@ -218,8 +221,12 @@ class ServedUserTower(tf.keras.layers.Layer):
             added += tf.gather(self.liked, additions.positions) * weights[:, None]
         return tf.math.unsorted_segment_sum(added, additions.rows, tf.size(additions.active))
 
+    def outputs_of(self, user_rows: tf.Tensor) -> tf.Tensor:
+        """The trained output of each user row (no interactions)."""
+        return tf.gather(self.outputs, user_rows)
+
     def call(self, user_rows: tf.Tensor, additions: Additions) -> tf.Tensor:
-        trained = tf.gather(self.outputs, user_rows)
+        trained = self.outputs_of(user_rows)
         if not self.with_history:
             return trained
         summed = tf.gather(self.trained_sums, additions.users) + self.added_sums(additions)
@@ -293,7 +300,8 @@ class RequestUsers:
 
 
 class RetrievalServing(tf.Module):
-    """User -> the top `candidate_count` movie ids and scores of a brute-force index.
+    """User -> the top `candidate_count` movie ids and scores of the retrieval index (export/index.py:
+    brute force, or partitioned for a large catalog).
 
     `serving_default` never returns a movie of the user's history (training or request);
     `include_rated` skips that filter. With more history than the catalog can spare, the
@@ -301,9 +309,12 @@ class RetrievalServing(tf.Module):
     """
 
     def __init__(self, history: ServedHistory, user_tower: ServedUserTower, item_embeddings: tf.Tensor,
-                 item_ids: list[str], candidate_count: int, similarity: np.ndarray):
+                 item_ids: list[str], candidate_count: int, similarity: np.ndarray,
+                 index: IndexSpec = IndexSpec("brute_force"), similar_index: IndexSpec = IndexSpec("brute_force"),
+                 seed: int = 0, tuning_queries: int = TUNING_QUERIES):
         """`similarity`: each catalog movie's vector (vocabulary order) in the space `similar_items`
-        finds neighbours in, by cosine."""
+        finds neighbours in, by cosine. `index` and `similar_index`: how each index is built; a
+        partitioned one is checked (and tuned) on up to `tuning_queries` trained users or movies."""
         super().__init__()
         if candidate_count > len(item_ids):
             raise ValueError(f"candidate_count {candidate_count} exceeds the catalog ({len(item_ids)} movies)")
@@ -311,15 +322,26 @@ class RetrievalServing(tf.Module):
         self.item_ids = tf.Variable(item_ids, dtype=tf.string, trainable=False, name="item_ids")
         self.history = history
         self.user_tower = user_tower
-        self.index = BruteForceIndex(item_embeddings, name="index")
+        rng = np.random.default_rng(seed)
+        trained_users = user_tower.outputs.numpy()[1:]
+        self.index, built_index = index.build(
+            item_embeddings, trained_users[rng.permutation(len(trained_users))[:tuning_queries]],
+            min(RECALL_K, candidate_count), seed, name="index")
         movies = history.movie_count
         self.similar_count = min(SIMILAR_CANDIDATES, movies - 1)
         self.movie_ids = tf.Variable([""] + item_ids[:movies], dtype=tf.string, trainable=False, name="movie_ids")
         unit = similarity / np.maximum(np.linalg.norm(similarity, axis=1, keepdims=True), 1e-12)
-        self.neighbours = BruteForceIndex(tf.constant(unit.astype(np.float32)), name="neighbours")
+        unit = unit.astype(np.float32)
+        self.neighbours, built_neighbours = similar_index.build(
+            unit, unit[rng.permutation(len(unit))[:tuning_queries]], self.similar_count, seed, name="neighbours")
+        self._index_records = {"retrieval": built_index, "similar_items": built_neighbours}
         # Row 0 (a movie the catalog does not know) is all zeros: no neighbours to speak of.
         self.unit_vectors = tf.Variable(np.vstack([np.zeros((1, unit.shape[1])), unit]).astype(np.float32),
                                         trainable=False, name="unit_vectors")
+
+    def index_records(self) -> dict[str, dict]:
+        """What each index is, why, and its measured recall: the metadata's `indexes`."""
+        return {name: dict(record) for name, record in self._index_records.items()}
 
     def _candidates(self, users: RequestUsers, exclude_history: bool) -> dict[str, tf.Tensor]:
         excluded = None
@@ -341,6 +363,15 @@ class RetrievalServing(tf.Module):
     @tf.function(input_signature=USER_INPUTS)
     def retrieve_including_rated(self, user_id, interaction_item_ids, interaction_ratings) -> dict[str, tf.Tensor]:
         return self._candidates(RequestUsers(self.history, user_id, interaction_item_ids, interaction_ratings), False)
+
+    @tf.function(input_signature=USER_INPUTS[:1])
+    def exhaustive_candidates(self, user_id) -> dict[str, tf.Tensor]:
+        """The exact top `candidate_count` of each user's trained tower, nothing excluded: the reference
+        `python -m recsys.export evaluate` measures the index's recall against. Not a signature:
+        TF Serving never serves it."""
+        rows = self.history.user_rows(tf.ensure_shape(user_id, [None]))
+        scores, positions = self.index.exhaustive(self.user_tower.outputs_of(rows), self.candidate_count)
+        return {"item_ids": tf.gather(self.item_ids, positions), "scores": scores}
 
     @tf.function(input_signature=USER_INPUTS[:1])
     def rated_items(self, user_id) -> dict[str, tf.Tensor]:

@@ -33,6 +33,8 @@ def _kind(name: str, shape: list[int], users: int, movies: int) -> str:
     rows = shape[0] if shape else 0
     if name.endswith("/values") and len(shape) == 1:
         return "per rating"
+    if name.split("/")[0] in ("index", "neighbours"):  # a partitioned index holds its movies by cell
+        return "per movie"
     if len(shape) == 2 and shape[0] in (movies, movies + 1) and shape[1] in (movies, movies + 1):
         return "per movie pair"
     if rows in (users, users + 1, users + 2):  # + the out-of-vocabulary row, + a ragged table's first split

@@ -20,8 +20,9 @@ from recsys.export.models import RankingModel, RetrievalModel, item_towers_by_me
 from recsys.export.presets import STRATEGIES, Preset
 from recsys.export.progress import Progress
 from recsys.export.savedmodel import write_export
-from recsys.export.scale import fit_to_data
+from recsys.export.scale import choose_index, fit_to_data
 from recsys.export.serving import (
+    SIMILAR_CANDIDATES,
     ItemItem,
     RankingServing,
     RetrievalServing,
@@ -129,16 +130,22 @@ class TrainedExport:
 
 
 SYNTHETIC_PREFIX = "synthetic-"
+PADDING_NOISE = 0.5
 
 
 def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, seed: int) -> tuple[list[str], tf.Tensor]:
-    """Add `count` synthetic movies (ids "synthetic-<n>", random embeddings with the real ones'
-    spread) to the retrieval index only: a way to measure retrieval cost at catalog scale."""
+    """Add `count` synthetic movies (ids "synthetic-<n>", no titles) to the retrieval index only: a
+    way to measure retrieval at catalog scale. Each is a real movie's embedding plus Gaussian noise of
+    PADDING_NOISE times the real embeddings' spread per dimension: a catalog's structure (movies
+    near each other in taste) planted at scale. Independent Gaussian embeddings would have none: an
+    index that skips movies must then probe a large share of them to find a query's top k
+    (docs/performance.md "Catalog scale")."""
     if not count:
         return item_ids, item_embeddings
     real = item_embeddings.numpy()
     rng = np.random.default_rng(seed)
-    synthetic = rng.normal(real.mean(axis=0), real.std(axis=0), size=(count, real.shape[1])).astype(np.float32)
+    near = real[rng.integers(0, len(real), count)]
+    synthetic = (near + rng.normal(0.0, PADDING_NOISE, size=near.shape) * real.std(axis=0)).astype(np.float32)
     return item_ids + [f"{SYNTHETIC_PREFIX}{n}" for n in range(count)], tf.constant(np.concatenate([real, synthetic]))
 
 
@@ -211,8 +218,14 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
         metadata["similar_space"] = "co_rating"
     else:
         similarity, metadata["similar_space"] = item_towers_by_member(ranking, retrieval, item_ids), "item_towers"
-    retrieval_serving = RetrievalServing(history, index_users, item_embeddings, index_item_ids, preset.candidate_count,
-                                         similarity)
+    retrieval_serving = RetrievalServing(
+        history, index_users, item_embeddings, index_item_ids, preset.candidate_count, similarity,
+        index=choose_index(preset, len(index_item_ids), preset.candidate_count),
+        similar_index=choose_index(preset, len(item_ids), SIMILAR_CANDIDATES), seed=preset.seed)
+    metadata["indexes"] = retrieval_serving.index_records()
+    for name, built in metadata["indexes"].items():
+        recall = f"; recall@{built['recall_at']} {built['recall']}" if "recall" in built else ""
+        print(f"  {name} index: {built['reason']}{recall}", flush=True)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     item_item = None
     if preset.uses_ease:

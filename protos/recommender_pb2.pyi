@@ -121,7 +121,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length", "max_recent_interactions", "interaction_store", "stored_interactions")
+    __slots__ = ("model_version", "backend", "candidate_count", "preset", "default_k", "max_k", "max_exclude_item_ids", "max_batch_requests", "max_user_id_length", "max_item_id_length", "max_recent_interactions", "interaction_store", "stored_interactions", "retrieval_index", "index_movies", "index_cells", "index_probes", "index_recall")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,11 @@ class ModelInfo(_message.Message):
     MAX_RECENT_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
     INTERACTION_STORE_FIELD_NUMBER: _ClassVar[int]
     STORED_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDEX_MOVIES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_CELLS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_PROBES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_RECALL_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     backend: str
     candidate_count: int
@@ -148,4 +153,9 @@ class ModelInfo(_message.Message):
     max_recent_interactions: int
     interaction_store: str
     stored_interactions: int
-    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ..., max_recent_interactions: _Optional[int] = ..., interaction_store: _Optional[str] = ..., stored_interactions: _Optional[int] = ...) -> None: ...
+    retrieval_index: str
+    index_movies: int
+    index_cells: int
+    index_probes: int
+    index_recall: float
+    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_count: _Optional[int] = ..., preset: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ..., max_exclude_item_ids: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_user_id_length: _Optional[int] = ..., max_item_id_length: _Optional[int] = ..., max_recent_interactions: _Optional[int] = ..., interaction_store: _Optional[str] = ..., stored_interactions: _Optional[int] = ..., retrieval_index: _Optional[str] = ..., index_movies: _Optional[int] = ..., index_cells: _Optional[int] = ..., index_probes: _Optional[int] = ..., index_recall: _Optional[float] = ...) -> None: ...

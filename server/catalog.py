@@ -5,7 +5,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsys.server.errors import ModelsUnavailable
@@ -28,9 +28,19 @@ class Catalog:
     # Whether the models compute users from their history, so that interactions sent with a
     # request personalise the list (false for id-only towers, e.g. the `seed` preset).
     serves_interactions: bool = False
+    # The retrieval index as the export built it (export/index.py IndexSpec.build): kind, movies,
+    # and for a partitioned one cells, probes and recall. Exports without the record scored every movie.
+    retrieval_index: dict = field(default_factory=lambda: {"kind": "brute_force"})
 
     def is_known_user(self, user_id: str) -> bool:
         return user_id in self.user_ids
+
+    def index_summary(self) -> dict:
+        """The retrieval index as ModelInfo reports it."""
+        index = self.retrieval_index
+        return {"retrieval_index": index["kind"], "index_movies": int(index.get("movies", 0)),
+                "index_cells": int(index.get("cells", 0)), "index_probes": int(index.get("probes", 0)),
+                "index_recall": float(index.get("recall", 1.0))}
 
 
 class InvalidMetadata(ValueError):
@@ -74,6 +84,13 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
     _expect(isinstance(preset, dict), "preset must be an object")
     serves_interactions = raw.get("serves_interactions", False)
     _expect(isinstance(serves_interactions, bool), "serves_interactions must be true or false")
+    indexes = raw.get("indexes", {})
+    _expect(isinstance(indexes, dict), "indexes must be an object")
+    retrieval_index = indexes.get("retrieval", {"kind": "brute_force"})
+    _expect(isinstance(retrieval_index, dict) and retrieval_index.get("kind") in ("brute_force", "partitioned"),
+            "indexes.retrieval.kind must be brute_force or partitioned")
+    _expect(all(isinstance(retrieval_index.get(key, 0), (int, float)) for key in ("movies", "cells", "probes", "recall")),
+            "indexes.retrieval's movies, cells, probes and recall must be numbers")
     return Catalog(
         model_version=str(version),
         candidate_count=raw["candidate_count"],
@@ -84,6 +101,7 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
         preset=preset,
         synthetic_items=int(raw.get("synthetic_items", 0) or 0),
         serves_interactions=serves_interactions,
+        retrieval_index=retrieval_index,
     )
 
 

@@ -299,4 +299,4 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             max_exclude_item_ids=MAX_EXCLUDED_ITEMS, max_batch_requests=MAX_BATCH_USERS,
             max_user_id_length=MAX_USER_ID_LENGTH, max_item_id_length=MAX_ITEM_ID_LENGTH,
             max_recent_interactions=MAX_RECENT_INTERACTIONS, interaction_store=self.store.kind if self.store else "",
-            stored_interactions=self.stored_interactions)
+            stored_interactions=self.stored_interactions, **catalog.index_summary())

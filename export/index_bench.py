@@ -1,0 +1,89 @@
+"""python -m recsys.export index-bench: brute force against the partitioned index, catalog size by
+catalog size, on synthetic embeddings with planted structure.
+
+Each catalog is CENTRES taste centres (random 64-dimension vectors) with every movie near one of them
+(Gaussian noise of half their spread); each query is a user's taste, the sum of TASTES random centres
+plus the same noise. Half the queries are the ones a partitioned index tunes its probes on, the
+other half the ones its recall is measured on. Each index answers the top 200 (the default
+candidate count) through a traced tf.function, one query at a time and 16 at a time, as the
+serving graph calls it, with TensorFlow's thread pools sized as the server's.
+Where the two cross set `export/scale.py`'s PARTITIONED_MIN_MOVIES and BRUTE_FORCE_ABOVE_SHARE.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from recsys.export.index import RECALL_K, recall
+from recsys.export.presets import PRESETS
+from recsys.export.scale import choose_index
+from recsys.server.options import DEFAULTS
+
+CENTRES = 1_682
+DIM = 64
+TASTES = 3
+CANDIDATES = 200
+QUERIES = 200
+
+
+@dataclass(frozen=True)
+class Timing:
+    movies: int
+    kind: str
+    build_seconds: float
+    one_query_ms: float  # median of one call with 1 query
+    sixteen_queries_ms: float  # median of one call with 16
+    recall: float
+    detail: str
+
+
+def planted_catalog(movies: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CENTRES, DIM)).astype(np.float32)
+    embeddings = centres[rng.integers(0, CENTRES, movies)] + 0.5 * rng.normal(size=(movies, DIM)).astype(np.float32)
+    tastes = centres[rng.integers(0, CENTRES, (QUERIES, TASTES))].sum(axis=1)
+    return embeddings.astype(np.float32), (tastes + 0.5 * rng.normal(size=(QUERIES, DIM))).astype(np.float32)
+
+
+def _median_ms(function, queries: tf.Tensor, repeats: int) -> float:
+    function(queries)  # traced here, not timed
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function(queries)[0].numpy()
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.median(times))
+
+
+def measure(movies: int, kind: str, repeats: int = 50) -> Timing:
+    embeddings, queries = planted_catalog(movies)
+    preset = PRESETS["default"].with_overrides([f"retrieval_index={kind}"])
+    spec = choose_index(preset, movies, CANDIDATES)
+    started = time.perf_counter()
+    tuning, held_out = queries[:QUERIES // 2], queries[QUERIES // 2:]
+    index, _ = spec.build(embeddings, tuning, RECALL_K)
+    build_seconds = time.perf_counter() - started
+    call = tf.function(lambda batch: index(batch, CANDIDATES), input_signature=[tf.TensorSpec([None, DIM], tf.float32)])
+    detail = f"{index.probes} of {index.cells} cells, {index.probes * index.cell_size:,} movies scored" \
+        if spec.kind == "partitioned" else "every movie scored"
+    return Timing(movies, spec.kind, build_seconds, _median_ms(call, tf.constant(queries[:1]), repeats),
+                  _median_ms(call, tf.constant(queries[:16]), repeats),
+                  recall(index, held_out, RECALL_K) if spec.kind == "partitioned" else 1.0, detail)
+
+
+def run(sizes: list[int]) -> list[Timing]:
+    """Both indexes at each size, TensorFlow's thread pools sized as the server's."""
+    from recsys.server.in_process import set_tensorflow_threads
+
+    set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
+    return [measure(movies, kind) for movies in sizes for kind in ("brute_force", "partitioned")]
+
+
+def format_results(timings: list[Timing]) -> str:
+    lines = ["| movies | index | 1 query ms | 16 queries ms | recall@100 | build s | |", "|---:|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {t.movies:,} | {t.kind} | {t.one_query_ms:.2f} | {t.sixteen_queries_ms:.2f} | {t.recall:.4f} | "
+              f"{t.build_seconds:.1f} | {t.detail} |" for t in timings]
+    return "\n".join(lines)
