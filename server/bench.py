@@ -51,6 +51,37 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str,
     return tally, wall
 
 
+def model_call_costs(models_dir: Path, batch_sizes: list[int], k: int, calls: int = 60) -> list[str]:
+    """The model call alone (retrieve, rank and, as the server's default, explain, fused in one
+    TensorFlow call) for batches of known users, one TensorFlow thread as the server's: what every
+    request costs before any Python or gRPC. Lines of median ms a call and CPU ms a user."""
+    import tensorflow as tf
+
+    from recsys.server.backend import UserBatch
+    from recsys.server.catalog import CatalogStore
+    from recsys.server.in_process import InProcessBackend, _user_inputs, set_tensorflow_threads
+
+    set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
+    backend, catalogs = InProcessBackend(models_dir, explains=DEFAULTS.reasons), CatalogStore(models_dir)
+    if not backend.refresh(catalogs.get):
+        raise SystemExit(f"no loadable model version in {models_dir}")
+    users = sorted(catalogs.get(backend.current_version()).user_ids)
+    call = backend.current.retrieve_and_rank[False]
+    lines = []
+    for size in batch_sizes:
+        inputs = [*_user_inputs(UserBatch.of(users[:size])).values(), tf.constant(k if DEFAULTS.reasons else 0)]
+        call(*inputs)  # the first run of a shape is not measured
+        times, cpu_before = [], bench.process_cpu_seconds()
+        for _ in range(calls):
+            begun = time.perf_counter()
+            call(*inputs)["score"].numpy()
+            times.append((time.perf_counter() - begun) * 1000)
+        cpu_ms = (bench.process_cpu_seconds() - cpu_before) * 1000 / calls
+        lines.append(f"batch of {size:3d} users: {sorted(times)[len(times) // 2]:7.2f} ms a call, "
+                     f"{cpu_ms / size:.3f} CPU ms a user")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys.server.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,8 +95,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="N recent interactions with every request, as `python -m recsys.client bench --interactions` "
                              "(default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
+    parser.add_argument("--model-call", metavar="N,N,...",
+                        help="instead: time the fused model call alone for batches of N known users (reasons as "
+                             "the server's default), e.g. 1,8,16,32")
     args = parser.parse_args(argv)
     start_tensorflow()
+    if args.model_call:
+        try:
+            sizes = [int(size) for size in args.model_call.split(",")]
+        except ValueError:
+            parser.error(f"--model-call takes comma-separated batch sizes; got {args.model_call!r}")
+        print("\n".join(model_call_costs(args.models, sizes, args.k)))
+        return 0
     tally, wall = run_in_process(args.models, args.duration, args.k, args.users, args.interactions)
     summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
     print(bench.format_summary(summary))

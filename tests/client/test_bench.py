@@ -86,6 +86,18 @@ def test_bench_in_process(models_dir, tmp_path, capsys):
     assert summary["target"].startswith("in-process")
 
 
+def test_bench_times_the_model_call_alone_by_batch_size(models_dir, capsys):
+    from recsys.server.bench import main as server_bench_main
+
+    assert server_bench_main(["--models", str(models_dir), "--model-call", "1,4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    found = [re.fullmatch(r"batch of +(\d+) users: +([\d.]+) ms a call, ([\d.]+) CPU ms a user", line) for line in lines]
+    assert [int(match.group(1)) for match in found] == [1, 4]
+    assert all(float(match.group(2)) > 0 and float(match.group(3)) > 0 for match in found)
+    with pytest.raises(SystemExit):
+        server_bench_main(["--models", str(models_dir), "--model-call", "many"])
+
+
 @pytest.mark.parametrize("flags", [[], ["--aio"]])
 def test_bench_against_the_transport_floor(tmp_path, flags):
     """server.floor answers the real contract with canned items: the bench's gRPC-only reference."""
