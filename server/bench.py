@@ -51,10 +51,21 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str,
     return tally, wall
 
 
+def _time_call(call, inputs: list, calls: int) -> tuple[float, float]:
+    """Median ms a call, and CPU ms a call, over `calls` calls (the first run of a shape not counted)."""
+    call(*inputs)
+    times, cpu_before = [], bench.process_cpu_seconds()
+    for _ in range(calls):
+        begun = time.perf_counter()
+        call(*inputs)["score"].numpy()
+        times.append((time.perf_counter() - begun) * 1000)
+    return sorted(times)[len(times) // 2], (bench.process_cpu_seconds() - cpu_before) * 1000 / calls
+
+
 def model_call_costs(models_dir: Path, batch_sizes: list[int], k: int, calls: int = 60) -> list[str]:
-    """The model call alone (retrieve, rank and, as the server's default, explain, fused in one
-    TensorFlow call) for batches of known users, one TensorFlow thread as the server's: what every
-    request costs before any Python or gRPC. Lines of median ms a call and CPU ms a user."""
+    """The model call alone (retrieve and rank fused in one TensorFlow call, with the reasons of the
+    best k explained in it, and without) for batches of known users, one TensorFlow thread as the
+    server's: what every request costs before any Python or gRPC. One line per batch size."""
     import tensorflow as tf
 
     from recsys.server.backend import UserBatch
@@ -62,23 +73,19 @@ def model_call_costs(models_dir: Path, batch_sizes: list[int], k: int, calls: in
     from recsys.server.in_process import InProcessBackend, _user_inputs, set_tensorflow_threads
 
     set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
-    backend, catalogs = InProcessBackend(models_dir, explains=DEFAULTS.reasons), CatalogStore(models_dir)
+    backend, catalogs = InProcessBackend(models_dir, explains=True), CatalogStore(models_dir)
     if not backend.refresh(catalogs.get):
         raise SystemExit(f"no loadable model version in {models_dir}")
     users = sorted(catalogs.get(backend.current_version()).user_ids)
     call = backend.current.retrieve_and_rank[False]
     lines = []
     for size in batch_sizes:
-        inputs = [*_user_inputs(UserBatch.of(users[:size])).values(), tf.constant(k if DEFAULTS.reasons else 0)]
-        call(*inputs)  # the first run of a shape is not measured
-        times, cpu_before = [], bench.process_cpu_seconds()
-        for _ in range(calls):
-            begun = time.perf_counter()
-            call(*inputs)["score"].numpy()
-            times.append((time.perf_counter() - begun) * 1000)
-        cpu_ms = (bench.process_cpu_seconds() - cpu_before) * 1000 / calls
-        lines.append(f"batch of {size:3d} users: {sorted(times)[len(times) // 2]:7.2f} ms a call, "
-                     f"{cpu_ms / size:.3f} CPU ms a user")
+        inputs = list(_user_inputs(UserBatch.of(users[:size])).values())
+        explained = _time_call(call, [*inputs, tf.constant(k)], calls)
+        unexplained = _time_call(call, [*inputs, tf.constant(0)], calls)
+        lines.append(f"batch of {size:3d} users: with reasons {explained[0]:7.2f} ms a call, "
+                     f"{explained[1] / size:.3f} CPU ms a user; without {unexplained[0]:7.2f} ms a call, "
+                     f"{unexplained[1] / size:.3f} CPU ms a user")
     return lines
 
 
@@ -96,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON to this path")
     parser.add_argument("--model-call", metavar="N,N,...",
-                        help="instead: time the fused model call alone for batches of N known users (reasons as "
-                             "the server's default), e.g. 1,8,16,32")
+                        help="instead: time the fused model call alone for batches of N known users, with and "
+                             "without reasons, e.g. 1,8,16,32")
     args = parser.parse_args(argv)
     start_tensorflow()
     if args.model_call:

@@ -91,9 +91,10 @@ def test_bench_times_the_model_call_alone_by_batch_size(models_dir, capsys):
 
     assert server_bench_main(["--models", str(models_dir), "--model-call", "1,4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    found = [re.fullmatch(r"batch of +(\d+) users: +([\d.]+) ms a call, ([\d.]+) CPU ms a user", line) for line in lines]
+    found = [re.fullmatch(r"batch of +(\d+) users: with reasons +([\d.]+) ms a call, ([\d.]+) CPU ms a user; "
+                          r"without +([\d.]+) ms a call, ([\d.]+) CPU ms a user", line) for line in lines]
     assert [int(match.group(1)) for match in found] == [1, 4]
-    assert all(float(match.group(2)) > 0 and float(match.group(3)) > 0 for match in found)
+    assert all(float(figure) > 0 for match in found for figure in match.groups()[1:])
     with pytest.raises(SystemExit):
         server_bench_main(["--models", str(models_dir), "--model-call", "many"])
 
