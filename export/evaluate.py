@@ -196,19 +196,23 @@ def retrieval_lists(backend: Backend, users: list[str], sent: Interactions | Non
     return lists, model_version
 
 
-def index_recall(backend: InProcessBackend, users: list[str], k: int = RECALL_K) -> dict:
+def index_recall(backend: InProcessBackend, users: list[str], k: int = RECALL_K) -> dict | None:
     """The served retrieval index's recall@k against brute force, on `users`' trained towers (what it
-    is asked for a known user who sends nothing); 1 for a brute-force index, by construction."""
+    is asked for a known user who sends nothing); 1 for a brute-force index, by construction. None
+    for an export without the exhaustive reference (`exhaustive_candidates`)."""
     retrieval = backend.current.saved_models[0]
+    if not hasattr(retrieval, "exhaustive_candidates"):
+        return None
     shares = []
     for start in range(0, len(users), MAX_BATCH_USERS):
         batch = users[start:start + MAX_BATCH_USERS]
         served = backend.retrieve(UserBatch.of(batch), include_rated=True)
-        exact = retrieval.exhaustive_candidates(tf.constant(batch))["item_ids"].numpy().astype(str)
+        exact = retrieval.exhaustive_candidates(tf.constant(batch))["item_ids"].numpy().astype(str)[:, :k]
         for row, scores, reference in zip(served.item_ids, served.scores, exact):
             found = {item for item, score in zip(row[:k].tolist(), scores[:k].tolist()) if score != -np.inf}
-            shares.append(len(found & set(reference[:k].tolist())) / min(k, len(reference)))
-    return {"recall_at": min(k, len(reference)), "recall": float(np.mean(shares)), "users": len(shares)}
+            shares.append(len(found & set(reference.tolist())) / len(reference))
+    return {"recall_at": int(exact.shape[1]) if shares else k, "recall": float(np.mean(shares)) if shares else 1.0,
+            "users": len(shares)}
 
 
 def rating_rmse(backend: Backend, model_version: str, targets: np.ndarray, stars: np.ndarray, names: IdNames,
@@ -385,7 +389,9 @@ def evaluate_random(backend: Backend, catalogs: CatalogStore, data: MovieLens, h
         result["systems"]["ease"]["lambda"] = ease[1]
     result["systems"]["als"].update(als[1])
     result["ranking"] = {"rmse": rating_rmse(backend, model_version, test, data.stars(test), names)}
-    result["retrieval_index"] = {**catalogs.get(model_version).retrieval_index, "test_users": index_recall(backend, users)}
+    recall = index_recall(backend, users)
+    if recall is not None:
+        result["retrieval_index"] = {**catalogs.get(model_version).retrieval_index, "test_users": recall}
     if item_to_item:
         result["similar_items"] = evaluate_similar_items(backend, data, train, test, codes)
         result["reasons"] = evaluate_reasons(answers, rows_of(train, codes), data)

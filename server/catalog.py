@@ -89,8 +89,9 @@ def load_catalog(models_dir: Path, version: int) -> Catalog:
     retrieval_index = indexes.get("retrieval", {"kind": "brute_force"})
     _expect(isinstance(retrieval_index, dict) and retrieval_index.get("kind") in ("brute_force", "partitioned"),
             "indexes.retrieval.kind must be brute_force or partitioned")
-    _expect(all(isinstance(retrieval_index.get(key, 0), (int, float)) for key in ("movies", "cells", "probes", "recall")),
-            "indexes.retrieval's movies, cells, probes and recall must be numbers")
+    _expect(all(isinstance(retrieval_index.get(key, 0), (int, float)) and retrieval_index.get(key, 0) >= 0
+                for key in ("movies", "cells", "probes", "recall")),
+            "indexes.retrieval's movies, cells, probes and recall must be numbers, 0 or more")
     return Catalog(
         model_version=str(version),
         candidate_count=raw["candidate_count"],

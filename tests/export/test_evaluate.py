@@ -71,6 +71,9 @@ def test_evaluate_reports_every_system(ml100k_evaluation):
     assert evaluation["systems"]["ease"]["lambda"] in (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
     assert 0.16 <= evaluation["systems"]["ease"]["hr@10"] <= 0.18
     assert evaluation["systems"]["als"]["factors"] in (64, 128)
+    index = evaluation["retrieval_index"]
+    assert index["kind"] == "brute_force" and index["movies"] == 1682, "1,682 movies: every one scored"
+    assert index["test_users"] == {"recall_at": 100, "recall": 1.0, "users": evaluation["users"]}
 
 
 @pytest.mark.slow
@@ -120,6 +123,7 @@ def test_evaluate_cli_writes_json_and_plot(ml100k_models_dir, ml100k_dir, ml100k
     assert set(ml100k_evaluation["ranking"]) == {"rmse"}
     two_stage = ml100k_evaluation["systems"]["two_stage"]
     assert re.search(rf"two_stage\s.*{two_stage['hr@10']:.4f}", printed), "the table shows what the JSON holds"
+    assert "retrieval index: brute_force, recall@100 against brute force 1.0000" in printed
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert export_main(["evaluate", "--models", str(ml100k_models_dir), "--data-dir", str(ml100k_dir),
                         "--protocol", "fold-in"]) == 2

@@ -186,6 +186,9 @@ def test_admission_control_refuses_at_once_and_health_never_counts(models_dir):
     (lambda raw: json.dumps({**raw, "popular_item_ids": ["no-such-movie"]}), "popular_item_ids"),
     (lambda raw: json.dumps({**raw, "items": dict(list(raw["items"].items())[1:])}), "missing from"),
     (lambda raw: json.dumps({**raw, "serves_interactions": "yes"}), "serves_interactions"),
+    (lambda raw: json.dumps({**raw, "indexes": []}), "indexes must be an object"),
+    (lambda raw: json.dumps({**raw, "indexes": {"retrieval": {"kind": "scann"}}}), "brute_force or partitioned"),
+    (lambda raw: json.dumps({**raw, "indexes": {"retrieval": {"kind": "partitioned", "probes": -1}}}), "numbers"),
 ])
 def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
     from recsys.server.catalog import InvalidMetadata, load_catalog
