@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           "catalog size, on synthetic embeddings: latency and recall")
     index_bench.add_argument("--movies", default="20000,50000,100000,300000,1000000", metavar="N,N,...",
                              help="catalog sizes to measure (default: %(default)s)")
+    index_bench.add_argument("--unstructured", action="store_true",
+                             help="movies drawn independently, no planted tastes: the worst case for the partitioned index")
 
     bench = commands.add_parser("data-bench", help="measure reading the ratings for training, streamed (--stream) "
                                                    "and in memory: prepare time, one epoch, peak RSS, each mode in "
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             print(f"error: --movies takes comma-separated counts; got {args.movies!r}", file=sys.stderr)
             return 2
-        print(index_bench.format_results(index_bench.run(sizes)))
+        print(index_bench.format_results(index_bench.run(sizes, structured=not args.unstructured)))
         return 0
     if args.command == "sizes":
         from recsys.export.sizes import format_sizes, model_sizes

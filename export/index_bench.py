@@ -4,7 +4,8 @@ catalog size, on synthetic embeddings with planted structure.
 Each catalog is CENTRES taste centres (random 64-dimension vectors) with every movie near one of them
 (Gaussian noise of half their spread); each query is a user's taste, the sum of TASTES random centres
 plus the same noise. Half the queries are the ones a partitioned index tunes its probes on, the
-other half the ones its recall is measured on. Each index answers the top 200 (the default
+other half the ones its recall is measured on. `--unstructured` draws every movie on its own instead
+(no taste centres; the same spread). Each index answers the top 200 (the default
 candidate count) through a traced tf.function, one query at a time and 16 at a time, as the
 serving graph calls it, with TensorFlow's thread pools sized as the server's.
 Where the two cross set `export/scale.py`'s PARTITIONED_MIN_MOVIES and BRUTE_FORCE_ABOVE_SHARE.
@@ -40,10 +41,13 @@ class Timing:
     detail: str
 
 
-def planted_catalog(movies: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def planted_catalog(movies: int, seed: int = 0, structured: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings [movies, DIM] and queries [QUERIES, DIM]; unstructured, every movie is drawn on its
+    own (the worst case for any index that skips movies)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CENTRES, DIM)).astype(np.float32)
-    embeddings = centres[rng.integers(0, CENTRES, movies)] + 0.5 * rng.normal(size=(movies, DIM)).astype(np.float32)
+    near = centres[rng.integers(0, CENTRES, movies)] if structured else rng.normal(size=(movies, DIM)) * 1.1
+    embeddings = near + 0.5 * rng.normal(size=(movies, DIM)).astype(np.float32)
     tastes = centres[rng.integers(0, CENTRES, (QUERIES, TASTES))].sum(axis=1)
     return embeddings.astype(np.float32), (tastes + 0.5 * rng.normal(size=(QUERIES, DIM))).astype(np.float32)
 
@@ -58,8 +62,8 @@ def _median_ms(function, queries: tf.Tensor, repeats: int) -> float:
     return float(np.median(times))
 
 
-def measure(movies: int, kind: str, repeats: int = 50) -> Timing:
-    embeddings, queries = planted_catalog(movies)
+def measure(movies: int, kind: str, repeats: int = 50, structured: bool = True) -> Timing:
+    embeddings, queries = planted_catalog(movies, structured=structured)
     preset = PRESETS["default"].with_overrides([f"retrieval_index={kind}"])
     spec = choose_index(preset, movies, CANDIDATES)
     started = time.perf_counter()
@@ -74,12 +78,12 @@ def measure(movies: int, kind: str, repeats: int = 50) -> Timing:
                   recall(index, held_out, RECALL_K) if spec.kind == "partitioned" else 1.0, detail)
 
 
-def run(sizes: list[int]) -> list[Timing]:
+def run(sizes: list[int], structured: bool = True) -> list[Timing]:
     """Both indexes at each size, TensorFlow's thread pools sized as the server's."""
     from recsys.server.in_process import set_tensorflow_threads
 
     set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
-    return [measure(movies, kind) for movies in sizes for kind in ("brute_force", "partitioned")]
+    return [measure(movies, kind, structured=structured) for movies in sizes for kind in ("brute_force", "partitioned")]
 
 
 def format_results(timings: list[Timing]) -> str:

@@ -187,3 +187,6 @@ def test_index_bench_prints_both_indexes_for_each_size(capsys):
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("3,000", "brute_force"), ("3,000", "partitioned")]
     assert float(rows[0][5]) == 1.0 and 0.0 < float(rows[1][5]) <= 1.0, "recall of each"
     assert export_cli(["index-bench", "--movies", "lots"]) == 2
+    capsys.readouterr()
+    assert export_cli(["index-bench", "--movies", "3000", "--unstructured"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4, "the header, then both indexes"
