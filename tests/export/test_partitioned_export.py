@@ -12,6 +12,7 @@ from recsys.export.savedmodel import write_export
 from recsys.export.serving import RetrievalServing
 from tests.conftest import start_server_process, stop_process
 from tests.export.test_savedmodel import USERS, _op_types, cpp_run, numpy_inputs, user_side
+from tests.tf_serving.c_api import SavedModelSession
 
 CELLS, PROBES = 8, 3
 
@@ -44,19 +45,25 @@ def test_the_metadata_records_what_was_built_and_its_recall(partitioned):
 
 def test_every_retrieval_signature_runs_through_the_cpp_loader_as_in_tensorflow(partitioned):
     target, _, loaded = partitioned
-    for interactions in ([], [("1", 5.0), ("2", 0.0), ("not-a-movie", 3.0)]):
-        inputs = user_side(USERS, interactions)
-        for signature in ("serving_default", "include_rated"):
-            session_out = cpp_run(target / "retrieval" / "1", numpy_inputs(inputs), ["item_ids", "scores"], signature)
-            eager_out = loaded.signatures[signature](**inputs)
-            np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
-            np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
-        similar_inputs = {**inputs, "item_id": tf.constant(["1"] * len(USERS))}
-        session_out = cpp_run(target / "retrieval" / "1", numpy_inputs(similar_inputs), ["item_ids"], "similar_items")
-        np.testing.assert_array_equal(session_out["item_ids"],
-                                      loaded.signatures["similar_items"](**similar_inputs)["item_ids"].numpy())
-    rated = cpp_run(target / "retrieval" / "1", {"user_id": np.array(USERS, object)}, ["item_ids"], "rated_items")
-    np.testing.assert_array_equal(rated["item_ids"], loaded.signatures["rated_items"](user_id=tf.constant(USERS))["item_ids"])
+    path = target / "retrieval" / "1"
+    session = SavedModelSession(path)
+    try:
+        for interactions in ([], [("1", 5.0), ("2", 0.0), ("not-a-movie", 3.0)]):
+            inputs = user_side(USERS, interactions)
+            for signature in ("serving_default", "include_rated"):
+                session_out = cpp_run(path, numpy_inputs(inputs), ["item_ids", "scores"], signature, loaded=session)
+                eager_out = loaded.signatures[signature](**inputs)
+                np.testing.assert_array_equal(session_out["item_ids"], eager_out["item_ids"].numpy())
+                np.testing.assert_allclose(session_out["scores"], eager_out["scores"].numpy(), rtol=1e-5, atol=1e-5)
+            similar_inputs = {**inputs, "item_id": tf.constant(["1"] * len(USERS))}
+            session_out = cpp_run(path, numpy_inputs(similar_inputs), ["item_ids"], "similar_items", loaded=session)
+            np.testing.assert_array_equal(session_out["item_ids"],
+                                          loaded.signatures["similar_items"](**similar_inputs)["item_ids"].numpy())
+        rated = cpp_run(path, {"user_id": np.array(USERS, object)}, ["item_ids"], "rated_items", loaded=session)
+        np.testing.assert_array_equal(rated["item_ids"],
+                                      loaded.signatures["rated_items"](user_id=tf.constant(USERS))["item_ids"])
+    finally:
+        session.close()
 
 
 def test_signatures_run_no_checks_or_branches_per_request(partitioned):
