@@ -198,11 +198,11 @@ class PartitionedIndex(tf.Module):
         """The k best (scores, catalog positions) per user among the probed movies, best first.
         `excluded` as for BruteForceIndex. Where fewer than k probed movies remain, the last
         answers score -inf."""
+        if k > self.probes * self.cell_size:
+            raise ValueError(f"k={k} exceeds the {self.probes} x {self.cell_size} movies a query probes")
         scores, positions = self.probed(queries)
         if excluded is not None:
             scores = _exclude(scores, positions, excluded, self.catalog_size)
-        if k > self.probes * self.cell_size:
-            raise ValueError(f"k={k} exceeds the {self.probes} x {self.cell_size} movies a query probes")
         top = tf.math.top_k(scores, k=k)
         # A padding slot only comes out scored -inf (which the service drops): it names movie 0.
         positions = tf.gather(positions, top.indices, batch_dims=1)

@@ -167,6 +167,18 @@ def test_build_doubles_the_probes_until_the_recall_target():
     assert fixed.probes == record["probes"] == 2, "probes given stay as given"
 
 
+def test_an_index_that_needs_too_much_probed_is_built_as_brute_force():
+    embeddings = np.random.default_rng(9).normal(size=(2_000, 8)).astype(np.float32)
+    queries = np.random.default_rng(10).normal(size=(40, 8)).astype(np.float32)
+    spec = IndexSpec("partitioned", cells=32, probes=1, reason="2,000 movies", tune_to=0.9, brute_force_above=0.2)
+    index, record = spec.build(embeddings, queries, k=20)
+    assert isinstance(index, BruteForceIndex) and record["kind"] == "brute_force"
+    assert record["reason"].startswith("2,000 movies; recall") and "every movie scored instead" in record["reason"]
+    kept, record = IndexSpec("partitioned", cells=32, probes=1, tune_to=0.9, brute_force_above=1.0).build(
+        embeddings, queries, k=20)
+    assert isinstance(kept, PartitionedIndex) and record["kind"] == "partitioned"
+
+
 def test_the_index_is_chosen_by_size_unless_set():
     tiny = PRESETS["tiny"]
     assert choose_index(tiny, 1_682, 40).kind == "brute_force"
