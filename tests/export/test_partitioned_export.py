@@ -19,7 +19,7 @@ CELLS, PROBES = 8, 3
 
 @pytest.fixture(scope="module")
 def partitioned(trained, tmp_path_factory):
-    """The session's trained models, their retrieval and SimilarItems indexes partitioned, exported
+    """The trained models of the test run, their retrieval and SimilarItems indexes partitioned, exported
     with the same ranking and metadata; the directory and the retrieval module."""
     models_dir, export = trained
     brute = export.retrieval
