@@ -94,15 +94,18 @@ def test_a_frozen_postgresql_costs_recommend_its_read_budget_and_no_more(fake_mo
     store.close()
 
 
-@pytest.mark.parametrize("user_id, item_id, timestamp, field", [
-    ("a\x00b", "m1", 100, "user_id"),
-    ("u2", "m\x001", 100, "interactions[0].item_id"),
-    ("u2", "m1", 2**63 - 1, "interactions[0].timestamp_seconds"),
-    ("u2", "m1", int(time.time()) + 3_600, "interactions[0].timestamp_seconds"),
+# Timestamps as seconds after 1970, or (the last) seconds ahead of the clock when the test runs: a
+# parameter read from the clock at collection would differ between pytest-xdist's workers.
+@pytest.mark.parametrize("user_id, item_id, timestamp, ahead, field", [
+    ("a\x00b", "m1", 100, False, "user_id"),
+    ("u2", "m\x001", 100, False, "interactions[0].item_id"),
+    ("u2", "m1", 2**63 - 1, False, "interactions[0].timestamp_seconds"),
+    ("u2", "m1", 3_600, True, "interactions[0].timestamp_seconds"),
 ])
 def test_what_a_store_cannot_hold_or_no_write_could_replace_is_invalid_at_the_edge(fake_server, user_id, item_id,
-                                                                                    timestamp, field):
+                                                                                    timestamp, ahead, field):
     client, store = fake_server
+    timestamp += int(time.time()) if ahead else 0
     request = recommender_pb2.RecordInteractionsRequest(user_id=user_id, interactions=[
         recommender_pb2.Interaction(item_id=item_id, rating=4.0, timestamp_seconds=timestamp)])
     code, details = status_of(lambda: client.stub.RecordInteractions(request, timeout=10))
