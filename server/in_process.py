@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -50,7 +50,7 @@ class LoadedPair:
     rated_items: object
     item_ids: frozenset[str]  # every movie the retrieval index can return
     # include_rated -> one tf.function running the signatures: a request costs one TF call.
-    retrieve_and_rank: dict[bool, object]
+    retrieve_and_rank: dict[bool, FlatCall]
     explains: bool  # whether retrieve_and_rank also explains (takes and honours explain_top)
     signatures: dict[tuple[str, str], object]  # (model, signature name) -> function, for warmup
     saved_models: tuple[object, object]  # retrieval, ranking: they own the variables the functions use
@@ -68,8 +68,7 @@ def fuse(retrieve, rank, explain=None):
 
     The best are taken by score as the pipeline orders them (ties in retrieval order, movies the
     model excluded last), so a list of k items with E exclusions is covered by k + E. Returned as
-    the traced concrete function: calling it skips tf.function's per-call signature matching, a
-    measurable share of a lone request's time.
+    a `FlatCall` of the traced function.
     """
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None, None], tf.string),
@@ -90,7 +89,25 @@ def fuse(retrieve, rank, explain=None):
                 **users, **{ITEM_IDS_INPUT: outputs["explained_item_ids"]})["because_item_ids"]
         return outputs
 
-    return retrieve_and_rank.get_concrete_function()
+    return FlatCall(retrieve_and_rank.get_concrete_function())
+
+
+class FlatCall:
+    """A traced function called with its positional tensors in signature order, returning its dict.
+
+    Calling the concrete function itself binds the arguments to its signature and flattens them
+    on every call, in Python; this hands them to the function's inference graph as they are, a
+    measurable share of a lone request's time (docs/performance.md).
+    """
+
+    def __init__(self, concrete: Any):
+        self.concrete = concrete  # owns the graph the call runs: kept alive with this object
+        self._call = concrete.inference_fn.call_flat
+        self._captured = list(concrete.captured_inputs)  # the variables' handles, appended to every call
+        self._outputs = concrete.structured_outputs
+
+    def __call__(self, *inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return tf.nest.pack_sequence_as(self._outputs, self._call(*inputs, *self._captured), expand_composites=True)
 
 
 def load_pair(models_dir: Path, version: int, explains: bool = True) -> LoadedPair:

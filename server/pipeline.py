@@ -195,11 +195,13 @@ class Pipeline:
         """The query's model items: its row's candidates by score, exclusions dropped, the best k, with
         their reasons where known."""
         item_ids, score, retrieval_scores = ranked.item_ids[row], ranked.score[row], ranked.retrieval_scores[row]
-        order = np.argsort(-score, kind="stable").tolist()  # ties keep retrieval order: deterministic
+        order = np.argsort(-score, kind="stable")  # ties keep retrieval order: deterministic
         # -inf: a movie the model excluded (the user's history), listed only when history left fewer
         # candidates than it returns. Exclusions are a set lookup per candidate: no array of every id
         # padded to the longest.
-        order = [i for i in order if retrieval_scores[i] != -np.inf and item_ids[i] not in query.exclude_item_ids]
+        order = order[retrieval_scores[order] != -np.inf].tolist()
+        if query.exclude_item_ids:
+            order = [i for i in order if item_ids[i] not in query.exclude_item_ids]
         items = []
         for position, i in enumerate(order[:query.k]):
             because = reasons.get(item_ids[i], ())
