@@ -32,19 +32,6 @@ CHUNK_ROWS = 16_384
 RECALL_K = 100
 
 
-def _exclude(scores: tf.Tensor, positions: tf.Tensor, excluded: tf.Tensor, catalog_size: int) -> tf.Tensor:
-    """`scores` [users, m] with -inf where the (user row, catalog position) at `positions` [users, m]
-    is one of `excluded` [n, 2]: both as int64 keys, the excluded ones sorted and searched."""
-    width = tf.constant(catalog_size + 1, tf.int64)
-    keys = tf.range(tf.shape(positions, out_type=tf.int64)[0])[:, None] * width + positions
-    sorted_excluded = tf.sort(excluded[:, 0] * width + excluded[:, 1])
-    # A sentinel above every key: searching never runs off the end.
-    sorted_excluded = tf.concat([sorted_excluded, tf.constant([np.iinfo(np.int64).max], tf.int64)], axis=0)
-    flat = tf.reshape(keys, [1, -1])
-    found = tf.gather(sorted_excluded, tf.searchsorted(sorted_excluded[None, :], flat, side="left")[0])
-    return tf.where(tf.reshape(found, tf.shape(keys)) == keys, float("-inf"), scores)
-
-
 class BruteForceIndex(tf.Module):
     """Catalog embeddings [movies, dim]; a query is one user embedding per row.
 
@@ -183,16 +170,34 @@ class PartitionedIndex(tf.Module):
         padded = np.vstack([embeddings, np.zeros((1, embeddings.shape[1]), np.float32)])
         self.cell_embeddings = tf.Variable(padded[cell_partition.members], trainable=False, name="cell_embeddings")
         self.cell_members = tf.Variable(cell_partition.members.astype(np.int32), trainable=False, name="cell_members")
+        # Each movie's slot in the cells flattened (cell x cell size + place in its cell): where an
+        # excluded movie's score sits among a query's probed movies, if its cell is probed.
+        members = cell_partition.members.ravel()
+        slots = np.zeros(len(embeddings), np.int32)
+        slots[members[members < len(embeddings)]] = np.flatnonzero(members < len(embeddings))
+        self.slot_of = tf.Variable(slots, trainable=False, name="slot_of")
 
-    def probed(self, queries: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def probed(self, queries: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Scores and catalog positions [users, probes x cell size] of the movies in each query's best
-        cells; padding slots score -inf."""
+        cells (padding slots score -inf), and those cells [users, probes]."""
         best_cells = tf.math.top_k(tf.matmul(queries, self.centroids, transpose_b=True), k=self.probes).indices
         scores = tf.einsum("ud,upsd->ups", queries, tf.gather(self.cell_embeddings, best_cells))
         positions = tf.cast(tf.gather(self.cell_members, best_cells), tf.int64)
         scores = tf.reshape(scores, [tf.shape(queries)[0], -1])
         positions = tf.reshape(positions, [tf.shape(queries)[0], -1])
-        return tf.where(positions < self.catalog_size, scores, float("-inf")), positions
+        return tf.where(positions < self.catalog_size, scores, float("-inf")), positions, best_cells
+
+    def _exclude(self, scores: tf.Tensor, best_cells: tf.Tensor, excluded: tf.Tensor) -> tf.Tensor:
+        """`scores` [users, probes x cell size] with -inf at each `excluded` (user row, catalog position)
+        whose cell that user probed: found by the movie's slot, so the cost is excluded movies x probes,
+        not probed movies x log(excluded)."""
+        slot = tf.gather(self.slot_of, excluded[:, 1])
+        probed_here = tf.equal(tf.gather(best_cells, excluded[:, 0]), (slot // self.cell_size)[:, None])
+        columns = tf.argmax(tf.cast(probed_here, tf.int32), axis=1, output_type=tf.int32) * self.cell_size \
+            + slot % self.cell_size
+        hits = tf.where(tf.reduce_any(probed_here, axis=1))[:, 0]
+        indices = tf.stack([tf.gather(excluded[:, 0], hits), tf.cast(tf.gather(columns, hits), tf.int64)], axis=1)
+        return tf.tensor_scatter_nd_update(scores, indices, tf.fill([tf.shape(indices)[0]], float("-inf")))
 
     def __call__(self, queries: tf.Tensor, k: int, excluded: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """The k best (scores, catalog positions) per user among the probed movies, best first.
@@ -200,9 +205,9 @@ class PartitionedIndex(tf.Module):
         answers score -inf."""
         if k > self.probes * self.cell_size:
             raise ValueError(f"k={k} exceeds the {self.probes} x {self.cell_size} movies a query probes")
-        scores, positions = self.probed(queries)
+        scores, positions, best_cells = self.probed(queries)
         if excluded is not None:
-            scores = _exclude(scores, positions, excluded, self.catalog_size)
+            scores = self._exclude(scores, best_cells, excluded)
         top = tf.math.top_k(scores, k=k)
         # A padding slot only comes out scored -inf (which the service drops): it names movie 0.
         positions = tf.gather(positions, top.indices, batch_dims=1)
@@ -224,8 +229,8 @@ class IndexSpec:
     cells: int = 0
     probes: int = 0
     reason: str = ""
-    # A partitioned index doubles its probes until its recall@RECALL_K on the queries it is built
-    # with reaches this (0: the probes stay as given).
+    # A partitioned index takes the fewest probes (from the given ones up) whose recall@RECALL_K on the
+    # queries it is built with reaches this (0: the probes stay as given).
     tune_to: float = 0.0
     # If the probes that recall needs score more than this share of the catalog, build brute force
     # instead (0: never): a batch of queries reads the catalog once by brute force, but each
@@ -240,11 +245,7 @@ class IndexSpec:
             index = BruteForceIndex(item_embeddings, name=name)
             return index, {"kind": index.kind, "movies": int(index.item_embeddings.shape[0]), "reason": self.reason}
         index = PartitionedIndex(item_embeddings, self.cells, self.probes, seed, name=name)
-        exact = exact_top(index, queries, k)
-        measured = recall(index, queries, k, exact)
-        while measured < self.tune_to and index.probes < index.cells:
-            index.probes = min(index.cells, 2 * index.probes)
-            measured = recall(index, queries, k, exact)
+        measured = _tune_probes(index, queries, k, self.tune_to) if self.tune_to else recall(index, queries, k)
         probed_share = index.probes * index.cell_size / index.catalog_size
         if self.brute_force_above and probed_share > self.brute_force_above:
             reason = (f"{self.reason}; recall {measured:.3f} took {index.probes} probes, {probed_share:.0%} of the "
@@ -254,6 +255,29 @@ class IndexSpec:
                        "probes": index.probes, "cell_size": index.cell_size,
                        "probed_movies": index.probes * index.cell_size,
                        "recall": round(measured, 4), "recall_at": k, "recall_queries": len(queries)}
+
+
+def _tune_probes(index: PartitionedIndex, queries: np.ndarray, k: int, target: float) -> float:
+    """Set `index.probes` to the fewest, from its own up, whose recall on `queries` reaches `target`
+    (all cells if none do), and return that recall. Recall only grows with the probes (a movie of the
+    exact top k that is probed is returned), so doubling then halving the gap finds the fewest."""
+    exact = exact_top(index, queries, k)
+    measured = {index.probes: recall(index, queries, k, exact)}
+
+    def measure(probes: int) -> float:
+        if probes not in measured:
+            index.probes = probes
+            measured[probes] = recall(index, queries, k, exact)
+        return measured[probes]
+
+    short, enough = index.probes - 1, index.probes
+    while measure(enough) < target and enough < index.cells:
+        short, enough = enough, min(index.cells, 2 * enough)
+    while enough - short > 1:
+        middle = (short + enough) // 2
+        short, enough = (short, middle) if measure(middle) >= target else (middle, enough)
+    index.probes = enough
+    return measured[enough]
 
 
 def exact_top(index: PartitionedIndex, queries: np.ndarray, k: int, chunk: int = 32) -> np.ndarray:

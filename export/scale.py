@@ -75,12 +75,17 @@ def fit_to_data(preset: Preset, users: int, movies: int, rows: int, fixed: froze
 # Below this many movies an index scores them all: brute force is then as fast as probing cells
 # (docs/performance.md "Catalog scale" measures where the two cross).
 PARTITIONED_MIN_MOVIES = 50_000
-# A partitioned index has about sqrt(movies) cells (a power of two). Its probes start from the fewest
-# whose movies hold twice the k asked for (at least MIN_PROBES), and export doubles them until
+# A partitioned index has about CELLS_PER_ROOT x sqrt(movies) cells (a power of two): smaller cells
+# reach the recall target with fewer movies probed, until scoring the centroids costs more than they
+# save (docs/performance.md "Catalog scale" measures both). Its probes start from the fewest whose
+# movies hold twice the k asked for (at least MIN_PROBES); export takes the fewest from there whose
 # recall@100 on a sample of its queries (trained users; movies for SimilarItems) reaches
-# RECALL_TARGET (export/index.py IndexSpec.build).
+# RECALL_TARGET + TUNING_MARGIN (export/index.py IndexSpec.build): probes chosen on one sample
+# recall less on other queries.
+CELLS_PER_ROOT = 2
 MIN_PROBES = 4
 RECALL_TARGET = 0.95
+TUNING_MARGIN = 0.01
 # Chosen by size ("auto"), a partitioned index that needs more than this share of the catalog
 # probed is dropped for brute force, which reads the catalog once per batch of users: at 16
 # queries a call, the partitioned index costs about 10 times its probed share of brute force's
@@ -95,9 +100,11 @@ def choose_index(preset: Preset, movies: int, k: int) -> IndexSpec:
         reason = ("retrieval_index=brute_force" if preset.retrieval_index == "brute_force" else
                   f"{movies:,} movies: every one scored (below {PARTITIONED_MIN_MOVIES:,})")
         return IndexSpec("brute_force", reason=reason)
-    cells = preset.index_cells or min(movies, 2 ** max(0, round(math.log2(math.sqrt(movies)))))
+    cells = preset.index_cells or min(movies, 2 ** max(0, round(math.log2(CELLS_PER_ROOT * math.sqrt(movies)))))
     probes = preset.index_probes or min(cells, max(MIN_PROBES, math.ceil(2 * k * cells / movies)))
     reason = (f"{movies:,} movies: {cells} k-means cells, " + (f"{probes} probed" if preset.index_probes else
-              f"probes doubled from {probes} until recall@{RECALL_K} on a sample of its queries reaches {RECALL_TARGET}"))
-    return IndexSpec("partitioned", cells, probes, reason, tune_to=0.0 if preset.index_probes else RECALL_TARGET,
+              f"the fewest probes from {probes} whose recall@{RECALL_K} on a sample of its queries reaches "
+              f"{RECALL_TARGET + TUNING_MARGIN:.2f}"))
+    tune_to = 0.0 if preset.index_probes else RECALL_TARGET + TUNING_MARGIN
+    return IndexSpec("partitioned", cells, probes, reason, tune_to=tune_to,
                      brute_force_above=BRUTE_FORCE_ABOVE_SHARE if preset.retrieval_index == "auto" else 0.0)
