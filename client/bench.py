@@ -225,5 +225,5 @@ def format_summary(summary: dict) -> str:
           f"({len(rss['samples'])} samples)"] if (rss := summary.get("server_rss_mb")) else []))
 
 
-def write_json(summary: dict, path: Path) -> None:
+def write_json(summary: dict | list[dict], path: Path) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -16,16 +16,13 @@ from recsys.server import start_tensorflow
 from recsys.server.options import DEFAULTS
 
 
-def run_in_process(models_dir: Path, duration: float, k: int, users: str,
-                   interactions: int = 0) -> tuple[bench.Tally, float]:
-    """The request mix through the pipeline, one call at a time; TensorFlow's pools sized as the server's."""
-    from recsys.server.app import settle_heap
+def _pipeline(models_dir: Path, k: int, users: str, interactions: int) -> tuple[object, list]:
+    """An export's serving pipeline, loaded as the server loads it, and its request mix."""
     from recsys.server.catalog import CatalogStore
-    from recsys.server.in_process import InProcessBackend, set_tensorflow_threads
+    from recsys.server.in_process import InProcessBackend
     from recsys.server.pipeline import Pipeline
     from recsys.server.validation import Query
 
-    set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
     backend, catalogs = InProcessBackend(models_dir), CatalogStore(models_dir)
     if not backend.refresh(catalogs.get):
         raise SystemExit(f"no loadable model version in {models_dir}")
@@ -35,20 +32,34 @@ def run_in_process(models_dir: Path, duration: float, k: int, users: str,
     mix = [tuple(entries) for entries in bench.interaction_mix(interactions, sorted(catalog.titles))]
     queries = [Query(user_id, k=k, recent_interactions=mix[n % len(mix)]) for n, user_id in enumerate(user_ids)]
     pipeline.recommend(queries[:1])  # the first call traces; not measured
+    return pipeline, queries
+
+
+def run_in_process(models_dirs: list[Path], duration: float, k: int, users: str,
+                   interactions: int = 0) -> list[tuple[bench.Tally, float]]:
+    """The request mix through each export's pipeline, one call at a time, TensorFlow's pools sized as
+    the server's. With several exports the calls take turns (one to each in order, then again), so
+    that the machine's drift over the run falls on every export alike. Returns, per export, its
+    tally and the seconds its own calls took."""
+    from recsys.server.app import settle_heap
+    from recsys.server.in_process import set_tensorflow_threads
+
+    set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
+    runs = [_pipeline(models_dir, k, users, interactions) for models_dir in models_dirs]
     settle_heap()  # as the server does once a version and its catalog are loaded
-    tally = bench.Tally()
-    cpu_before = bench.process_cpu_seconds()
-    started = time.perf_counter()
-    stop_at = started + duration
+    tallies, spent = [bench.Tally() for _ in runs], [0.0 for _ in runs]
+    stop_at = time.perf_counter() + duration
     n = 0
     while time.perf_counter() < stop_at:
-        begun = time.perf_counter()
-        pipeline.recommend([queries[n % len(queries)]])
-        tally.latencies_ms.append((time.perf_counter() - begun) * 1000)
+        for turn, (pipeline, queries) in enumerate(runs):
+            cpu_before, begun = bench.process_cpu_seconds(), time.perf_counter()
+            pipeline.recommend([queries[n % len(queries)]])
+            elapsed = time.perf_counter() - begun
+            tallies[turn].latencies_ms.append(elapsed * 1000)
+            tallies[turn].cpu_seconds += bench.process_cpu_seconds() - cpu_before
+            spent[turn] += elapsed
         n += 1
-    wall = time.perf_counter() - started
-    tally.cpu_seconds = bench.process_cpu_seconds() - cpu_before
-    return tally, wall
+    return list(zip(tallies, spent))
 
 
 def _time_call(call, inputs: list, calls: int) -> tuple[float, float]:
@@ -92,7 +103,9 @@ def model_call_costs(models_dir: Path, batch_sizes: list[int], k: int, calls: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys.server.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", required=True, type=Path, help="models directory written by 'python -m recsys.export train'")
+    parser.add_argument("--models", required=True, type=Path, nargs="+",
+                        help="models directory written by 'python -m recsys.export train'; several: their calls "
+                             "take turns, one figure block (and JSON object, in a list) each")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds to run (default: %(default)s)")
     parser.add_argument("-k", "--k", type=int, default=10, help="items per request (default: %(default)s)")
     parser.add_argument("--users", default="all",
@@ -112,13 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [int(size) for size in args.model_call.split(",")]
         except ValueError:
             parser.error(f"--model-call takes comma-separated batch sizes; got {args.model_call!r}")
-        print("\n".join(model_call_costs(args.models, sizes, args.k)))
+        if len(args.models) > 1:
+            parser.error("--model-call times one export: give one --models")
+        print("\n".join(model_call_costs(args.models[0], sizes, args.k)))
         return 0
-    tally, wall = run_in_process(args.models, args.duration, args.k, args.users, args.interactions)
-    summary = bench.summarize(tally, wall, "in-process (no gRPC, 1 thread)", 1, args.k)
-    print(bench.format_summary(summary))
+    summaries = []
+    for models_dir, (tally, spent) in zip(args.models, run_in_process(args.models, args.duration, args.k,
+                                                                      args.users, args.interactions)):
+        summaries.append(bench.summarize(tally, spent, "in-process (no gRPC, 1 thread)", 1, args.k))
+        if len(args.models) > 1:
+            summaries[-1]["models"] = str(models_dir)
+            print(f"== {models_dir}")
+        print(bench.format_summary(summaries[-1]))
     if args.json:
-        bench.write_json(summary, args.json)
+        bench.write_json(summaries[0] if len(summaries) == 1 else summaries, args.json)
     return 0
 
 

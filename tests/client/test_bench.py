@@ -86,6 +86,22 @@ def test_bench_in_process(models_dir, tmp_path, capsys):
     assert summary["target"].startswith("in-process")
 
 
+def test_bench_in_process_takes_turns_between_exports(models_dir, tmp_path, capsys):
+    from recsys.server.bench import main as server_bench_main
+
+    out = tmp_path / "bench.json"
+    assert server_bench_main(["--models", str(models_dir), str(models_dir), "--duration", "1",
+                              "--json", str(out)]) == 0
+    summaries = json.loads(out.read_text())
+    assert [summary["models"] for summary in summaries] == [str(models_dir)] * 2
+    for summary in summaries:
+        _check(summary, 1)
+    assert summaries[0]["ok"] == summaries[1]["ok"], "one call to each in turn"
+    assert capsys.readouterr().out.count(f"== {models_dir}") == 2
+    with pytest.raises(SystemExit):
+        server_bench_main(["--models", str(models_dir), str(models_dir), "--model-call", "1"])
+
+
 def test_bench_times_the_model_call_alone_by_batch_size(models_dir, capsys):
     from recsys.server.bench import main as server_bench_main
 
