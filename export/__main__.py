@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="instead of --data-dir, write N synthetic ratings in ML-25M's format to a temporary "
                             "directory and measure those")
     bench.add_argument("--batch-size", type=int, default=8192, help="rows per batch (default: %(default)s)")
-    bench.add_argument("--measure", choices=("stream", "memory"), help=argparse.SUPPRESS)
+    bench.add_argument("--interactions-db", metavar="PATH|URL",
+                       help="also measure the data in memory with this interaction store's ratings added, as "
+                            "'train --interactions-db' reads them")
+    bench.add_argument("--measure", choices=("stream", "memory", "memory+store"), help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
     if args.command == "synth":
@@ -226,9 +229,11 @@ def data_bench(args: argparse.Namespace) -> int:
 
     try:
         if args.measure:  # one mode, in the child process `run` starts
-            print(json.dumps(bench.measure(args.measure, args.data_dir, args.dataset, args.batch_size)))
+            print(json.dumps(bench.measure(args.measure, args.data_dir, args.dataset, args.batch_size,
+                                           args.interactions_db)))
         else:
-            print(bench.format_results(bench.run(args.data_dir, args.dataset, args.synthetic_rows, args.batch_size)))
+            print(bench.format_results(bench.run(args.data_dir, args.dataset, args.synthetic_rows, args.batch_size,
+                                                 args.interactions_db)))
     except (DataSourceError, DataFormatError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

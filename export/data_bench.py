@@ -20,6 +20,8 @@ from recsys.export.data import DataSourceError
 
 SYNTHETIC_MOVIES = 20_000
 MODES = ("stream", "memory")
+# In memory with an interaction store's ratings added, as `train --interactions-db` reads them.
+STORE_MODE = "memory+store"
 
 
 def write_synthetic_ml25m(directory: Path, rows: int, seed: int = 0) -> Path:
@@ -42,15 +44,19 @@ def write_synthetic_ml25m(directory: Path, rows: int, seed: int = 0) -> Path:
     return directory
 
 
-def measure(mode: str, data_dir: str, dataset: str, batch_size: int) -> dict:
+def measure(mode: str, data_dir: str, dataset: str, batch_size: int, interactions_db: str | None = None) -> dict:
     """Prepare the fit rows and read one epoch of batches, the way training does."""
-    from recsys.export.data import fit_and_held_out, load_movielens
-    from recsys.export.examples import from_rows, from_stream
+    from recsys.export.data import load_movielens
+    from recsys.export.examples import from_stream
+    from recsys.export.stored import stored_ratings
+    from recsys.export.train import fit_in_memory
 
     started = time.perf_counter()
-    data = load_movielens(data_dir, dataset, with_ratings=mode == "memory")
-    fit = from_stream(data, "test") if mode == "stream" else from_rows(
-        fit_and_held_out(data.ratings, "test")[0], data.rating_scale)
+    data = load_movielens(data_dir, dataset, with_ratings=mode != "stream")
+    if mode == "stream":
+        fit = from_stream(data, "test")
+    else:
+        fit = fit_in_memory(data, "test", stored_ratings(interactions_db, data) if mode == STORE_MODE else None)
     prepared = time.perf_counter()
     rows = sum(int(batch["rating"].shape[0]) for batch in fit.batches(batch_size, 0))
     return {"mode": mode, "fit_rows": rows, "prepare_seconds": round(prepared - started, 1),
@@ -58,14 +64,17 @@ def measure(mode: str, data_dir: str, dataset: str, batch_size: int) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def run(data_dir: str | None, dataset: str, synthetic_rows: int, batch_size: int) -> list[dict]:
+def run(data_dir: str | None, dataset: str, synthetic_rows: int, batch_size: int,
+        interactions_db: str | None = None) -> list[dict]:
+    """Each mode in a process of its own; with `interactions_db`, also the data with the store's ratings."""
     with tempfile.TemporaryDirectory(prefix="recsys-data-bench-") as scratch:
         if synthetic_rows:
             data_dir, dataset = str(write_synthetic_ml25m(Path(scratch) / "ml-25m", synthetic_rows)), "ml-25m"
         results = []
-        for mode in MODES:
+        for mode in MODES + ((STORE_MODE,) if interactions_db else ()):
             command = [sys.executable, "-m", "recsys.export", "data-bench", "--measure", mode, "--dataset", dataset,
-                       "--batch-size", str(batch_size)] + (["--data-dir", data_dir] if data_dir else [])
+                       "--batch-size", str(batch_size)] + (["--data-dir", data_dir] if data_dir else []) \
+                + (["--interactions-db", interactions_db] if interactions_db else [])
             finished = subprocess.run(command, capture_output=True, text=True)
             if finished.returncode:
                 raise DataSourceError(finished.stderr.strip().splitlines()[-1].removeprefix("error: "))
@@ -74,7 +83,7 @@ def run(data_dir: str | None, dataset: str, synthetic_rows: int, batch_size: int
 
 
 def format_results(results: list[dict]) -> str:
-    lines = [f"{'mode':8} {'fit rows':>10} {'prepare s':>10} {'epoch s':>8} {'peak RSS MB':>12}"]
-    lines += [f"{r['mode']:8} {r['fit_rows']:>10} {r['prepare_seconds']:>10} {r['epoch_seconds']:>8} "
+    lines = [f"{'mode':12} {'fit rows':>10} {'prepare s':>10} {'epoch s':>8} {'peak RSS MB':>12}"]
+    lines += [f"{r['mode']:12} {r['fit_rows']:>10} {r['prepare_seconds']:>10} {r['epoch_seconds']:>8} "
               f"{r['peak_rss_mb']:>12}" for r in results]
     return "\n".join(lines)

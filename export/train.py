@@ -149,6 +149,15 @@ def pad_catalog(item_ids: list[str], item_embeddings: tf.Tensor, count: int, see
     return item_ids + [f"{SYNTHETIC_PREFIX}{n}" for n in range(count)], tf.constant(np.concatenate([real, synthetic]))
 
 
+def fit_in_memory(data: MovieLens, holdout: str, stored: StoredRatings | None = None) -> FitData:
+    """The fit rows of data held in memory, with the store's ratings after them (erased users' rows
+    left out of both)."""
+    fit_rows = fit_and_held_out(data.ratings, holdout)[0]
+    if stored is not None:
+        fit_rows = stored.without_forgotten(fit_rows, data.names)
+    return from_rows(fit_rows, data.rating_scale, stored and stored.rows, data.names)
+
+
 def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: str = "test",
                      synthetic_items: int = 0, strategy: str = "default",
                      shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
@@ -171,10 +180,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
         fit = from_stream(data, holdout, shuffle_buffer)
         print(f"streaming {fit.row_count} fit rows from {data.source / data.spec.ratings_file}", flush=True)
     else:
-        fit_rows = fit_and_held_out(data.ratings, holdout)[0]
-        if stored is not None:
-            fit_rows = stored.without_forgotten(fit_rows, data.names)
-        fit = from_rows(fit_rows, data.rating_scale, stored and stored.rows, data.names)
+        fit = fit_in_memory(data, holdout, stored)
         if stored is not None:
             print(stored.summary(), flush=True)
     user_ids, item_ids = fit.user_ids, data.item_ids

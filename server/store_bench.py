@@ -33,8 +33,9 @@ def rows_per_user(users: int, rows: int, cap: int, seed: int) -> np.ndarray:
     return counts
 
 
-def _batches(counts: np.ndarray, items: int, seed: int):
-    """Rows (user, movie, stars, rated_at, time) in batches of about LOAD_BATCH_ROWS."""
+def _batches(counts: np.ndarray, items: int, seed: int, movie_prefix: str = "movie-", first_movie: int = 0):
+    """Rows (user, movie, stars, rated_at, time) in batches of about LOAD_BATCH_ROWS; movie n is named
+    `movie_prefix` + (first_movie + n)."""
     rng = np.random.default_rng(seed + 1)
     batch: list[tuple] = []
     for user, count in enumerate(counts.tolist()):
@@ -42,7 +43,7 @@ def _batches(counts: np.ndarray, items: int, seed: int):
         times = 1_600_000_000 + rng.integers(0, 100_000_000, size=count)
         stars = rng.integers(1, 11, size=count) / 2
         user_id = f"user-{user}"
-        batch.extend((user_id, f"movie-{movie}", float(star), int(when), int(when))
+        batch.extend((user_id, f"{movie_prefix}{first_movie + movie}", float(star), int(when), int(when))
                      for movie, star, when in zip(movies.tolist(), stars.tolist(), times.tolist()))
         if len(batch) >= LOAD_BATCH_ROWS:
             yield batch
@@ -51,13 +52,15 @@ def _batches(counts: np.ndarray, items: int, seed: int):
         yield batch
 
 
-def load(store: InteractionStore, counts: np.ndarray, items: int, seed: int) -> float:
-    """Insert the rows; returns the seconds it took."""
+def load(store: InteractionStore, counts: np.ndarray, items: int, seed: int, movielens_ids: bool = False) -> float:
+    """Insert the rows; returns the seconds it took. `movielens_ids`: movies named "1" to `items`, as
+    MovieLens names its movies, so that the rows join a MovieLens catalog's training."""
     started = time.perf_counter()
     total, loaded = int(counts.sum()), 0
     connection = store._connect()
+    naming = {"movie_prefix": "", "first_movie": 1} if movielens_ids else {}
     try:
-        for batch in _batches(counts, items, seed):
+        for batch in _batches(counts, items, seed, **naming):
             if store.kind == "postgresql":
                 with connection.cursor() as cursor, cursor.copy(f"COPY interactions ({COLUMNS}) FROM STDIN") as copy:
                     for row in batch:
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys.server.store_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="an empty store: an SQLite file's path or a postgresql:// URL")
-    parser.add_argument("--empty-store", required=True, help="a second empty store of the same kind (the baseline)")
+    parser.add_argument("--empty-store", help="a second empty store of the same kind (the baseline); "
+                                              "required unless --load-only")
     parser.add_argument("--users", type=int, default=160_000, help="(default: %(default)s)")
     parser.add_argument("--rows", type=int, default=25_000_000, help="about this many rows (default: %(default)s)")
     parser.add_argument("--items", type=int, default=60_000, help="distinct movie ids (default: %(default)s)")
@@ -118,12 +122,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent readers, as the server's store read threads (default: %(default)s)")
     parser.add_argument("--reads", type=int, default=4_000, help="reads per measurement (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-only", action="store_true",
+                        help="load the store and stop (a store at size for 'python -m recsys.export data-bench "
+                             "--interactions-db' or 'train --interactions-db')")
+    parser.add_argument("--movielens-ids", action="store_true",
+                        help="name the movies 1 to --items as MovieLens does (default: movie-0 onwards)")
     args = parser.parse_args(argv)
-    store, empty = open_store(args.store), open_store(args.empty_store)
-    counts = rows_per_user(args.users, args.rows, store.max_per_user, args.seed)
-    seconds = load(store, counts, args.items, args.seed)
+    if not args.load_only and not args.empty_store:
+        parser.error("--empty-store is required unless --load-only")
+    store = open_store(args.store)
+    # A user rates each movie once, and the store keeps at most its per-user cap.
+    counts = rows_per_user(args.users, args.rows, min(store.max_per_user, args.items), args.seed)
+    seconds = load(store, counts, args.items, args.seed, args.movielens_ids)
     print(f"{store.kind}: {int(counts.sum()):,} rows of {args.users:,} users (at most {int(counts.max()):,} a user) "
           f"loaded in {seconds:.0f} s")
+    if args.load_only:
+        store.close()
+        return 0
+    empty = open_store(args.empty_store)
     for batch_users in (1, 32):
         for name, measured in (("empty", empty), ("full", store)):
             latencies = time_reads(measured, args.users, args.limit, args.threads, args.reads, batch_users)

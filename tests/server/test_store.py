@@ -377,3 +377,23 @@ def test_the_store_benchmark_loads_the_rows_it_says_and_reads_them(tmp_path, cap
     finally:
         store.close()
     assert out.count(" p99 ") == 4
+
+
+def test_the_store_benchmark_loads_movielens_ids_and_can_stop_there(tmp_path, capsys):
+    from recsys.server.store_bench import main as store_bench
+
+    path = tmp_path / "full.sqlite3"
+    assert store_bench(["--store", str(path), "--load-only", "--movielens-ids", "--users", "20", "--rows", "500",
+                        "--items", "30"]) == 0
+    out = capsys.readouterr().out
+    assert " p99 " not in out, "no reads timed"
+    store = open_store(str(path))
+    try:
+        movies = [row[1] for row in store.export()]
+    finally:
+        store.close()
+    assert len(movies) == int(out.split(" rows of ")[0].split()[-1].replace(",", ""))
+    assert set(movies) <= {str(movie) for movie in range(1, 31)} and {"1", "30"} <= set(movies)
+    with pytest.raises(SystemExit):
+        store_bench(["--store", str(tmp_path / "other.sqlite3")])
+
