@@ -10,13 +10,18 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys.client import bench
 from recsys.server import start_tensorflow
 from recsys.server.options import DEFAULTS
 
+if TYPE_CHECKING:  # imported where used, once start_tensorflow() has run
+    from recsys.server.pipeline import Pipeline
+    from recsys.server.validation import Query
 
-def _pipeline(models_dir: Path, k: int, users: str, interactions: int) -> tuple[object, list]:
+
+def _pipeline(models_dir: Path, k: int, users: str, interactions: int) -> tuple[Pipeline, list[Query]]:
     """An export's serving pipeline, loaded as the server loads it, and its request mix."""
     from recsys.server.catalog import CatalogStore
     from recsys.server.in_process import InProcessBackend
