@@ -100,8 +100,9 @@ class Pipeline:
 
     def _stored(self, queries: Sequence[Query], deadline: Deadline) -> UserRecords:
         """The batch's users' stored interactions and erasures, in one transaction within the read
-        budget; nothing if the store fails or is slower than that. Erasures are read even when no
-        stored interactions are merged (`stored_interactions` 0)."""
+        budget; if the store fails or is slower than that, no interactions, and the erasures made
+        through this server. Erasures are read even when no stored interactions are merged
+        (`stored_interactions` 0)."""
         if self.store is None:
             return NO_RECORDS
         with deadline.stage("store"):
@@ -110,7 +111,7 @@ class Pipeline:
                                                  max(self.stored_interactions, 0), self.store_read_seconds)
             except StoreUnavailable:
                 self.store_reads_failed += 1
-                return NO_RECORDS
+                return UserRecords({}, self.store.erased_here([query.user_id for query in queries]))
 
     def current_catalog(self) -> Catalog:
         version = self.backend.current_version()

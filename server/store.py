@@ -131,6 +131,7 @@ class InteractionStore(abc.ABC):
         self._readers = _DaemonThreads(READ_THREADS, "store-read")
         self._reads_waiting = 0
         self._writing = contextlib.nullcontext()  # what a write holds (SQLiteStore: one writer at a time)
+        self._erased_here: set[str] = set()  # user_hash of each erasure made through this object
 
     # --- what a backend provides ---------------------------------------------------------------
     @abc.abstractmethod
@@ -244,7 +245,17 @@ class InteractionStore(abc.ABC):
                 self._after_erasure(connection)
             return deleted
 
-        return self._run(delete)
+        deleted = self._run(delete)
+        with self._lock:
+            self._erased_here.add(user_hash(user_id))
+        return deleted
+
+    def erased_here(self, user_ids: Sequence[str]) -> frozenset[str]:
+        """Which of `user_ids` were erased through this object, known without reading the store: so that
+        an erasure holds at once on this server when a read fails or runs out of its budget. Erasures
+        through other servers hold from their next read that answers. One hash per erasure."""
+        with self._lock:
+            return frozenset(user for user in user_ids if user_hash(user) in self._erased_here)
 
     def _after_erasure(self, connection) -> None:  # noqa: B027 - optional: SQLite's WAL needs it
         """What makes an erasure reach the disk's old pages too (SQLite: the WAL); nothing by default."""

@@ -67,6 +67,27 @@ def test_an_erased_trained_user_is_served_as_an_unknown_id_at_once(tmp_path):
     store.close()
 
 
+def test_an_erasure_through_this_server_holds_while_the_store_cannot_be_read(tmp_path, postgres):
+    """A frozen PostgreSQL answers no read within the budget: the user erased through this server is
+    still served as an unknown id, the other trained user as before."""
+    models = write_fake_metadata(tmp_path / "models", movies=60, rated={"u1": ["m0", "m1"], "u2": ["m2", "m3"]})
+    postgres.clear()
+    store = open_store(postgres.url)
+    backend = FakeBackend(models)
+    pipeline = Pipeline(backend, CatalogStore(models), store, reasons=False, store_read_seconds=0.2)
+    store.forget("u1")
+    frozen = postgres.freeze()
+    try:
+        backend.user_ids_seen.clear()
+        erased, other = pipeline.recommend([Query("u1", k=5), Query("u2", k=5)])
+        assert pipeline.store_reads_failed == 1, "the read ran out of its budget"
+        assert all(item.fallback for item in erased.items) and not all(item.fallback for item in other.items)
+        assert set(backend.user_ids_seen) == {"u2"}, "the erased user's trained history is not used"
+    finally:
+        postgres.thaw(frozen)
+        store.close()
+
+
 def test_the_next_training_leaves_erased_users_out(tmp_path):
     files = write(generate(40, 60, 1_200, seed=3), tmp_path / "csv", "csv")
     data = load_csv(files["ratings"], files["items"])
