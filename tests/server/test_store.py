@@ -258,8 +258,11 @@ def test_a_kill_right_after_an_ok_loses_nothing(models_dir, store_location):
 @pytest.mark.slow
 def test_two_servers_on_one_postgres_share_what_is_recorded(models_dir, postgres):
     postgres.clear()
-    first, first_port = start_server_process(models_dir, "--interactions-db", postgres.url)
-    second, second_port = start_server_process(models_dir, "--interactions-db", postgres.url)
+    # A read budget no loaded test machine runs out of: what one server records or erases reaches the
+    # other through the store's reads (a read that runs out of budget is tested on its own).
+    budget = ("--store-read-ms", "5000")
+    first, first_port = start_server_process(models_dir, "--interactions-db", postgres.url, *budget)
+    second, second_port = start_server_process(models_dir, "--interactions-db", postgres.url, *budget)
     try:
         with RecommenderClient(f"127.0.0.1:{first_port}", timeout=10) as one, \
                 RecommenderClient(f"127.0.0.1:{second_port}", timeout=10) as other:
