@@ -295,6 +295,11 @@ def wait_for(predicate, seconds: float = 60.0, what: str = "condition") -> None:
         time.sleep(0.1)
 
 
+# Test servers with a store read it within this budget: what a test records is then seen by its next
+# Recommend on a loaded machine too (the default 50 ms is not, at times). Tests of the budget set their own.
+STORE_READ_SECONDS = 5.0
+
+
 def start_server_process(models_dir: Path, *flags: str, read_log: bool = True) -> tuple[subprocess.Popen, int]:
     """`python -m recsys.server` on a free loopback port; returns the process and the port it reported.
 
@@ -390,7 +395,8 @@ def fake_recommender(fake_models, tmp_path):
 
     store = open_store(str(tmp_path / "interactions.sqlite3"))
     recommender, port = create_server("127.0.0.1:0", FakeBackend(fake_models), fake_models,
-                                      ServerOptions(poll_seconds=0.2), store=store)
+                                      ServerOptions(poll_seconds=0.2, store_read_seconds=STORE_READ_SECONDS),
+                                      store=store)
     recommender.start()
     try:
         yield recommender, port, store

@@ -4,7 +4,7 @@ import argparse
 import re
 
 from recsys.server.__main__ import build_parser
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, STORE_READ_SECONDS
 
 README = REPO_ROOT / "README.md"
 OPERATIONS = REPO_ROOT / "docs" / "operations.md"
@@ -76,7 +76,7 @@ def test_the_readme_python_snippet_runs_and_the_list_follows_what_was_sent(model
     block = README.read_text().split("```python\n", 1)[1].split("```", 1)[0]
     store = open_store(str(tmp_path / "s.sqlite3"))
     server, port = create_server("127.0.0.1:0", InProcessBackend(models_dir), models_dir,
-                                 ServerOptions(poll_seconds=0.2), store=store)
+                                 ServerOptions(poll_seconds=0.2, store_read_seconds=STORE_READ_SECONDS), store=store)
     server.start()
     try:
         from recsys.client import RecommenderClient

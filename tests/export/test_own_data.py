@@ -14,7 +14,7 @@ from recsys.server.in_process import InProcessBackend
 from recsys.server.layout import metadata_path
 from recsys.server.options import ServerOptions
 from recsys.server.store import open_store
-from tests.conftest import wait_for
+from tests.conftest import STORE_READ_SECONDS, wait_for
 
 
 def write_csv_catalog(movielens, directory):
@@ -93,7 +93,7 @@ def test_a_new_user_records_ratings_then_the_next_version_knows_them(data_dir, m
     store = open_store(location)
     backend = InProcessBackend(models)
     recommender, port = create_server("127.0.0.1:0", backend, models,
-                                      ServerOptions(poll_seconds=0.3), store)
+                                      ServerOptions(poll_seconds=0.3, store_read_seconds=STORE_READ_SECONDS), store)
     recommender.start()
     try:
         assert export_cli(["train", "--data-dir", str(data_dir), "--preset", "tiny", "--out", str(models)]) == 0

@@ -17,7 +17,7 @@ from recsys.server.app import create_server
 from recsys.server.options import ServerOptions
 from recsys.server.store import open_store
 from recsys.v1 import recommender_pb2
-from tests.conftest import status_of
+from tests.conftest import STORE_READ_SECONDS, status_of
 from tests.fake_backend import FakeBackend, write_fake_metadata
 
 SHARED_TOKEN = "shared-secret-token"
@@ -42,7 +42,8 @@ def server_port(tmp_path, signing_key):
                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
     store = open_store(str(tmp_path / "s.sqlite3"))
     server, port = create_server("127.0.0.1:0", FakeBackend(models), models,
-                                 ServerOptions(poll_seconds=0.2, auth_token=SHARED_TOKEN, auth_jwt_key=public),
+                                 ServerOptions(poll_seconds=0.2, auth_token=SHARED_TOKEN, auth_jwt_key=public,
+                                               store_read_seconds=STORE_READ_SECONDS),
                                  store=store)
     server.start()
     try:
@@ -141,7 +142,8 @@ def test_with_a_log_key_logs_show_a_keyed_hash_of_user_ids(tmp_path, caplog):
     models = write_fake_metadata(tmp_path / "models")
     store = open_store(str(tmp_path / "s.sqlite3"))
     server, port = create_server("127.0.0.1:0", FakeBackend(models), models,
-                                 ServerOptions(poll_seconds=0.2, log_user_id_key=b"log-key"), store=store)
+                                 ServerOptions(poll_seconds=0.2, log_user_id_key=b"log-key",
+                                               store_read_seconds=STORE_READ_SECONDS), store=store)
     server.start()
     try:
         with caplog.at_level(logging.INFO), client_with(port, None) as caller:

@@ -21,7 +21,7 @@ from recsys.server.options import ServerOptions
 from recsys.server.store import MIGRATIONS, open_store
 from recsys.server.validation import Interaction
 from recsys.v1 import recommender_pb2
-from tests.conftest import start_server_process, status_of, stop_process, wait_for
+from tests.conftest import STORE_READ_SECONDS, start_server_process, status_of, stop_process, wait_for
 
 NEW_USER = "new-user-7"
 
@@ -148,7 +148,8 @@ def served(request, models_dir, tmp_path_factory):
         location = postgres.url
     store = open_store(location)
     recommender, port = create_server("127.0.0.1:0", InProcessBackend(models_dir), models_dir,
-                                      ServerOptions(poll_seconds=0.3, stored_interactions=50), store)
+                                      ServerOptions(poll_seconds=0.3, stored_interactions=50,
+                                                    store_read_seconds=STORE_READ_SECONDS), store)
     recommender.start()
     client = RecommenderClient(f"127.0.0.1:{port}", timeout=10)
     client.wait_until_serving(60)
@@ -258,9 +259,8 @@ def test_a_kill_right_after_an_ok_loses_nothing(models_dir, store_location):
 @pytest.mark.slow
 def test_two_servers_on_one_postgres_share_what_is_recorded(models_dir, postgres):
     postgres.clear()
-    # A read budget no loaded test machine runs out of: what one server records or erases reaches the
-    # other through the store's reads (a read that runs out of budget is tested on its own).
-    budget = ("--store-read-ms", "5000")
+    # What one server records or erases reaches the other through the store's reads.
+    budget = ("--store-read-ms", str(int(STORE_READ_SECONDS * 1000)))
     first, first_port = start_server_process(models_dir, "--interactions-db", postgres.url, *budget)
     second, second_port = start_server_process(models_dir, "--interactions-db", postgres.url, *budget)
     try:
@@ -286,7 +286,7 @@ def test_the_store_goes_down_and_comes_back(models_dir, postgres, caplog):
     postgres.clear()
     store = open_store(postgres.url)
     recommender, port = create_server("127.0.0.1:0", InProcessBackend(models_dir), models_dir,
-                                      ServerOptions(poll_seconds=0.3), store)
+                                      ServerOptions(poll_seconds=0.3, store_read_seconds=STORE_READ_SECONDS), store)
     recommender.start()
     caplog.set_level(logging.INFO, logger="recsys.requests")
     try:
