@@ -18,6 +18,8 @@ from recsys.export.data import (
     DataFormatError,
     DataSourceError,
 )
+from recsys.export.data_bench import MODES as DATA_BENCH_MODES
+from recsys.export.data_bench import STORE_MODE as DATA_BENCH_STORE_MODE
 from recsys.export.presets import PRESETS, STRATEGIES
 from recsys.export.synth import FORMATS
 from recsys.server import start_tensorflow
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--interactions-db", metavar="PATH|URL",
                        help="also measure the data in memory with this interaction store's ratings added, as "
                             "'train --interactions-db' reads them")
-    bench.add_argument("--measure", choices=("stream", "memory", "memory+store"), help=argparse.SUPPRESS)
+    bench.add_argument("--measure", choices=(*DATA_BENCH_MODES, DATA_BENCH_STORE_MODE), help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
     if args.command == "synth":

@@ -173,8 +173,9 @@ class PartitionedIndex(tf.Module):
         # Each movie's slot in the cells flattened (cell x cell size + place in its cell): where an
         # excluded movie's score sits among a query's probed movies, if its cell is probed.
         members = cell_partition.members.ravel()
+        held = members < len(embeddings)  # not padding
         slots = np.zeros(len(embeddings), np.int32)
-        slots[members[members < len(embeddings)]] = np.flatnonzero(members < len(embeddings))
+        slots[members[held]] = np.flatnonzero(held)
         self.slot_of = tf.Variable(slots, trainable=False, name="slot_of")
 
     def probed(self, queries: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

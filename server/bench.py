@@ -41,30 +41,28 @@ def _pipeline(models_dir: Path, k: int, users: str, interactions: int) -> tuple[
 
 
 def run_in_process(models_dirs: list[Path], duration: float, k: int, users: str,
-                   interactions: int = 0) -> list[tuple[bench.Tally, float]]:
+                   interactions: int = 0) -> list[bench.Tally]:
     """The request mix through each export's pipeline, one call at a time, TensorFlow's pools sized as
     the server's. With several exports the calls take turns (one to each in order, then again), so
-    that the machine's drift over the run falls on every export alike. Returns, per export, its
-    tally and the seconds its own calls took."""
+    that the machine's drift over the run falls on every export alike. Returns each export's tally
+    (its latencies sum to the time its own calls took)."""
     from recsys.server.app import settle_heap
     from recsys.server.in_process import set_tensorflow_threads
 
     set_tensorflow_threads(DEFAULTS.tensorflow_intra_op_parallelism, DEFAULTS.tensorflow_inter_op_parallelism)
     runs = [_pipeline(models_dir, k, users, interactions) for models_dir in models_dirs]
     settle_heap()  # as the server does once a version and its catalog are loaded
-    tallies, spent = [bench.Tally() for _ in runs], [0.0 for _ in runs]
+    tallies = [bench.Tally() for _ in runs]
     stop_at = time.perf_counter() + duration
     n = 0
     while time.perf_counter() < stop_at:
         for turn, (pipeline, queries) in enumerate(runs):
             cpu_before, begun = bench.process_cpu_seconds(), time.perf_counter()
             pipeline.recommend([queries[n % len(queries)]])
-            elapsed = time.perf_counter() - begun
-            tallies[turn].latencies_ms.append(elapsed * 1000)
+            tallies[turn].latencies_ms.append((time.perf_counter() - begun) * 1000)
             tallies[turn].cpu_seconds += bench.process_cpu_seconds() - cpu_before
-            spent[turn] += elapsed
         n += 1
-    return list(zip(tallies, spent))
+    return tallies
 
 
 def _time_call(call, inputs: list, calls: int) -> tuple[float, float]:
@@ -135,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(model_call_costs(args.models[0], sizes, args.k)))
         return 0
     summaries = []
-    for models_dir, (tally, spent) in zip(args.models, run_in_process(args.models, args.duration, args.k,
-                                                                      args.users, args.interactions)):
+    for models_dir, tally in zip(args.models, run_in_process(args.models, args.duration, args.k, args.users,
+                                                             args.interactions)):
+        spent = sum(tally.latencies_ms) / 1000  # the time of this export's own calls
         summaries.append(bench.summarize(tally, spent, "in-process (no gRPC, 1 thread)", 1, args.k))
         if len(args.models) > 1:
             summaries[-1]["models"] = str(models_dir)

@@ -33,9 +33,9 @@ def rows_per_user(users: int, rows: int, cap: int, seed: int) -> np.ndarray:
     return counts
 
 
-def _batches(counts: np.ndarray, items: int, seed: int, movie_prefix: str = "movie-", first_movie: int = 0):
+def _batches(counts: np.ndarray, items: int, seed: int, movielens_ids: bool = False):
     """Rows (user, movie, stars, rated_at, time) in batches of about LOAD_BATCH_ROWS; movie n is named
-    `movie_prefix` + (first_movie + n)."""
+    "movie-n", or with `movielens_ids` "n + 1"."""
     rng = np.random.default_rng(seed + 1)
     batch: list[tuple] = []
     for user, count in enumerate(counts.tolist()):
@@ -43,7 +43,7 @@ def _batches(counts: np.ndarray, items: int, seed: int, movie_prefix: str = "mov
         times = 1_600_000_000 + rng.integers(0, 100_000_000, size=count)
         stars = rng.integers(1, 11, size=count) / 2
         user_id = f"user-{user}"
-        batch.extend((user_id, f"{movie_prefix}{first_movie + movie}", float(star), int(when), int(when))
+        batch.extend((user_id, str(movie + 1) if movielens_ids else f"movie-{movie}", float(star), int(when), int(when))
                      for movie, star, when in zip(movies.tolist(), stars.tolist(), times.tolist()))
         if len(batch) >= LOAD_BATCH_ROWS:
             yield batch
@@ -58,9 +58,8 @@ def load(store: InteractionStore, counts: np.ndarray, items: int, seed: int, mov
     started = time.perf_counter()
     total, loaded = int(counts.sum()), 0
     connection = store._connect()
-    naming = {"movie_prefix": "", "first_movie": 1} if movielens_ids else {}
     try:
-        for batch in _batches(counts, items, seed, **naming):
+        for batch in _batches(counts, items, seed, movielens_ids):
             if store.kind == "postgresql":
                 with connection.cursor() as cursor, cursor.copy(f"COPY interactions ({COLUMNS}) FROM STDIN") as copy:
                     for row in batch:
