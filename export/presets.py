@@ -73,6 +73,10 @@ class Preset:
     # a movie's raters), drawn at random and scaled to an unbiased estimate of the whole sum; 0 sums
     # them all. A step's cost then stays bounded however long the histories grow.
     history_sample: int = 0
+    # Training steps per epoch; 0 is a pass over the fit rows. A few steps at a catalog's full size
+    # build an export whose tables are the full one's, shape for shape: its serving memory and
+    # start-up can be measured before hours of training (docs/performance.md), its quality cannot.
+    steps_per_epoch: int = 0
     # The watch head's user towers add the user's rated movies to the id (as retrieval's do),
     # so interactions sent with a request move the watch score too.
     watch_history: bool = False
@@ -111,6 +115,8 @@ class Preset:
             raise ValueError("ease_weight and ease_weight_new_users must be 0 or more, ease_lambda above 0")
         if self.index_cells < 0 or self.index_probes < 0:
             raise ValueError("index_cells and index_probes must be 0 (chosen by the catalog's size) or more")
+        if self.steps_per_epoch < 0:
+            raise ValueError(f"steps_per_epoch must be 0 (a pass over the fit rows) or more; got {self.steps_per_epoch}")
         if self.history_sample < 0:
             raise ValueError(f"history_sample must be 0 (whole histories) or more; got {self.history_sample}")
         if not 0.0 < self.history_keep <= 1.0:

@@ -159,6 +159,11 @@ class ServedHistory(tf.keras.layers.Layer):
         rows = self.positions.rows(user_rows, validate=False)
         return rows.with_values(tf.cast(rows.values, tf.int64))
 
+    def trained_lengths(self, user_rows: tf.Tensor) -> tf.Tensor:
+        """int64 [users]: how many movies each user row rated in training."""
+        splits = self.positions.row_splits
+        return tf.gather(splits, user_rows + 1) - tf.gather(splits, user_rows)
+
     def request_positions(self, interaction_item_ids: tf.Tensor) -> tf.Tensor:
         return self.item_lookup(interaction_item_ids)
 
@@ -193,16 +198,19 @@ class ServedHistory(tf.keras.layers.Layer):
 
 
 class ServedUserTower(tf.keras.layers.Layer):
-    """A user tower at serving time: its trained output per user (a table), and for users whose
-    request sent interactions, its formula over their history: the trained user's history sum
-    (a table too) plus what the interactions add or change."""
+    """A user tower at serving time, as the tables of its formula: each user's id row, and for a
+    tower over the history, each trained user's history sum. A user's output is the id row plus the
+    sum over the square root of the history's length (HistoryUserTower), computed per request
+    for the request's users: a table of every user's output would hold a third more per user for
+    the cost of one gather. For users whose request sent interactions, the sum is the trained one
+    plus what the interactions add or change."""
 
-    def __init__(self, outputs: np.ndarray, parts: TowerParts, history: ServedHistory, **kwargs):
+    def __init__(self, parts: TowerParts, history: ServedHistory, **kwargs):
         super().__init__(**kwargs)
-        self.outputs = tf.Variable(outputs, trainable=False, name="outputs")
+        self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
+        self.history = history
         self.with_history = parts.rated is not None
         if self.with_history:
-            self.ids = tf.Variable(parts.ids, trainable=False, name="ids")
             self.trained_sums = tf.Variable(parts.history_sums(history), trainable=False, name="trained_sums")
             self.rated = tf.Variable(parts.rated, trainable=False, name="rated")
             self.with_stars = parts.liked is not None
@@ -221,18 +229,27 @@ class ServedUserTower(tf.keras.layers.Layer):
             added += tf.gather(self.liked, additions.positions) * weights[:, None]
         return tf.math.unsorted_segment_sum(added, additions.rows, tf.size(additions.active))
 
+    def _formula(self, user_rows: tf.Tensor, sums: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self.ids, user_rows) + sums / tf.sqrt(tf.maximum(counts, 1.0))[:, None]
+
     def outputs_of(self, user_rows: tf.Tensor) -> tf.Tensor:
         """The trained output of each user row (no interactions)."""
-        return tf.gather(self.outputs, user_rows)
+        if not self.with_history:
+            return tf.gather(self.ids, user_rows)
+        return self._formula(user_rows, tf.gather(self.trained_sums, user_rows),
+                             tf.cast(self.history.trained_lengths(user_rows), tf.float32))
 
     def call(self, user_rows: tf.Tensor, additions: Additions) -> tf.Tensor:
         trained = self.outputs_of(user_rows)
         if not self.with_history:
             return trained
         summed = tf.gather(self.trained_sums, additions.users) + self.added_sums(additions)
-        computed = (tf.gather(self.ids, additions.users)
-                    + summed / tf.sqrt(tf.maximum(additions.counts, 1.0))[:, None])
-        return tf.tensor_scatter_nd_update(trained, additions.active[:, None], computed)
+        return tf.tensor_scatter_nd_update(trained, additions.active[:, None],
+                                           self._formula(additions.users, summed, additions.counts))
+
+    def trained_outputs(self) -> np.ndarray:
+        """Every trained user's output (no row 0), for tuning an index at export."""
+        return self.outputs_of(tf.range(1, tf.shape(self.ids, out_type=tf.int64)[0])).numpy()
 
 
 class LookupTower(tf.keras.layers.Layer):
@@ -323,7 +340,7 @@ class RetrievalServing(tf.Module):
         self.history = history
         self.user_tower = user_tower
         rng = np.random.default_rng(seed)
-        trained_users = user_tower.outputs.numpy()[1:]
+        trained_users = user_tower.trained_outputs()
         self.index, built_index = index.build(
             item_embeddings, trained_users[rng.permutation(len(trained_users))[:tuning_queries]],
             min(RECALL_K, candidate_count), seed, name="index")
@@ -420,7 +437,7 @@ class RankingServing(tf.Module):
     part, so a candidate costs two gathers, an add and the remaining small layers.
     """
 
-    def __init__(self, ranking_model: tf.keras.Model, history: ServedHistory, user_ids: list[str],
+    def __init__(self, ranking_model: tf.keras.Model, history: ServedHistory,
                  item_ids: list[str], retrieval_user_model: tf.keras.Model | None = None,
                  retrieval_item_model: tf.keras.Model | None = None, item_item: ItemItem | None = None):
         super().__init__()
@@ -428,19 +445,18 @@ class RankingServing(tf.Module):
         rating = ranking_model.rating
         first, *rest = rating.mlp.layers
         kernel, bias = first.kernel.numpy(), first.bias.numpy()
-        rating_users = tower_table(rating.user_model, user_ids)
-        user_kernel, item_kernel = kernel[:rating_users.shape[1]], kernel[rating_users.shape[1]:]
+        rating_users = TowerParts.of(rating.user_model)
+        user_width = rating_users.ids.shape[1]
+        user_kernel, item_kernel = kernel[:user_width], kernel[user_width:]
         self.first_activation = first.activation
         self.rest = rest
-        self.user_hidden = ServedUserTower(rating_users @ user_kernel, TowerParts.of(rating.user_model).times(user_kernel),
-                                           history, name="user_hidden")
+        self.user_hidden = ServedUserTower(rating_users.times(user_kernel), history, name="user_hidden")
         self.item_hidden = LookupTower(item_ids, tower_table(rating.item_model, item_ids) @ item_kernel + bias,
                                        name="item_hidden")
         self.orders_by_watch = bool(ranking_model.watch_weight)
         if self.orders_by_watch:
             user_towers = ConcatTowers([ranking_model.watch_user_model, retrieval_user_model], name="score_users")
-            self.user_vectors = ServedUserTower(tower_table(user_towers, user_ids), TowerParts.of(user_towers), history,
-                                                name="user_vectors")
+            self.user_vectors = ServedUserTower(TowerParts.of(user_towers), history, name="user_vectors")
             self.item_vectors = LookupTower(item_ids, np.concatenate(
                 [tower_table(ranking_model.watch_item_model, item_ids), tower_table(retrieval_item_model, item_ids)],
                 axis=1), name="item_vectors")

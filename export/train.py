@@ -29,7 +29,6 @@ from recsys.export.serving import (
     ServedHistory,
     ServedUserTower,
     TowerParts,
-    tower_table,
 )
 from recsys.export.stored import StoredRatings
 
@@ -82,14 +81,21 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
                                              and "chief" not in resolver.cluster_spec().as_dict())
 
 
+def steps_per_epoch(fit: FitData, batch_size: int, preset: Preset) -> int:
+    """A pass over the fit rows, or the preset's `steps_per_epoch` where that is fewer."""
+    passing = math.ceil(fit.row_count / batch_size)
+    return min(passing, preset.steps_per_epoch) if preset.steps_per_epoch else passing
+
+
 def train_retrieval(fit: FitData, item_ids: list[str], preset: Preset,
                     strategy: tf.distribute.Strategy | None = None) -> RetrievalModel:
     with (strategy or tf.distribute.get_strategy()).scope():
         model = RetrievalModel(fit.user_ids, item_ids, fit.rated_item_ids, preset, fit.rating_counts)
         model.compile(optimizer=make_optimizer(preset.retrieval_optimizer, preset.retrieval_learning_rate))
-    steps = math.ceil(fit.row_count / preset.retrieval_batch_size)
+    steps = steps_per_epoch(fit, preset.retrieval_batch_size, preset)
     model.fit(fit.batches(preset.retrieval_batch_size, preset.seed), epochs=preset.retrieval_epochs,
-              verbose=0, callbacks=[EpochProgress("retrieval", preset.retrieval_epochs, steps)])
+              steps_per_epoch=steps if preset.steps_per_epoch else None, verbose=0,
+              callbacks=[EpochProgress("retrieval", preset.retrieval_epochs, steps)])
     return model
 
 
@@ -97,12 +103,13 @@ def train_ranking(fit: FitData, item_ids: list[str], preset: Preset,
                   strategy: tf.distribute.Strategy | None = None) -> RankingModel:
     with (strategy or tf.distribute.get_strategy()).scope():
         model = RankingModel(fit.user_ids, item_ids, preset, fit.rated_item_ids, fit.rated_stars, fit.rating_counts)
-        steps = math.ceil(fit.row_count / preset.ranking_batch_size)
+        steps = steps_per_epoch(fit, preset.ranking_batch_size, preset)
         decay_steps = preset.ranking_epochs * steps
         model.compile(optimizer=make_optimizer(preset.ranking_optimizer, preset.ranking_learning_rate,
                                                decay_steps if preset.ranking_cosine_decay else 0))
     model.fit(fit.batches(preset.ranking_batch_size, preset.seed + 1), epochs=preset.ranking_epochs,
-              verbose=0, callbacks=[EpochProgress("ranking", preset.ranking_epochs, steps)])
+              steps_per_epoch=steps if preset.steps_per_epoch else None, verbose=0,
+              callbacks=[EpochProgress("ranking", preset.ranking_epochs, steps)])
     return model
 
 
@@ -215,8 +222,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
                                                   synthetic_items, preset.seed)
     metadata["synthetic_items"] = synthetic_items
     history = ServedHistory(user_ids, item_ids, fit.rated_item_ids, fit.rated_stars, name="history")
-    index_users = ServedUserTower(tower_table(retrieval.index_user_model, user_ids),
-                                  TowerParts.of(retrieval.index_user_model), history, name="user_tower")
+    index_users = ServedUserTower(TowerParts.of(retrieval.index_user_model), history, name="user_tower")
     started_item_item = time.perf_counter()
     fitted = history_matrix(user_ids, item_ids, fit.rated_item_ids)
     if preset.similar_space == "co_rating":
@@ -238,7 +244,7 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
         item_item = ItemItem(ease_weights(fitted, preset.ease_lambda).astype(np.float32),
                              preset.ease_weight, preset.ease_weight_new_users)
     print(f"item-item weights and similar-items space in {time.perf_counter() - started_item_item:.1f}s", flush=True)
-    ranking_serving = RankingServing(ranking, history, user_ids, item_ids, retrieval.user_model, retrieval.item_model,
+    ranking_serving = RankingServing(ranking, history, item_ids, retrieval.user_model, retrieval.item_model,
                                      item_item)
     version = write_export(target, retrieval_serving, ranking_serving, metadata, warmup_user_ids=user_ids[:4])
     if not chief:

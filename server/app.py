@@ -289,7 +289,7 @@ def create_server(address: str, backend: Backend, models_dir: Path, options: Ser
     if store is not None:
         counted.append((lambda: store.failures, observer.metrics.store_errors))
         counted.append((lambda: store.read_timeouts, observer.metrics.store_read_timeouts))
-    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.get,
+    monitor = ReadinessMonitor(backend, set_health, options.poll_seconds, observer.metrics, pipeline.catalogs.refreshed,
                                counted)
     tls = (options.tls_cert, options.tls_key) if options.tls_cert and options.tls_key else None
     return RecommenderServer(grpc_server, loop_thread, health_servicer, monitor, backend, servicer,

@@ -114,26 +114,51 @@ KEPT_VERSIONS = 3
 
 class CatalogStore:
     """Loads a version's metadata when first asked for it; the backend says which version answered.
-    Beyond KEPT_VERSIONS, the least recently used catalog is dropped (asked for again, it reloads)."""
+    Beyond KEPT_VERSIONS, the least recently used catalog is dropped (asked for again, it reloads).
+
+    Requests ask through `get` (the catalog as first read); the backend's periodic refresh asks
+    through `refreshed`, which reads the file again once it has changed: metadata mended in place
+    (say, after the backend refused a version whose metadata disagreed with its models) is seen at
+    the next refresh, at the cost of a stat per refresh, never per request."""
 
     def __init__(self, models_dir: Path):
         self.models_dir = Path(models_dir)
-        self._catalogs: OrderedDict[str, Catalog] = OrderedDict()
+        self._catalogs: OrderedDict[str, tuple[Catalog, tuple[int, int] | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, model_version: str) -> Catalog:
         with self._lock:
-            catalog = self._catalogs.get(model_version)
-            if catalog is None:
-                try:
-                    catalog = load_catalog(self.models_dir, int(model_version))
-                except InvalidMetadata as error:
-                    # The detail (it may name files) goes to the log; callers see the version only.
-                    log.warning("model version %s has no usable metadata in %s: %s", model_version,
-                                self.models_dir, error)
-                    raise ModelsUnavailable(f"model version {model_version} has no usable metadata") from error
-                self._catalogs[model_version] = catalog
-                while len(self._catalogs) > KEPT_VERSIONS:
-                    self._catalogs.popitem(last=False)
-            self._catalogs.move_to_end(model_version)
-            return catalog
+            cached = self._catalogs.get(model_version)
+            return self._load(model_version) if cached is None else self._use(model_version, cached[0])
+
+    def refreshed(self, model_version: str) -> Catalog:
+        with self._lock:
+            cached = self._catalogs.get(model_version)
+            if cached is None or cached[1] != self._file_state(model_version):
+                return self._load(model_version)
+            return self._use(model_version, cached[0])
+
+    def _file_state(self, model_version: str) -> tuple[int, int] | None:
+        try:
+            stat = metadata_path(self.models_dir, int(model_version)).stat()
+        except (OSError, ValueError):
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _use(self, model_version: str, catalog: Catalog) -> Catalog:
+        self._catalogs.move_to_end(model_version)
+        return catalog
+
+    def _load(self, model_version: str) -> Catalog:
+        state = self._file_state(model_version)
+        try:
+            catalog = load_catalog(self.models_dir, int(model_version))
+        except InvalidMetadata as error:
+            # The detail (it may name files) goes to the log; callers see the version only.
+            log.warning("model version %s has no usable metadata in %s: %s", model_version,
+                        self.models_dir, error)
+            raise ModelsUnavailable(f"model version {model_version} has no usable metadata") from error
+        self._catalogs[model_version] = (catalog, state)
+        while len(self._catalogs) > KEPT_VERSIONS:
+            self._catalogs.popitem(last=False)
+        return self._use(model_version, catalog)

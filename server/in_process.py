@@ -202,9 +202,9 @@ def check_consistency(pair: LoadedPair, catalog: Catalog) -> None:
 class InProcessBackend(Backend):
     """Runs the exported SavedModels inside this process.
 
-    `refresh()` loads the newest complete version (or the pinned one) next to the one serving,
-    replays its warmup requests, parses and checks its metadata against the models, and only
-    then swaps it in, in one assignment (TF Serving's availability-preserving policy,
+    `refresh()` parses the newest complete version's metadata (or the pinned one's), loads its
+    models next to the ones serving, replays its warmup requests, checks the metadata against the
+    models, and only then swaps it in, in one assignment (TF Serving's availability-preserving policy,
     core/aspired_versions_manager.cc). A version that fails any step is logged, counted and
     tried again with backoff; the serving version goes on serving. The swapped-out pair is
     released at once: a request still running holds its own reference until it ends.
@@ -250,9 +250,12 @@ class InProcessBackend(Backend):
                 self._warn_nothing_to_serve()
             if version is not None and (self.current is None or self.current.model_version != str(version)):
                 try:
+                    # The metadata first: a broken file then costs a parse per retry, not a load and
+                    # warmup of both graphs (seconds, and a second version's memory, at catalog size).
+                    catalog = load_catalog(str(version))
                     pair = load_pair(self.models_dir, version, self.explains)
                     warm_up(self.models_dir, pair)
-                    check_consistency(pair, load_catalog(str(version)))
+                    check_consistency(pair, catalog)
                 except Exception as error:  # noqa: BLE001 - a broken version must not take the server down
                     backoff = min(MAX_RETRY_SECONDS, 2 * self._retry_at.get(version, (0.0, RETRY_SECONDS / 2))[1])
                     self._retry_at[version] = (time.monotonic() + backoff, backoff)

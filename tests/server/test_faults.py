@@ -199,21 +199,37 @@ def test_metadata_is_checked_field_by_field(fresh_models, damage, why):
         load_catalog(fresh_models, 1)
 
 
-# Each a server that loads a version three times: slow (the fast tier checks every field on its own above).
+def test_a_refresh_reads_metadata_mended_in_place_and_requests_keep_what_they_read(fresh_models):
+    """Requests never pay a stat for the catalog; the backend's refresh sees a file changed since."""
+    from recsys.server.catalog import CatalogStore
+
+    catalogs = CatalogStore(fresh_models)
+    first = catalogs.get("1")
+    path = fresh_models / "metadata" / "1.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": first.candidate_count + 1}))
+    assert catalogs.get("1") is first
+    mended = catalogs.refreshed("1")
+    assert mended.candidate_count == first.candidate_count + 1
+    assert catalogs.get("1") is mended and catalogs.refreshed("1") is mended, "unchanged since: no read"
+
+
+# A server per kind of damage: metadata that does not parse (refused before the graphs load) and
+# metadata that disagrees with the graphs (refused once they have). Slow; the fast tier checks every
+# field on its own above.
 @pytest.mark.slow
 @pytest.mark.parametrize("damage, why", [
     (lambda path: path.write_text(path.read_text()[:1000]), "truncated"),
-    pytest.param(lambda path: path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": "many"})),
-                 "candidate_count"),
-    pytest.param(lambda path: path.write_text(json.dumps({**json.loads(path.read_text()),
-                                                          "popular_item_ids": ["no-such-movie"]})),
-                 "popular_item_ids"),
-    pytest.param(lambda path: path.write_text(json.dumps({**(raw := json.loads(path.read_text())),
-                                                          "items": dict(list(raw["items"].items())[1:])})),
-                 "missing from"),
+    pytest.param(lambda path: path.write_text(json.dumps({
+        **(raw := json.loads(path.read_text())), "items": dict(list(raw["items"].items())[1:]),
+        "popular_item_ids": [item for item in raw["popular_item_ids"] if item != next(iter(raw["items"]))]})),
+        "missing from"),
 ])
 def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fresh_models, monkeypatch, damage, why):
     monkeypatch.setattr(recsys.server.in_process, "RETRY_SECONDS", 0.4)
+    loaded_versions = []
+    load_pair = recsys.server.in_process.load_pair
+    monkeypatch.setattr(recsys.server.in_process, "load_pair",
+                        lambda models, version, *args: loaded_versions.append(version) or load_pair(models, version, *args))
     recommender, port = start(fresh_models)
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=10) as client:
@@ -223,6 +239,8 @@ def test_a_version_with_bad_metadata_never_displaces_the_good_one(models_dir, fr
             good = metadata.read_text()
             damage(metadata)
             wait_for(lambda: recommender.backend.load_failures >= 2, 30, "version 2 refused, then tried again")
+            # Metadata that does not parse is refused before the graphs load, at every retry.
+            assert loaded_versions.count(2) == 0 if why == "truncated" else loaded_versions.count(2) >= 2
             assert {item.model_version for item in client.recommend("42")} == {"1"}
             assert client.health() == "SERVING"
             metadata.write_text(good)  # e.g. the copy finished: the retry picks it up
