@@ -206,10 +206,11 @@ def test_a_refresh_reads_metadata_mended_in_place_and_requests_keep_what_they_re
     catalogs = CatalogStore(fresh_models)
     first = catalogs.get("1")
     path = fresh_models / "metadata" / "1.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": first.candidate_count + 1}))
+    # A longer file: a change is seen by its size too, where the clock's tick is coarser than the test.
+    path.write_text(json.dumps({**json.loads(path.read_text()), "candidate_count": first.candidate_count + 1000}))
     assert catalogs.get("1") is first
     mended = catalogs.refreshed("1")
-    assert mended.candidate_count == first.candidate_count + 1
+    assert mended.candidate_count == first.candidate_count + 1000
     assert catalogs.get("1") is mended and catalogs.refreshed("1") is mended, "unchanged since: no read"
 
 
