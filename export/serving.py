@@ -247,10 +247,6 @@ class ServedUserTower(tf.keras.layers.Layer):
         return tf.tensor_scatter_nd_update(trained, additions.active[:, None],
                                            self._formula(additions.users, summed, additions.counts))
 
-    def trained_outputs(self) -> np.ndarray:
-        """Every trained user's output (no row 0), for tuning an index at export."""
-        return self.outputs_of(tf.range(1, tf.shape(self.ids, out_type=tf.int64)[0])).numpy()
-
 
 class LookupTower(tf.keras.layers.Layer):
     """Id -> a precomputed row (row 0 for unknown ids): a movie tower's output per movie."""
@@ -340,9 +336,10 @@ class RetrievalServing(tf.Module):
         self.history = history
         self.user_tower = user_tower
         rng = np.random.default_rng(seed)
-        trained_users = user_tower.trained_outputs()
+        # Queries of trained users (rows 1..), computed for the sample alone.
+        sample = rng.permutation(user_tower.ids.shape[0] - 1)[:tuning_queries] + 1
         self.index, built_index = index.build(
-            item_embeddings, trained_users[rng.permutation(len(trained_users))[:tuning_queries]],
+            item_embeddings, user_tower.outputs_of(tf.constant(sample, tf.int64)).numpy(),
             min(RECALL_K, candidate_count), seed, name="index")
         movies = history.movie_count
         self.similar_count = min(SIMILAR_CANDIDATES, movies - 1)
