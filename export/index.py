@@ -11,6 +11,7 @@ ScaNN or FAISS would do the second, but their custom ops cannot load in a stock 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,6 +31,10 @@ CELL_CHOICES = 8
 CHUNK_ROWS = 16_384
 # An index's recall is the share of the exact best RECALL_K it returns.
 RECALL_K = 100
+# The two indexes are timed on batches of this many queries (a loaded server's batch: the batcher's
+# 16 concurrent calls), over the tuning queries this many times.
+TIMING_BATCH = 16
+TIMING_ROUNDS = 2
 
 
 class BruteForceIndex(tf.Module):
@@ -233,10 +238,12 @@ class IndexSpec:
     # A partitioned index takes the fewest probes (from the given ones up) whose recall@RECALL_K on the
     # queries it is built with reaches this (0: the probes stay as given).
     tune_to: float = 0.0
-    # If the probes that recall needs score more than this share of the catalog, build brute force
-    # instead (0: never): a batch of queries reads the catalog once by brute force, but each
-    # query's cells once when partitioned.
-    brute_force_above: float = 0.0
+    # Above 0: once tuned, the partitioned index and brute force both answer the best `timed_k` for
+    # the queries, TIMING_BATCH at a time, and the faster is built (0: the partitioned one stays). A
+    # batch reads the catalog once by brute force but each query's cells once when partitioned, so
+    # which is faster depends on the probes recall needs, the catalog and the machine: measured here,
+    # on the machine that exports, not guessed from the catalog's size.
+    timed_k: int = 0
 
     def build(self, item_embeddings: tf.Tensor | np.ndarray, queries: np.ndarray, k: int, seed: int = 0,
               name: str | None = None) -> tuple[BruteForceIndex | PartitionedIndex, dict]:
@@ -247,15 +254,42 @@ class IndexSpec:
             return index, {"kind": index.kind, "movies": int(index.item_embeddings.shape[0]), "reason": self.reason}
         index = PartitionedIndex(item_embeddings, self.cells, self.probes, seed, name=name)
         measured = _tune_probes(index, queries, k, self.tune_to) if self.tune_to else recall(index, queries, k)
-        probed_share = index.probes * index.cell_size / index.catalog_size
-        if self.brute_force_above and probed_share > self.brute_force_above:
-            reason = (f"{self.reason}; recall {measured:.3f} took {index.probes} probes, {probed_share:.0%} of the "
-                      f"catalog (over {self.brute_force_above:.0%}): every movie scored instead")
-            return IndexSpec(BruteForceIndex.kind, reason=reason).build(item_embeddings, queries, k, seed, name)
-        return index, {"kind": index.kind, "movies": index.catalog_size, "reason": self.reason, "cells": index.cells,
-                       "probes": index.probes, "cell_size": index.cell_size,
-                       "probed_movies": index.probes * index.cell_size,
-                       "recall": round(measured, 4), "recall_at": k, "recall_queries": len(queries)}
+        record = {"kind": index.kind, "movies": index.catalog_size, "reason": self.reason, "cells": index.cells,
+                  "probes": index.probes, "cell_size": index.cell_size, "probed_movies": index.probes * index.cell_size,
+                  "recall": round(measured, 4), "recall_at": k, "recall_queries": len(queries)}
+        if not self.timed_k:
+            return index, record
+        brute_force = BruteForceIndex(item_embeddings, name=name)
+        partitioned_ms, brute_force_ms = batch_milliseconds([index, brute_force], queries, self.timed_k)
+        timing = {"timed_k": self.timed_k, "timed_batch": TIMING_BATCH,
+                  "partitioned_ms": round(partitioned_ms, 3), "brute_force_ms": round(brute_force_ms, 3)}
+        if partitioned_ms <= brute_force_ms:
+            return index, record | timing
+        reason = (f"{self.reason}; recall {measured:.3f} took {index.probes} probes ({record['probed_movies']:,} "
+                  f"movies), {partitioned_ms:.2f} ms for {TIMING_BATCH} queries against brute force's "
+                  f"{brute_force_ms:.2f}: every movie scored instead")
+        return brute_force, {"kind": brute_force.kind, "movies": index.catalog_size, "reason": reason} | timing
+
+
+def batch_milliseconds(indexes: list[BruteForceIndex | PartitionedIndex], queries: np.ndarray, k: int,
+                       batch: int = TIMING_BATCH) -> list[float]:
+    """Each index's median milliseconds to answer the best `k` for `batch` of `queries` at a time, traced
+    as a serving graph calls it; the indexes take turns batch by batch, so that the machine's drift
+    falls on all alike."""
+    queries = np.asarray(queries, np.float32)
+    calls = [tf.function(lambda rows, index=index: index(rows, k),
+                         input_signature=[tf.TensorSpec([None, queries.shape[1]], tf.float32)]) for index in indexes]
+    batches = [tf.constant(queries[start:start + batch]) for start in range(0, max(len(queries) - batch, 0) + 1, batch)]
+    times: list[list[float]] = [[] for _ in indexes]
+    for call in calls:
+        call(batches[0])[0].numpy()  # traced here, not timed
+    for _ in range(TIMING_ROUNDS):
+        for rows in batches:
+            for call, spent in zip(calls, times):
+                started = time.perf_counter()
+                call(rows)[0].numpy()
+                spent.append((time.perf_counter() - started) * 1000)
+    return [float(np.median(spent)) for spent in times]
 
 
 def _tune_probes(index: PartitionedIndex, queries: np.ndarray, k: int, target: float) -> float:

@@ -8,7 +8,8 @@ other half the ones its recall is measured on. `--unstructured` draws every movi
 (no taste centres; the same spread). Each index answers the top 200 (the default
 candidate count) through a traced tf.function, one query at a time and 16 at a time, as the
 serving graph calls it, with TensorFlow's thread pools sized as the server's.
-Where the two cross set `export/scale.py`'s PARTITIONED_MIN_MOVIES and BRUTE_FORCE_ABOVE_SHARE.
+Where the two cross sets `export/scale.py`'s PARTITIONED_MIN_MOVIES; above it an export times the two
+on its own tuning queries (export/index.py IndexSpec.timed_k).
 """
 from __future__ import annotations
 

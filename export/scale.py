@@ -86,11 +86,11 @@ CELLS_PER_ROOT = 2
 MIN_PROBES = 4
 RECALL_TARGET = 0.95
 TUNING_MARGIN = 0.01
-# Chosen by size ("auto"), a partitioned index that needs more than this share of the catalog
-# probed is dropped for brute force, which reads the catalog once per batch of users: at 16
-# queries a call, the partitioned index costs about 10 times its probed share of brute force's
-# time (docs/performance.md "Catalog scale").
-BRUTE_FORCE_ABOVE_SHARE = 1 / 10
+# Chosen by size ("auto"), a partitioned index is then timed against brute force on the same queries
+# (export/index.py IndexSpec.timed_k) and the faster is built: at 16 queries a call the partitioned
+# index costs roughly ten times its probed share of brute force's time (docs/performance.md
+# "Catalog scale"), so near PARTITIONED_MIN_MOVIES, or on embeddings with little structure, brute
+# force can win.
 
 
 def choose_index(preset: Preset, movies: int, k: int) -> IndexSpec:
@@ -107,4 +107,4 @@ def choose_index(preset: Preset, movies: int, k: int) -> IndexSpec:
               f"{RECALL_TARGET + TUNING_MARGIN:.2f}"))
     tune_to = 0.0 if preset.index_probes else RECALL_TARGET + TUNING_MARGIN
     return IndexSpec("partitioned", cells, probes, reason, tune_to=tune_to,
-                     brute_force_above=BRUTE_FORCE_ABOVE_SHARE if preset.retrieval_index == "auto" else 0.0)
+                     timed_k=k if preset.retrieval_index == "auto" else 0)

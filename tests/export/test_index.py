@@ -170,16 +170,24 @@ def test_build_takes_the_fewest_probes_that_reach_the_recall_target():
     assert fixed.probes == record["probes"] == 2, "probes given stay as given"
 
 
-def test_an_index_that_needs_too_much_probed_is_built_as_brute_force():
-    embeddings = np.random.default_rng(9).normal(size=(2_000, 8)).astype(np.float32)
-    queries = np.random.default_rng(10).normal(size=(40, 8)).astype(np.float32)
-    spec = IndexSpec("partitioned", cells=32, probes=1, reason="2,000 movies", tune_to=0.9, brute_force_above=0.2)
-    index, record = spec.build(embeddings, queries, k=20)
+def test_the_faster_of_the_two_indexes_is_built_when_timed():
+    rng = np.random.default_rng(9)
+    # Unstructured movies, recall 0.99: nearly every cell probed, so the partitioned index gathers the
+    # whole catalog for each query where brute force reads it once (about 8 times slower).
+    spread = rng.normal(size=(10_000, 64)).astype(np.float32)
+    spec = IndexSpec("partitioned", cells=32, probes=1, reason="10,000 movies", tune_to=0.99, timed_k=20)
+    index, record = spec.build(spread, rng.normal(size=(48, 64)).astype(np.float32), k=20)
     assert isinstance(index, BruteForceIndex) and record["kind"] == "brute_force"
-    assert record["reason"].startswith("2,000 movies; recall") and "every movie scored instead" in record["reason"]
-    kept, record = IndexSpec("partitioned", cells=32, probes=1, tune_to=0.9, brute_force_above=1.0).build(
-        embeddings, queries, k=20)
+    assert record["partitioned_ms"] > record["brute_force_ms"] > 0 and record["timed_k"] == 20
+    assert record["reason"].startswith("10,000 movies; recall") and "every movie scored instead" in record["reason"]
+    # 100,000 movies in tight clusters, one of 256 cells probed: about 430 movies scored a query.
+    centres = rng.normal(size=(256, 8)).astype(np.float32)
+    clustered = centres[rng.integers(0, 256, 100_000)] + 0.05 * rng.normal(size=(100_000, 8)).astype(np.float32)
+    kept, record = IndexSpec("partitioned", cells=256, probes=1, timed_k=20).build(clustered, centres[:48], k=20)
     assert isinstance(kept, PartitionedIndex) and record["kind"] == "partitioned"
+    assert record["brute_force_ms"] > record["partitioned_ms"] > 0
+    untimed, record = IndexSpec("partitioned", cells=32, probes=1, tune_to=0.99).build(spread, spread[:48], k=20)
+    assert isinstance(untimed, PartitionedIndex) and "partitioned_ms" not in record, "forced, never timed"
 
 
 def test_the_index_is_chosen_by_size_unless_set():
@@ -189,8 +197,9 @@ def test_the_index_is_chosen_by_size_unless_set():
     assert (large.kind, large.cells) == ("partitioned", 2048)
     assert large.probes * 1_000_000 / large.cells >= 2 * 200 and large.tune_to == RECALL_TARGET + TUNING_MARGIN
     assert large.probes == 4, "the fewest probes that hold twice the k; export raises them for recall"
+    assert large.timed_k == 200, "chosen by size, timed against brute force at export"
     forced = choose_index(tiny.with_overrides(["retrieval_index=partitioned", "index_cells=16", "index_probes=4"]), 500, 10)
-    assert (forced.kind, forced.cells, forced.probes, forced.tune_to) == ("partitioned", 16, 4, 0.0)
+    assert (forced.kind, forced.cells, forced.probes, forced.tune_to, forced.timed_k) == ("partitioned", 16, 4, 0.0, 0)
     assert choose_index(tiny.with_overrides(["retrieval_index=brute_force"]), 10**6, 200).kind == "brute_force"
 
 
