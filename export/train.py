@@ -237,6 +237,9 @@ def train_and_export(data: MovieLens, preset: Preset, out_dir: Path, holdout: st
     metadata["indexes"] = retrieval_serving.index_records()
     for name, built in metadata["indexes"].items():
         recall = f"; recall@{built['recall_at']} {built['recall']}" if "recall" in built else ""
+        if "recall" in built and "partitioned_ms" in built:
+            recall += (f", {built['partitioned_ms']} ms for {built['timed_batch']} queries against brute force's "
+                       f"{built['brute_force_ms']}")
         print(f"  {name} index: {built['reason']}{recall}", flush=True)
     metadata["train_seconds"] = {"retrieval": round(retrieval_seconds, 1), "ranking": round(ranking_seconds, 1)}
     item_item = None

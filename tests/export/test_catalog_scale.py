@@ -31,6 +31,7 @@ def test_a_large_catalog_gets_the_partitioned_index_with_its_recall_recorded(lar
     assert record["movies"] == len(movielens.item_ids) + SYNTHETIC_ITEMS > PARTITIONED_MIN_MOVIES
     assert record["kind"] == "partitioned" and record["recall"] >= RECALL_TARGET
     assert record["probed_movies"] < record["movies"] / 5, "a query scores a small share of the catalog"
+    assert 0 < record["partitioned_ms"] < record["brute_force_ms"], "timed against brute force at export: the faster"
 
 
 def test_the_partitioned_index_finds_what_brute_force_finds_for_every_trained_user(large, movielens):
