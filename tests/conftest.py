@@ -78,6 +78,12 @@ REAL_DATA_JOBS = {
               "evaluate": ["fold-in"], "niceness": 19, "fixtures": {"ml100k_users_models_dir", "ml100k_fold_in"}},
 }
 SLOW_FIXTURES = set().union(*(job["fixtures"] for job in REAL_DATA_JOBS.values()))
+# One TensorFlow thread per pool for the child processes that train beside the tests: a process's
+# default pools are as many threads as cores, so three TensorFlow processes on 2 cores spin threads
+# against each other, and one thread trains the ranker as fast alone (docs/evaluation.md "Quality
+# floors in the tests"). TensorFlow reads these for pools nobody sized
+# (tensorflow/core/common_runtime/process_util.cc).
+ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 class RealDataJob(threading.Thread):
@@ -108,7 +114,7 @@ class RealDataJob(threading.Thread):
                 log.flush()
                 running[step] = subprocess.Popen(
                     ["nice", "-n", str(self.job["niceness"]), sys.executable, "-m", "recsys.export", *arguments],
-                    cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+                    cwd=REPO_ROOT, env={**os.environ, **ONE_THREAD}, stdout=log, stderr=subprocess.STDOUT)
         for step, process in running.items():
             if process.wait() != 0 and self.failure is None:
                 self.failure = step
