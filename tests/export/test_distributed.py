@@ -20,7 +20,7 @@ from recsys.server.catalog import CatalogStore
 from recsys.server.in_process import InProcessBackend
 from recsys.server.layout import complete_versions
 from recsys.server.pipeline import Pipeline
-from tests.conftest import ONE_THREAD, REPO_ROOT
+from tests.conftest import REPO_ROOT
 from tests.export.test_savedmodel import cpp_run, numpy_inputs, user_side
 
 # Two seed-preset trainings on the real data (two workers, then one process for comparison).
@@ -51,7 +51,7 @@ def two_worker_export(tmp_path_factory, ml100k_dir):
             [sys.executable, "-m", "recsys.export", "train", "--preset", "seed", *(f"--set={field}" for field in SHORTER),
              "--strategy", "multi-worker",
              "--data-dir", str(ml100k_dir), "--out", str(out)],
-            cwd=REPO_ROOT, env={**os.environ, **ONE_THREAD, "TF_CONFIG": json.dumps(config)},
+            cwd=REPO_ROOT, env={**os.environ, "TF_CONFIG": json.dumps(config)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     for process, output in zip(processes, outputs):
