@@ -31,8 +31,8 @@ CELL_CHOICES = 8
 CHUNK_ROWS = 16_384
 # An index's recall is the share of the exact best RECALL_K it returns.
 RECALL_K = 100
-# The two indexes are timed on batches of this many queries (a loaded server's batch: the batcher's
-# 16 concurrent calls), over the tuning queries this many times.
+# The two indexes are timed on batches of this many queries (what the batcher gathers from 16
+# concurrent calls, the benchmarks' load), over the tuning queries this many times.
 TIMING_BATCH = 16
 TIMING_ROUNDS = 2
 

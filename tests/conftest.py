@@ -79,10 +79,9 @@ REAL_DATA_JOBS = {
 }
 SLOW_FIXTURES = set().union(*(job["fixtures"] for job in REAL_DATA_JOBS.values()))
 # One TensorFlow thread per pool for the child processes that train beside the tests: a process's
-# default pools are as many threads as cores, so three TensorFlow processes on 2 cores spin threads
-# against each other, and one thread trains the ranker as fast alone (docs/evaluation.md "Quality
-# floors in the tests"). TensorFlow reads these for pools nobody sized
-# (tensorflow/core/common_runtime/process_util.cc).
+# default pools are a thread per core, while several TensorFlow processes share the cores here, and
+# one thread trains the ranker as fast alone (docs/evaluation.md "Quality floors in the tests").
+# TensorFlow reads these for pools nobody sized (tensorflow/core/common_runtime/process_util.cc).
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
