@@ -17,9 +17,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 
-from recsys.export.index import RECALL_K, recall
+from recsys.export.index import RECALL_K, batch_milliseconds, recall
 from recsys.export.presets import PRESETS
 from recsys.export.scale import choose_index
 from recsys.server.options import DEFAULTS
@@ -29,6 +28,8 @@ DIM = 64
 TASTES = 3
 CANDIDATES = 200
 QUERIES = 200
+# Queries timed one at a time (each answered TIMING_ROUNDS times).
+ONE_QUERY_CALLS = 25
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class Timing:
     movies: int
     kind: str
     build_seconds: float
-    one_query_ms: float  # median of one call with 1 query
-    sixteen_queries_ms: float  # median of one call with 16
+    one_query_ms: float  # median of calls with 1 query
+    sixteen_queries_ms: float  # median of calls with 16
     recall: float
     detail: str
 
@@ -53,17 +54,7 @@ def planted_catalog(movies: int, seed: int = 0, structured: bool = True) -> tupl
     return embeddings.astype(np.float32), (tastes + 0.5 * rng.normal(size=(QUERIES, DIM))).astype(np.float32)
 
 
-def _median_ms(function, queries: tf.Tensor, repeats: int) -> float:
-    function(queries)  # traced here, not timed
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function(queries)[0].numpy()
-        times.append((time.perf_counter() - started) * 1000)
-    return float(np.median(times))
-
-
-def measure(movies: int, kind: str, repeats: int = 50, structured: bool = True) -> Timing:
+def measure(movies: int, kind: str, structured: bool = True) -> Timing:
     embeddings, queries = planted_catalog(movies, structured=structured)
     preset = PRESETS["default"].with_overrides([f"retrieval_index={kind}"])
     spec = choose_index(preset, movies, CANDIDATES)
@@ -71,11 +62,12 @@ def measure(movies: int, kind: str, repeats: int = 50, structured: bool = True) 
     tuning, held_out = queries[:QUERIES // 2], queries[QUERIES // 2:]
     index, _ = spec.build(embeddings, tuning, RECALL_K)
     build_seconds = time.perf_counter() - started
-    call = tf.function(lambda batch: index(batch, CANDIDATES), input_signature=[tf.TensorSpec([None, DIM], tf.float32)])
     detail = f"{index.probes} of {index.cells} cells, {index.probes * index.cell_size:,} movies scored" \
         if spec.kind == "partitioned" else "every movie scored"
-    return Timing(movies, spec.kind, build_seconds, _median_ms(call, tf.constant(queries[:1]), repeats),
-                  _median_ms(call, tf.constant(queries[:16]), repeats),
+    # Timed as an export times the two (export/index.py batch_milliseconds): medians over batches.
+    one_query_ms, = batch_milliseconds([index], queries[:ONE_QUERY_CALLS], CANDIDATES, batch=1)
+    sixteen_queries_ms, = batch_milliseconds([index], queries, CANDIDATES, batch=16)
+    return Timing(movies, spec.kind, build_seconds, one_query_ms, sixteen_queries_ms,
                   recall(index, held_out, RECALL_K) if spec.kind == "partitioned" else 1.0, detail)
 
 
